@@ -1,0 +1,383 @@
+//! Throwaway PostgreSQL clusters for `lockjam demo`, the integration tests
+//! and the benchmarks: `initdb` into a temporary directory, a free port, the
+//! socket in that directory, durability off, removed on drop.
+//!
+//! PostgreSQL refuses to run as root, so when lockjam runs as root the
+//! server runs as `postgres` (or `nobody`) through `runuser`.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error(
+        "PostgreSQL server binaries (initdb, pg_ctl, postgres) not found in LOCKJAM_PG_BINDIR, on PATH, \
+         in `pg_config --bindir` or in /usr/lib/postgresql/*/bin: run scripts/install-postgres.sh \
+         (Debian/Ubuntu: apt-get install postgresql), or set LOCKJAM_PG_BINDIR to the directory that holds them"
+    )]
+    NoBinaries,
+    #[error("LOCKJAM_PG_BINDIR={0} does not hold initdb, pg_ctl and postgres")]
+    BadBindir(PathBuf),
+    #[error(
+        "running as root, and neither a `postgres` nor a `nobody` user exists to run PostgreSQL as"
+    )]
+    NoUnprivilegedUser,
+    #[error("{what} failed: {detail}")]
+    Command { what: String, detail: String },
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// TLS files for a cluster started with `ssl = on`.
+#[derive(Debug, Clone)]
+pub struct ServerTls {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct ClusterOptions {
+    pub max_connections: u32,
+    pub tls: Option<ServerTls>,
+    /// Extra `postgresql.conf` lines as (name, value); values are quoted.
+    pub settings: Vec<(String, String)>,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        ClusterOptions {
+            max_connections: 100,
+            tls: None,
+            settings: Vec::new(),
+        }
+    }
+}
+
+/// The user the server runs as when lockjam runs as root.
+#[derive(Debug, Clone)]
+struct OsUser {
+    name: String,
+    uid: u32,
+    gid: u32,
+}
+
+pub struct Cluster {
+    bindir: PathBuf,
+    dir: tempfile::TempDir,
+    port: u16,
+    run_as: Option<OsUser>,
+    version: String,
+}
+
+/// Where the server binaries are: `LOCKJAM_PG_BINDIR`, `PATH`,
+/// `pg_config --bindir`, then the newest `/usr/lib/postgresql/*/bin`.
+pub fn find_bindir() -> Result<PathBuf, ClusterError> {
+    let complete = |dir: &Path| {
+        ["initdb", "pg_ctl", "postgres"]
+            .iter()
+            .all(|b| dir.join(b).is_file())
+    };
+    if let Some(dir) = std::env::var_os("LOCKJAM_PG_BINDIR").filter(|d| !d.is_empty()) {
+        let dir = PathBuf::from(dir);
+        return if complete(&dir) {
+            Ok(dir)
+        } else {
+            Err(ClusterError::BadBindir(dir))
+        };
+    }
+    if let Some(path) = std::env::var_os("PATH") {
+        if let Some(dir) = std::env::split_paths(&path).find(|d| complete(d)) {
+            return Ok(dir);
+        }
+    }
+    if let Ok(output) = Command::new("pg_config").arg("--bindir").output() {
+        let dir = PathBuf::from(String::from_utf8_lossy(&output.stdout).trim());
+        if output.status.success() && complete(&dir) {
+            return Ok(dir);
+        }
+    }
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let major = entry.file_name().to_str()?.parse().ok()?;
+            let bin = entry.path().join("bin");
+            complete(&bin).then_some((major, bin))
+        })
+        .collect();
+    versions.sort();
+    versions
+        .pop()
+        .map(|(_, dir)| dir)
+        .ok_or(ClusterError::NoBinaries)
+}
+
+fn running_as_root() -> bool {
+    std::fs::metadata("/proc/self")
+        .map(|m| m.uid() == 0)
+        .unwrap_or(false)
+}
+
+fn unprivileged_user() -> Result<OsUser, ClusterError> {
+    let passwd = std::fs::read_to_string("/etc/passwd")?;
+    for wanted in ["postgres", "nobody"] {
+        for line in passwd.lines() {
+            let fields: Vec<&str> = line.split(':').collect();
+            if fields.len() > 3 && fields[0] == wanted {
+                if let (Ok(uid), Ok(gid)) = (fields[2].parse(), fields[3].parse()) {
+                    return Ok(OsUser {
+                        name: wanted.to_string(),
+                        uid,
+                        gid,
+                    });
+                }
+            }
+        }
+    }
+    Err(ClusterError::NoUnprivilegedUser)
+}
+
+fn free_port() -> Result<u16, ClusterError> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+fn check(what: &str, output: Output) -> Result<Output, ClusterError> {
+    if output.status.success() {
+        return Ok(output);
+    }
+    Err(ClusterError::Command {
+        what: what.to_string(),
+        detail: format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stderr).trim(),
+            String::from_utf8_lossy(&output.stdout).trim()
+        ),
+    })
+}
+
+fn quote(value: &str) -> String {
+    format!("'{}'", value.replace('\'', "''"))
+}
+
+impl Cluster {
+    /// initdb and start a new cluster.
+    pub fn start(options: &ClusterOptions) -> Result<Cluster, ClusterError> {
+        let bindir = find_bindir()?;
+        let run_as = if running_as_root() {
+            Some(unprivileged_user()?)
+        } else {
+            None
+        };
+        let dir = tempfile::Builder::new().prefix("lockjam-pg-").tempdir()?;
+        if let Some(user) = &run_as {
+            std::os::unix::fs::chown(dir.path(), Some(user.uid), Some(user.gid))?;
+        }
+        let mut cluster = Cluster {
+            bindir,
+            dir,
+            port: 0,
+            run_as,
+            version: String::new(),
+        };
+        let version = cluster.run("postgres", &["--version"])?;
+        cluster.version = String::from_utf8_lossy(&version.stdout).trim().to_string();
+        let data = cluster.data_dir();
+        cluster.run_checked(
+            "initdb",
+            &[
+                "-D",
+                path_str(&data),
+                "-U",
+                "postgres",
+                "-A",
+                "trust",
+                "-E",
+                "UTF8",
+                "--locale=C",
+                "-N",
+            ],
+        )?;
+        cluster.write_settings(options)?;
+        // Another process may take the port between choosing and binding
+        // it: try a few.
+        let mut last_error = None;
+        for _ in 0..5 {
+            cluster.port = free_port()?;
+            cluster.write_port()?;
+            match cluster.start_server() {
+                Ok(()) => return Ok(cluster),
+                Err(e) => last_error = Some(e),
+            }
+        }
+        Err(last_error.expect("tried at least once"))
+    }
+
+    fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn log_file(&self) -> PathBuf {
+        self.dir.path().join("postgres.log")
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `postgres --version` of the binaries in use.
+    pub fn version(&self) -> &str {
+        &self.version
+    }
+
+    pub fn bindir(&self) -> &Path {
+        &self.bindir
+    }
+
+    /// A key=value DSN for the superuser `postgres` over TCP.
+    pub fn dsn(&self, dbname: &str) -> String {
+        format!(
+            "host=127.0.0.1 port={} user=postgres dbname={dbname} sslmode=disable",
+            self.port
+        )
+    }
+
+    /// The end of the server log, for failure messages.
+    pub fn log_tail(&self) -> String {
+        let log = std::fs::read_to_string(self.log_file()).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+
+    fn command(&self, program: &str) -> Command {
+        let binary = self.bindir.join(program);
+        match &self.run_as {
+            Some(user) => {
+                let mut command = Command::new("runuser");
+                command.arg("-u").arg(&user.name).arg("--").arg(binary);
+                command
+            }
+            None => Command::new(binary),
+        }
+    }
+
+    fn run(&self, program: &str, args: &[&str]) -> Result<Output, ClusterError> {
+        Ok(self
+            .command(program)
+            .args(args)
+            .current_dir(self.dir.path())
+            .output()?)
+    }
+
+    fn run_checked(&self, program: &str, args: &[&str]) -> Result<Output, ClusterError> {
+        check(program, self.run(program, args)?)
+    }
+
+    fn write_settings(&self, options: &ClusterOptions) -> Result<(), ClusterError> {
+        let data = self.data_dir();
+        let mut lines = vec![
+            ("listen_addresses".to_string(), "127.0.0.1".to_string()),
+            (
+                "unix_socket_directories".into(),
+                path_str(self.dir.path()).to_string(),
+            ),
+            ("fsync".into(), "off".into()),
+            ("synchronous_commit".into(), "off".into()),
+            ("full_page_writes".into(), "off".into()),
+            ("autovacuum".into(), "off".into()),
+            (
+                "max_connections".into(),
+                options.max_connections.to_string(),
+            ),
+            ("max_prepared_transactions".into(), "10".into()),
+            ("include_if_exists".into(), "port.conf".into()),
+        ];
+        if let Some(tls) = &options.tls {
+            for (name, text) in [("server.crt", &tls.cert_pem), ("server.key", &tls.key_pem)] {
+                let path = data.join(name);
+                std::fs::write(&path, text)?;
+                std::fs::set_permissions(
+                    &path,
+                    std::os::unix::fs::PermissionsExt::from_mode(0o600),
+                )?;
+                if let Some(user) = &self.run_as {
+                    std::os::unix::fs::chown(&path, Some(user.uid), Some(user.gid))?;
+                }
+            }
+            lines.push(("ssl".into(), "on".into()));
+        }
+        lines.extend(options.settings.iter().cloned());
+        let mut conf = std::fs::read_to_string(data.join("postgresql.conf"))?;
+        conf.push_str("\n# lockjam throwaway cluster\n");
+        for (name, value) in lines {
+            conf.push_str(&format!("{name} = {}\n", quote(&value)));
+        }
+        std::fs::write(data.join("postgresql.conf"), conf)?;
+        Ok(())
+    }
+
+    fn write_port(&self) -> Result<(), ClusterError> {
+        let path = self.data_dir().join("port.conf");
+        std::fs::write(&path, format!("port = {}\n", self.port))?;
+        if let Some(user) = &self.run_as {
+            std::os::unix::fs::chown(&path, Some(user.uid), Some(user.gid))?;
+        }
+        Ok(())
+    }
+
+    fn start_server(&self) -> Result<(), ClusterError> {
+        let data = self.data_dir();
+        let log = self.log_file();
+        let output = self.run(
+            "pg_ctl",
+            &[
+                "-D",
+                path_str(&data),
+                "-l",
+                path_str(&log),
+                "-w",
+                "-t",
+                "60",
+                "start",
+            ],
+        )?;
+        check("pg_ctl start", output).map_err(|e| ClusterError::Command {
+            what: "pg_ctl start".into(),
+            detail: format!("{e}\nserver log:\n{}", self.log_tail()),
+        })?;
+        Ok(())
+    }
+
+    /// Stops the server: `mode` is pg_ctl's `smart`, `fast` or `immediate`.
+    pub fn stop(&self, mode: &str) -> Result<(), ClusterError> {
+        let data = self.data_dir();
+        self.run_checked("pg_ctl", &["-D", path_str(&data), "-m", mode, "-w", "stop"])?;
+        Ok(())
+    }
+
+    /// Starts a stopped server again on the same port.
+    pub fn restart(&self) -> Result<(), ClusterError> {
+        self.start_server()
+    }
+
+    /// The pid of the postmaster, from `postmaster.pid`.
+    pub fn postmaster_pid(&self) -> Option<u32> {
+        let text = std::fs::read_to_string(self.data_dir().join("postmaster.pid")).ok()?;
+        text.lines().next()?.trim().parse().ok()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if self.postmaster_pid().is_some() {
+            let _ = self.stop("immediate");
+        }
+    }
+}
+
+fn path_str(path: &Path) -> &str {
+    path.to_str().unwrap_or_default()
+}

@@ -1,0 +1,617 @@
+//! Configuration: a TOML file, `LOCKJAM__SECTION__KEY` environment
+//! overrides and command-line flags, parsed into raw types and validated
+//! once into [`Config`], the only type the rest of lockjam takes.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::dsn::{Dsn, DsnError};
+
+/// The default listen address: loopback, so that query texts on
+/// `/api/v1/snapshot` are not exposed by accident.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:9863";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot load configuration from {origin}: {source}")]
+    Load {
+        origin: String,
+        #[source]
+        source: config::ConfigError,
+    },
+    #[error("{origin}: {key}: {message}")]
+    Invalid {
+        origin: String,
+        key: String,
+        message: String,
+    },
+}
+
+/// Where the configuration comes from.
+#[derive(Debug, Default, Clone)]
+pub struct Sources {
+    pub file: Option<PathBuf>,
+    /// `--dsn` / `LOCKJAM_DSN`: replaces the file's targets with one target
+    /// named `default`.
+    pub dsn: Option<String>,
+    /// `--listen` / `LOCKJAM_LISTEN`.
+    pub listen: Option<String>,
+    /// The process environment (passed in so that tests control it).
+    pub env: HashMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub sampler: SamplerConfig,
+    pub targets: Vec<Target>,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplerConfig {
+    pub interval: Duration,
+    pub fast_interval: Duration,
+    pub statement_timeout: Duration,
+    pub lock_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub max_relations: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Target {
+    pub name: String,
+    pub dsn: Dsn,
+    /// libpq's default user name (the OS user), for DSNs that name none.
+    pub default_user: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    server: RawServer,
+    #[serde(default)]
+    sampler: RawSampler,
+    #[serde(default)]
+    targets: Vec<RawTarget>,
+    #[serde(default)]
+    log: RawLog,
+    #[serde(default)]
+    policy: RawPolicy,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawServer {
+    listen: String,
+}
+
+impl Default for RawServer {
+    fn default() -> Self {
+        RawServer {
+            listen: DEFAULT_LISTEN.into(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawSampler {
+    interval: String,
+    fast_interval: String,
+    statement_timeout: String,
+    lock_timeout: String,
+    connect_timeout: String,
+    max_relations: usize,
+}
+
+impl Default for RawSampler {
+    fn default() -> Self {
+        RawSampler {
+            interval: "1s".into(),
+            fast_interval: "250ms".into(),
+            statement_timeout: "2s".into(),
+            lock_timeout: "500ms".into(),
+            connect_timeout: "5s".into(),
+            max_relations: 20,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTarget {
+    #[serde(default)]
+    name: String,
+    dsn: Option<String>,
+    dsn_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawLog {
+    format: String,
+    level: String,
+}
+
+impl Default for RawLog {
+    fn default() -> Self {
+        RawLog {
+            format: "text".into(),
+            level: "info".into(),
+        }
+    }
+}
+
+/// Reserved for the policy (issue 3): only `enabled = false` is accepted.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawPolicy {
+    enabled: bool,
+}
+
+/// Loads and validates the configuration.
+pub fn load(sources: &Sources) -> Result<Config, ConfigError> {
+    let origin = match &sources.file {
+        Some(path) => path.display().to_string(),
+        None => "the defaults and environment".to_string(),
+    };
+    let mut builder = config::Config::builder();
+    if let Some(path) = &sources.file {
+        builder =
+            builder.add_source(config::File::from(path.as_path()).format(config::FileFormat::Toml));
+    }
+    let environment = config::Environment::with_prefix("LOCKJAM")
+        .prefix_separator("__")
+        .separator("__")
+        .try_parsing(true)
+        .source(Some(sources.env.clone().into_iter().collect()));
+    let merged = builder
+        .add_source(environment)
+        .build()
+        .map_err(|source| ConfigError::Load {
+            origin: origin.clone(),
+            source,
+        })?;
+    let value: config::Value = merged
+        .try_deserialize()
+        .map_err(|source| ConfigError::Load {
+            origin: origin.clone(),
+            source,
+        })?;
+    let raw: RawConfig =
+        serde_path_to_error::deserialize(value).map_err(|err| ConfigError::Invalid {
+            origin: origin.clone(),
+            key: match err.path().to_string().as_str() {
+                "." => "(top level)".to_string(),
+                path => path.to_string(),
+            },
+            message: err.into_inner().to_string(),
+        })?;
+    validate(raw, sources, &origin)
+}
+
+fn validate(raw: RawConfig, sources: &Sources, origin: &str) -> Result<Config, ConfigError> {
+    let invalid = |key: &str, message: String| ConfigError::Invalid {
+        origin: origin.to_string(),
+        key: key.to_string(),
+        message,
+    };
+    let duration = |key: &str, text: &str| {
+        parse_duration(text).map_err(|message| invalid(&format!("sampler.{key}"), message))
+    };
+
+    let listen_text = sources.listen.as_deref().unwrap_or(&raw.server.listen);
+    let listen = listen_text.parse().map_err(|_| {
+        invalid(
+            "server.listen",
+            format!("`{listen_text}` is not an address such as 127.0.0.1:9863 or 0.0.0.0:9863"),
+        )
+    })?;
+
+    let sampler = SamplerConfig {
+        interval: duration("interval", &raw.sampler.interval)?,
+        fast_interval: duration("fast_interval", &raw.sampler.fast_interval)?,
+        statement_timeout: duration("statement_timeout", &raw.sampler.statement_timeout)?,
+        lock_timeout: duration("lock_timeout", &raw.sampler.lock_timeout)?,
+        connect_timeout: duration("connect_timeout", &raw.sampler.connect_timeout)?,
+        max_relations: raw.sampler.max_relations,
+    };
+    if sampler.fast_interval > sampler.interval {
+        return Err(invalid(
+            "sampler.fast_interval",
+            format!(
+                "{} is longer than sampler.interval ({}); it is the faster cadence used while locks are waited for",
+                raw.sampler.fast_interval, raw.sampler.interval
+            ),
+        ));
+    }
+    if sampler.max_relations == 0 {
+        return Err(invalid(
+            "sampler.max_relations",
+            "must be at least 1".into(),
+        ));
+    }
+
+    let format = match raw.log.format.as_str() {
+        "text" => LogFormat::Text,
+        "json" => LogFormat::Json,
+        other => {
+            return Err(invalid(
+                "log.format",
+                format!("`{other}` is neither text nor json"),
+            ))
+        }
+    };
+    if let Err(e) = tracing_subscriber::EnvFilter::try_new(&raw.log.level) {
+        return Err(invalid(
+            "log.level",
+            format!(
+                "`{}`: {e} (use error, warn, info, debug or trace)",
+                raw.log.level
+            ),
+        ));
+    }
+    if raw.policy.enabled {
+        return Err(invalid(
+            "policy.enabled",
+            "the policy is not part of this lockjam version yet; remove the key or set it to false"
+                .into(),
+        ));
+    }
+
+    let default_user = sources.env.get("USER").cloned();
+    let targets = match &sources.dsn {
+        Some(text) => vec![target("default", text, &sources.env, &default_user)
+            .map_err(|e| invalid("--dsn", e.to_string()))?],
+        None if raw.targets.is_empty() => match Dsn::from_env(&sources.env) {
+            Ok(Some(dsn)) => vec![Target {
+                name: "default".into(),
+                dsn,
+                default_user: default_user.clone(),
+            }],
+            Ok(None) => {
+                return Err(invalid(
+                    "targets",
+                    "no database to watch: add a [[targets]] table, pass --dsn or LOCKJAM_DSN, or set DATABASE_URL or PGHOST"
+                        .into(),
+                ))
+            }
+            Err(e) => return Err(invalid("environment (DATABASE_URL/PG*)", e.to_string())),
+        },
+        None => file_targets(&raw.targets, sources, &default_user, &invalid)?,
+    };
+    for target in &targets {
+        target
+            .dsn
+            .pg_config(target.default_user.as_deref())
+            .map_err(|e| invalid(&format!("targets.{}", target.name), e.to_string()))?;
+    }
+
+    Ok(Config {
+        server: ServerConfig { listen },
+        sampler,
+        targets,
+        log: LogConfig {
+            format,
+            level: raw.log.level,
+        },
+    })
+}
+
+fn file_targets(
+    raw: &[RawTarget],
+    sources: &Sources,
+    default_user: &Option<String>,
+    invalid: &dyn Fn(&str, String) -> ConfigError,
+) -> Result<Vec<Target>, ConfigError> {
+    let mut names = HashSet::new();
+    let mut targets = Vec::new();
+    for (index, raw) in raw.iter().enumerate() {
+        let key = |field: &str| format!("targets[{index}].{field}");
+        if raw.name.trim().is_empty() {
+            return Err(invalid(
+                &key("name"),
+                "every target needs a name (it is the `target` label)".into(),
+            ));
+        }
+        if raw.name.chars().any(char::is_control) || raw.name.len() > 64 {
+            return Err(invalid(
+                &key("name"),
+                "at most 64 characters, no control characters".into(),
+            ));
+        }
+        if !names.insert(raw.name.clone()) {
+            return Err(invalid(
+                &key("name"),
+                format!("duplicate target name `{}`", raw.name),
+            ));
+        }
+        let text = match (&raw.dsn, &raw.dsn_file) {
+            (Some(dsn), None) => dsn.clone(),
+            (None, Some(path)) => {
+                read_secret(path).map_err(|message| invalid(&key("dsn_file"), message))?
+            }
+            _ => {
+                return Err(invalid(
+                    &key("dsn"),
+                    "set exactly one of dsn and dsn_file".into(),
+                ))
+            }
+        };
+        let field = if raw.dsn.is_some() { "dsn" } else { "dsn_file" };
+        targets.push(
+            target(&raw.name, &text, &sources.env, default_user)
+                .map_err(|e| invalid(&key(field), e.to_string()))?,
+        );
+    }
+    Ok(targets)
+}
+
+fn target(
+    name: &str,
+    text: &str,
+    env: &HashMap<String, String>,
+    default_user: &Option<String>,
+) -> Result<Target, DsnError> {
+    Ok(Target {
+        name: name.to_string(),
+        dsn: Dsn::parse(text)?.with_env_defaults(env),
+        default_user: default_user.clone(),
+    })
+}
+
+fn read_secret(path: &Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        format!(
+            "cannot read {}: {e}; check the path and that lockjam may read it",
+            path.display()
+        )
+    })?;
+    let text = text.trim();
+    if text.is_empty() {
+        return Err(format!("{} is empty", path.display()));
+    }
+    Ok(text.to_string())
+}
+
+/// Parses a human duration such as `250ms`, `5s` or `1m 30s`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let duration = humantime::parse_duration(text.trim())
+        .map_err(|e| format!("`{text}` is not a duration ({e}); write it like 250ms, 5s or 1m"))?;
+    if duration.is_zero() {
+        return Err(format!("`{text}` must be longer than zero"));
+    }
+    Ok(duration)
+}
+
+/// The effective configuration as TOML, secrets redacted, for
+/// `lockjam check-config`.
+pub fn render_effective(config: &Config) -> String {
+    #[derive(Serialize)]
+    struct View<'a> {
+        server: RawServer,
+        sampler: RawSampler,
+        log: RawLog,
+        targets: Vec<TargetView<'a>>,
+    }
+    #[derive(Serialize)]
+    struct TargetView<'a> {
+        name: &'a str,
+        dsn: String,
+    }
+    let human = |d: Duration| humantime::format_duration(d).to_string();
+    let view = View {
+        server: RawServer {
+            listen: config.server.listen.to_string(),
+        },
+        sampler: RawSampler {
+            interval: human(config.sampler.interval),
+            fast_interval: human(config.sampler.fast_interval),
+            statement_timeout: human(config.sampler.statement_timeout),
+            lock_timeout: human(config.sampler.lock_timeout),
+            connect_timeout: human(config.sampler.connect_timeout),
+            max_relations: config.sampler.max_relations,
+        },
+        log: RawLog {
+            format: serde_json::to_value(config.log.format)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default(),
+            level: config.log.level.clone(),
+        },
+        targets: config
+            .targets
+            .iter()
+            .map(|t| TargetView {
+                name: &t.name,
+                dsn: t.dsn.redacted(),
+            })
+            .collect(),
+    };
+    toml::to_string_pretty(&view)
+        .unwrap_or_else(|e| format!("# cannot render configuration: {e}\n"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn file(text: &str) -> tempfile::NamedTempFile {
+        let mut file = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+        file.write_all(text.as_bytes()).unwrap();
+        file
+    }
+
+    fn load_text(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let file = file(text);
+        load(&Sources {
+            file: Some(file.path().to_path_buf()),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..Sources::default()
+        })
+    }
+
+    const ONE_TARGET: &str = "[[targets]]\nname = \"main\"\ndsn = \"host=db user=lockjam\"\n";
+
+    #[test]
+    fn shipped_example_loads_and_matches_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/lockjam.toml");
+        let shipped = load(&Sources {
+            file: Some(path),
+            ..Sources::default()
+        })
+        .unwrap();
+        let defaults = load_text(ONE_TARGET, &[]).unwrap();
+        assert_eq!(shipped.server, defaults.server);
+        assert_eq!(shipped.sampler, defaults.sampler);
+        assert_eq!(shipped.log, defaults.log);
+        assert_eq!(shipped.targets.len(), 1);
+        assert_eq!(
+            defaults.sampler,
+            SamplerConfig {
+                interval: Duration::from_secs(1),
+                fast_interval: Duration::from_millis(250),
+                statement_timeout: Duration::from_secs(2),
+                lock_timeout: Duration::from_millis(500),
+                connect_timeout: Duration::from_secs(5),
+                max_relations: 20,
+            }
+        );
+        assert_eq!(defaults.server.listen.to_string(), DEFAULT_LISTEN);
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        let config = load_text(
+            ONE_TARGET,
+            &[
+                ("LOCKJAM__SAMPLER__INTERVAL", "500ms"),
+                ("LOCKJAM__SAMPLER__MAX_RELATIONS", "7"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(config.sampler.interval, Duration::from_millis(500));
+        assert_eq!(config.sampler.max_relations, 7);
+    }
+
+    fn error_of(text: &str) -> String {
+        load_text(text, &[]).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn errors_name_the_key_and_the_file() {
+        let cases = [
+            ("[sampler]\nintervall = \"1s\"\n", "sampler.intervall: unknown field `intervall`"),
+            ("[sampler]\ninterval = \"1 fortnight\"\n", "sampler.interval: `1 fortnight` is not a duration"),
+            ("[sampler]\ninterval = \"0s\"\n", "sampler.interval: `0s` must be longer than zero"),
+            ("[sampler]\nmax_relations = \"many\"\n", "sampler.max_relations"),
+            ("[sampler]\nfast_interval = \"2s\"\n", "sampler.fast_interval: 2s is longer than sampler.interval"),
+            ("color = 1\n", "unknown field `color`"),
+            ("[server]\nlisten = \"localhost\"\n", "server.listen: `localhost` is not an address"),
+            ("[log]\nformat = \"xml\"\n", "log.format: `xml` is neither text nor json"),
+            ("[policy]\nenabled = true\n", "policy.enabled"),
+            ("targets = []\n", "targets: no database to watch"),
+            ("[[targets]]\nname = \"\"\ndsn = \"host=x user=u\"\n", "targets[0].name: every target needs a name"),
+            (
+                "[[targets]]\nname = \"a\"\ndsn = \"host=x user=u\"\n[[targets]]\nname = \"a\"\ndsn = \"host=y user=u\"\n",
+                "targets[1].name: duplicate target name `a`",
+            ),
+            ("[[targets]]\nname = \"a\"\n", "targets[0].dsn: set exactly one of dsn and dsn_file"),
+            ("[[targets]]\nname = \"a\"\ndsn = \"host=x colour=red\"\n", "targets[0].dsn: unknown connection option `colour`"),
+            (
+                "[[targets]]\nname = \"a\"\ndsn_file = \"/nonexistent/lockjam-dsn\"\n",
+                "targets[0].dsn_file: cannot read /nonexistent/lockjam-dsn",
+            ),
+            ("[sampler\n", "cannot load configuration from"),
+        ];
+        for (text, expected) in cases {
+            let message = error_of(text);
+            assert!(
+                message.contains(expected),
+                "{text:?}: got {message:?}, want {expected:?}"
+            );
+            assert!(
+                message.contains(".toml"),
+                "{text:?}: {message:?} names the file"
+            );
+        }
+    }
+
+    #[test]
+    fn dsn_file_is_read_and_never_shown() {
+        let secret = file("postgres://lockjam:s3cret@db.internal/app\n");
+        let config = load_text(
+            &format!(
+                "[[targets]]\nname = \"main\"\ndsn_file = \"{}\"\n",
+                secret.path().display()
+            ),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(config.targets[0].dsn.get("password"), Some("s3cret"));
+        let shown = render_effective(&config);
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(shown.contains("password=********"), "{shown}");
+        assert!(!format!("{config:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn flags_and_libpq_environment() {
+        let config = load(&Sources {
+            dsn: Some("host=flag user=u".into()),
+            listen: Some("0.0.0.0:9999".into()),
+            ..Sources::default()
+        })
+        .unwrap();
+        assert_eq!(
+            (
+                config.targets[0].name.as_str(),
+                config.targets[0].dsn.get("host")
+            ),
+            ("default", Some("flag"))
+        );
+        assert_eq!(config.server.listen.to_string(), "0.0.0.0:9999");
+        let from_env = load(&Sources {
+            env: [("PGHOST", "envhost"), ("PGUSER", "u")]
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..Sources::default()
+        })
+        .unwrap();
+        assert_eq!(from_env.targets[0].dsn.get("host"), Some("envhost"));
+        let err = load(&Sources::default()).unwrap_err().to_string();
+        assert!(
+            err.contains("the defaults and environment: targets: no database to watch"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,27 @@
+//! lockjam watches PostgreSQL for lock queues and exports them to
+//! Prometheus. Modules in the order data moves through them.
+
+/// Pure: snapshot to lock graph.
+pub mod analysis;
+/// Throwaway clusters for the demo, tests and benchmarks.
+pub mod cluster;
+/// Configuration: file, environment and flags, validated once.
+pub mod config;
+/// Opening lockjam's own sessions (TLS, timeouts, read-only).
+pub mod connect;
+/// `lockjam demo`: incident 000 replayed on a throwaway cluster.
+pub mod demo;
+/// Connection strings, libpq environment defaults, TLS modes.
+pub mod dsn;
+/// The only module that knows axum.
+pub mod http;
+/// The metrics contract; the only module that knows prometheus.
+pub mod metrics;
+/// The only code that reads from PostgreSQL.
+pub mod sampler;
+/// Target tasks and the HTTP server, run together.
+pub mod service;
+/// Plain data of one sample.
+pub mod snapshot;
+/// State shared by target tasks and HTTP.
+pub mod state;

@@ -1,0 +1,140 @@
+//! The `lockjam` command: `run`, `check-config`, `demo`.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use lockjam::config::{self, Config, LogFormat, Sources};
+use lockjam::demo::{self, DemoOptions};
+use lockjam::service::{shutdown_signal, Service};
+
+/// Watches PostgreSQL for lock queues and exports them to Prometheus.
+#[derive(Parser)]
+#[command(name = "lockjam", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the service: sample every target, serve /metrics and the API.
+    Run(ConfigArgs),
+    /// Validate the configuration and print it with secrets redacted.
+    CheckConfig(ConfigArgs),
+    /// Replay incident 000 on a throwaway local cluster, with lockjam watching.
+    Demo(DemoArgs),
+}
+
+#[derive(Args)]
+struct ConfigArgs {
+    /// TOML configuration file.
+    #[arg(long, env = "LOCKJAM_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Connection string of the one database to watch (replaces [[targets]]).
+    #[arg(long, env = "LOCKJAM_DSN", value_name = "DSN", hide_env_values = true)]
+    dsn: Option<String>,
+    /// Address to serve HTTP on [default: 127.0.0.1:9863].
+    #[arg(long, env = "LOCKJAM_LISTEN", value_name = "ADDR")]
+    listen: Option<String>,
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    /// Address lockjam serves on during the demo.
+    #[arg(long, default_value = config::DEFAULT_LISTEN, value_name = "ADDR")]
+    listen: SocketAddr,
+    /// Application queries that queue behind the migration.
+    #[arg(long, default_value_t = 30)]
+    queries: usize,
+    /// How long the incident lasts before the long read is cancelled.
+    #[arg(long, default_value = "8s", value_parser = config::parse_duration)]
+    hold: Duration,
+}
+
+/// Exit status for a bad configuration or usage.
+const EXIT_CONFIG: u8 = 2;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::CheckConfig(args) => match load(&args) {
+            Ok(config) => {
+                print!("{}", config::render_effective(&config));
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        },
+        Command::Run(args) => {
+            let config = match load(&args) {
+                Ok(config) => config,
+                Err(code) => return code,
+            };
+            init_logging(&config);
+            runtime().block_on(async {
+                match Service::start(&config).await {
+                    Ok(service) => {
+                        service.run_until(shutdown_signal()).await;
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => fail(&e, 1),
+                }
+            })
+        }
+        Command::Demo(args) => {
+            let options = DemoOptions {
+                listen: args.listen,
+                queries: args.queries,
+                hold: args.hold,
+            };
+            runtime().block_on(async {
+                match demo::run(options).await {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(demo::DemoError::Interrupted) => ExitCode::from(130),
+                    Err(e) => fail(&e, 1),
+                }
+            })
+        }
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap_or_else(|e| {
+            eprintln!("lockjam: error: cannot start the async runtime: {e}");
+            std::process::exit(1)
+        })
+}
+
+fn load(args: &ConfigArgs) -> Result<Config, ExitCode> {
+    let sources = Sources {
+        file: args.config.clone(),
+        dsn: args.dsn.clone(),
+        listen: args.listen.clone(),
+        env: std::env::vars().collect::<HashMap<_, _>>(),
+    };
+    config::load(&sources).map_err(|e| fail(&e, EXIT_CONFIG))
+}
+
+/// Prints the error and its causes and returns the exit code.
+fn fail(error: &dyn std::error::Error, code: u8) -> ExitCode {
+    eprintln!("lockjam: error: {}", lockjam::connect::error_chain(error));
+    ExitCode::from(code)
+}
+
+fn init_logging(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::new(&config.log.level);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match config.log.format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}

@@ -1,0 +1,484 @@
+//! The metrics contract of DESIGN.md: the only module that knows prometheus
+//! types. Each sample replaces a target's series as a whole, under one
+//! lock, so a scrape sees one sample or the next, never half of each, and
+//! no series outlives the sample that last set it.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
+
+use prometheus::{Encoder, GaugeVec, HistogramOpts, HistogramVec, Opts, Registry, TextEncoder};
+
+use crate::analysis::{EndedWait, LockGraph, Queue};
+
+/// Label value that collects the relation series past `max_relations`.
+pub const OTHER_RELATIONS: &str = "_other";
+
+/// Buckets of `lockjam_sample_duration_seconds`: samples take milliseconds.
+const SAMPLE_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
+/// Buckets of `lockjam_lock_wait_seconds`: waits are seen at the sampling
+/// cadence (250 ms) and matter from seconds to many minutes.
+const WAIT_BUCKETS: &[f64] = &[
+    0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0, 1800.0,
+];
+
+/// One labelled gauge family and, per target, the label sets it holds.
+struct Family {
+    gauge: GaugeVec,
+    held: HashMap<String, HashSet<Vec<String>>>,
+}
+
+impl Family {
+    fn new(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> Family {
+        let gauge =
+            GaugeVec::new(Opts::new(name, help), labels).expect("metric definitions are valid");
+        registry
+            .register(Box::new(gauge.clone()))
+            .expect("metric names are unique");
+        Family {
+            gauge,
+            held: HashMap::new(),
+        }
+    }
+
+    /// Sets the target's series to exactly `values` (target label first,
+    /// then the rest) and removes the ones this sample did not set.
+    fn replace(&mut self, target: &str, values: impl IntoIterator<Item = (Vec<String>, f64)>) {
+        let mut now = HashSet::new();
+        for (mut labels, value) in values {
+            labels.insert(0, target.to_string());
+            let refs: Vec<&str> = labels.iter().map(String::as_str).collect();
+            self.gauge.with_label_values(&refs).set(value);
+            now.insert(labels);
+        }
+        let before = self
+            .held
+            .insert(target.to_string(), now.clone())
+            .unwrap_or_default();
+        for stale in before.difference(&now) {
+            let refs: Vec<&str> = stale.iter().map(String::as_str).collect();
+            let _ = self.gauge.remove_label_values(&refs);
+        }
+    }
+}
+
+struct Families {
+    up: GaugeVec,
+    last_sample: GaugeVec,
+    sample_duration: HistogramVec,
+    lock_wait: HistogramVec,
+    sessions: Family,
+    transaction_max_age: Family,
+    lock_waiters: Family,
+    lock_wait_max: Family,
+    blocked_sessions: Family,
+    root_blockers: Family,
+    root_blocker_max_age: Family,
+    chain_max_depth: Family,
+    queue_depth: Family,
+    queue_head_wait: Family,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    families: Mutex<Families>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+/// A queue series after the `max_relations` cap.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueueSeries {
+    pub datname: String,
+    pub relation: String,
+    pub mode: String,
+    pub depth: u64,
+    pub head_wait: Duration,
+}
+
+/// Merges queues that share labels (their depths add up, the head wait is
+/// the longest), keeps the `max_relations` deepest series and sums the rest
+/// into `relation="_other"` per database and mode.
+pub fn cap_queue_series(queues: &[Queue], max_relations: usize) -> Vec<QueueSeries> {
+    let mut merged: BTreeMap<(String, String, String), (u64, Duration)> = BTreeMap::new();
+    for queue in queues {
+        let entry = merged
+            .entry((
+                queue.datname.clone(),
+                queue.relation.clone(),
+                queue.mode.clone(),
+            ))
+            .or_default();
+        entry.0 += queue.depth;
+        entry.1 = entry.1.max(queue.head_wait);
+    }
+    let mut series: Vec<QueueSeries> = merged
+        .into_iter()
+        .map(
+            |((datname, relation, mode), (depth, head_wait))| QueueSeries {
+                datname,
+                relation,
+                mode,
+                depth,
+                head_wait,
+            },
+        )
+        .collect();
+    // Deepest first; ties by name, so the choice is stable between samples.
+    series.sort_by(|a, b| {
+        b.depth.cmp(&a.depth).then_with(|| {
+            (&a.datname, &a.relation, &a.mode).cmp(&(&b.datname, &b.relation, &b.mode))
+        })
+    });
+    if series.len() <= max_relations {
+        return series;
+    }
+    let rest = series.split_off(max_relations);
+    let mut other: BTreeMap<(String, String), (u64, Duration)> = BTreeMap::new();
+    for s in rest {
+        let entry = other.entry((s.datname, s.mode)).or_default();
+        entry.0 += s.depth;
+        entry.1 = entry.1.max(s.head_wait);
+    }
+    series.extend(
+        other
+            .into_iter()
+            .map(|((datname, mode), (depth, head_wait))| QueueSeries {
+                datname,
+                relation: OTHER_RELATIONS.into(),
+                mode,
+                depth,
+                head_wait,
+            }),
+    );
+    series
+}
+
+fn seconds(d: Duration) -> f64 {
+    d.as_secs_f64()
+}
+
+fn unix_seconds(t: SystemTime) -> f64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64()
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let gauge = |name: &str, help: &str| {
+            let gauge = GaugeVec::new(Opts::new(name, help), &["target"]).expect("valid");
+            registry.register(Box::new(gauge.clone())).expect("unique");
+            gauge
+        };
+        let histogram = |name: &str, help: &str, labels: &[&str], buckets: &[f64]| {
+            let histogram = HistogramVec::new(
+                HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+                labels,
+            )
+            .expect("valid");
+            registry
+                .register(Box::new(histogram.clone()))
+                .expect("unique");
+            histogram
+        };
+        let family =
+            |name: &str, help: &str, labels: &[&str]| Family::new(&registry, name, help, labels);
+        let by_db = ["target", "datname"];
+        let by_queue = ["target", "datname", "relation", "mode"];
+        let families = Families {
+            up: gauge(
+                "lockjam_up",
+                "1 if the last sample of the target succeeded, 0 if it failed.",
+            ),
+            last_sample: gauge(
+                "lockjam_last_sample_timestamp_seconds",
+                "Unix time of the last successful sample.",
+            ),
+            sample_duration: histogram(
+                "lockjam_sample_duration_seconds",
+                "Time one sample took, successful or not.",
+                &["target"],
+                SAMPLE_BUCKETS,
+            ),
+            lock_wait: histogram(
+                "lockjam_lock_wait_seconds",
+                "Lengths of lock waits that ended, each observed once, as last seen.",
+                &by_db,
+                WAIT_BUCKETS,
+            ),
+            sessions: family(
+                "lockjam_sessions",
+                "Client backends by database and state.",
+                &["target", "datname", "state"],
+            ),
+            transaction_max_age: family(
+                "lockjam_transaction_max_age_seconds",
+                "Age of the oldest open transaction per database and state.",
+                &["target", "datname", "state"],
+            ),
+            lock_waiters: family(
+                "lockjam_lock_waiters",
+                "Sessions waiting for a heavyweight lock, by requested lock type and mode.",
+                &["target", "datname", "locktype", "mode"],
+            ),
+            lock_wait_max: family(
+                "lockjam_lock_wait_max_seconds",
+                "Longest current lock wait.",
+                &by_db,
+            ),
+            blocked_sessions: family(
+                "lockjam_blocked_sessions",
+                "Sessions waiting, directly or transitively, behind a root blocker.",
+                &by_db,
+            ),
+            root_blockers: family(
+                "lockjam_root_blockers",
+                "Sessions that block others and wait on no one.",
+                &by_db,
+            ),
+            root_blocker_max_age: family(
+                "lockjam_root_blocker_max_age_seconds",
+                "Age of the oldest transaction among root blockers.",
+                &by_db,
+            ),
+            chain_max_depth: family(
+                "lockjam_blocking_chain_max_depth",
+                "Wait edges in the longest wait chain (1: waiters directly behind a root blocker).",
+                &by_db,
+            ),
+            queue_depth: family(
+                "lockjam_lock_queue_depth",
+                "Sessions queued behind a queue head waiting for mode on relation.",
+                &by_queue,
+            ),
+            queue_head_wait: family(
+                "lockjam_lock_queue_head_wait_seconds",
+                "How long the queue head has waited.",
+                &by_queue,
+            ),
+        };
+        Metrics {
+            registry,
+            families: Mutex::new(families),
+        }
+    }
+
+    fn families(&self) -> std::sync::MutexGuard<'_, Families> {
+        // A panic while holding the lock leaves plain numbers behind, still
+        // fit to serve.
+        self.families
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Replaces the target's series with those of a successful sample.
+    pub fn record_sample(
+        &self,
+        target: &str,
+        graph: &LockGraph,
+        ended: &[EndedWait],
+        took: Duration,
+        max_relations: usize,
+    ) {
+        let mut guard = self.families();
+        let f = &mut *guard;
+        f.up.with_label_values(&[target]).set(1.0);
+        f.last_sample
+            .with_label_values(&[target])
+            .set(unix_seconds(graph.taken_at));
+        f.sample_duration
+            .with_label_values(&[target])
+            .observe(seconds(took));
+        for wait in ended {
+            f.lock_wait
+                .with_label_values(&[target, &wait.datname])
+                .observe(seconds(wait.wait));
+        }
+        let taken_at = graph.taken_at;
+        f.sessions.replace(
+            target,
+            graph
+                .activity
+                .iter()
+                .map(|g| (vec![g.datname.clone(), g.state.clone()], g.sessions as f64)),
+        );
+        f.transaction_max_age.replace(
+            target,
+            graph.activity.iter().filter_map(|g| {
+                let oldest = g.oldest_xact_start?;
+                let age = taken_at.duration_since(oldest).unwrap_or_default();
+                Some((vec![g.datname.clone(), g.state.clone()], seconds(age)))
+            }),
+        );
+        let per_db = |value: fn(&crate::analysis::DatabaseLocks) -> f64| {
+            graph
+                .databases
+                .iter()
+                .map(move |(datname, figures)| (vec![datname.clone()], value(figures)))
+                .collect::<Vec<_>>()
+        };
+        f.lock_wait_max
+            .replace(target, per_db(|d| seconds(d.lock_wait_max)));
+        f.blocked_sessions
+            .replace(target, per_db(|d| d.blocked_sessions as f64));
+        f.root_blockers
+            .replace(target, per_db(|d| d.root_blockers as f64));
+        f.root_blocker_max_age
+            .replace(target, per_db(|d| seconds(d.root_blocker_max_age)));
+        f.chain_max_depth
+            .replace(target, per_db(|d| d.chain_max_depth as f64));
+        f.lock_waiters.replace(
+            target,
+            graph.databases.iter().flat_map(|(datname, figures)| {
+                figures
+                    .waiters
+                    .iter()
+                    .map(move |((locktype, mode), count)| {
+                        (
+                            vec![datname.clone(), locktype.clone(), mode.clone()],
+                            *count as f64,
+                        )
+                    })
+            }),
+        );
+        let queues = cap_queue_series(&graph.queues, max_relations);
+        let labels = |q: &QueueSeries| vec![q.datname.clone(), q.relation.clone(), q.mode.clone()];
+        f.queue_depth
+            .replace(target, queues.iter().map(|q| (labels(q), q.depth as f64)));
+        f.queue_head_wait.replace(
+            target,
+            queues.iter().map(|q| (labels(q), seconds(q.head_wait))),
+        );
+    }
+
+    /// A failed sample: `lockjam_up` drops to 0 and the target's database
+    /// series go away rather than show stale figures.
+    pub fn record_failure(&self, target: &str, took: Duration) {
+        let mut guard = self.families();
+        let f = &mut *guard;
+        f.up.with_label_values(&[target]).set(0.0);
+        f.sample_duration
+            .with_label_values(&[target])
+            .observe(seconds(took));
+        for family in [
+            &mut f.sessions,
+            &mut f.transaction_max_age,
+            &mut f.lock_waiters,
+            &mut f.lock_wait_max,
+            &mut f.blocked_sessions,
+            &mut f.root_blockers,
+            &mut f.root_blocker_max_age,
+            &mut f.chain_max_depth,
+            &mut f.queue_depth,
+            &mut f.queue_head_wait,
+        ] {
+            family.replace(target, std::iter::empty());
+        }
+    }
+
+    /// Declares a target before its first sample: `lockjam_up` is 0 until
+    /// a sample succeeds, so an alert on it fires for a target never reached.
+    pub fn register_target(&self, target: &str) {
+        self.families().up.with_label_values(&[target]).set(0.0);
+    }
+
+    /// The Prometheus text exposition of the last samples.
+    pub fn render(&self) -> String {
+        let families = self.families();
+        let gathered = self.registry.gather();
+        drop(families);
+        let mut buffer = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&gathered, &mut buffer) {
+            tracing::error!("cannot encode metrics: {e}");
+        }
+        String::from_utf8(buffer).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::analysis::analyze;
+    use crate::snapshot::{ActivityGroup, Snapshot};
+
+    fn queue(relation: &str, mode: &str, depth: u64, wait: u64) -> Queue {
+        Queue {
+            head_pid: depth as i32,
+            datname: "app".into(),
+            relation: relation.into(),
+            mode: mode.into(),
+            depth,
+            head_wait: Duration::from_secs(wait),
+        }
+    }
+
+    #[test]
+    fn relation_series_past_the_cap_sum_into_other() {
+        let queues = vec![
+            queue("public.a", "AccessExclusiveLock", 5, 1),
+            queue("public.b", "AccessExclusiveLock", 9, 2),
+            queue("public.c", "AccessExclusiveLock", 1, 7),
+            queue("public.d", "AccessExclusiveLock", 2, 3),
+            queue("public.b", "AccessExclusiveLock", 1, 4),
+        ];
+        let capped = cap_queue_series(&queues, 2);
+        let shown: Vec<(&str, u64, u64)> = capped
+            .iter()
+            .map(|s| (s.relation.as_str(), s.depth, s.head_wait.as_secs()))
+            .collect();
+        assert_eq!(
+            shown,
+            vec![("public.b", 10, 4), ("public.a", 5, 1), ("_other", 3, 7)]
+        );
+        assert_eq!(cap_queue_series(&queues, 20).len(), 4);
+    }
+
+    #[test]
+    fn series_of_a_sample_replace_the_previous_ones() {
+        let metrics = Metrics::new();
+        let taken_at = SystemTime::UNIX_EPOCH + Duration::from_secs(1000);
+        let activity = |state: &str| {
+            vec![ActivityGroup {
+                datname: "app".into(),
+                state: state.into(),
+                sessions: 3,
+                oldest_xact_start: Some(SystemTime::UNIX_EPOCH + Duration::from_secs(990)),
+            }]
+        };
+        let first = analyze(&Snapshot::calm(taken_at, activity("active")));
+        metrics.record_sample("db1", &first, &[], Duration::from_millis(2), 20);
+        let text = metrics.render();
+        assert!(
+            text.contains("lockjam_sessions{datname=\"app\",state=\"active\",target=\"db1\"} 3"),
+            "{text}"
+        );
+        assert!(text.contains(
+            "lockjam_transaction_max_age_seconds{datname=\"app\",state=\"active\",target=\"db1\"} 10"
+        ));
+        assert!(text.contains("lockjam_blocked_sessions{datname=\"app\",target=\"db1\"} 0"));
+        let second = analyze(&Snapshot::calm(taken_at, activity("idle")));
+        metrics.record_sample("db1", &second, &[], Duration::from_millis(2), 20);
+        let text = metrics.render();
+        assert!(
+            !text.contains("state=\"active\""),
+            "stale series removed: {text}"
+        );
+        assert!(text.contains("lockjam_up{target=\"db1\"} 1"));
+        metrics.record_failure("db1", Duration::from_millis(5));
+        let text = metrics.render();
+        assert!(text.contains("lockjam_up{target=\"db1\"} 0"));
+        assert!(
+            !text.contains("lockjam_sessions{"),
+            "no stale figures while down: {text}"
+        );
+        assert!(text.contains("lockjam_last_sample_timestamp_seconds{target=\"db1\"} 1000"));
+    }
+}

@@ -1,0 +1,408 @@
+//! The sampler: the only code that reads from PostgreSQL. One per target,
+//! one connection per target (plus, lazily, one per other database whose
+//! relation names it must resolve), producing a [`Snapshot`] per tick.
+//!
+//! Every tick reads `pg_stat_activity` only. When some backend waits for a
+//! lock, it also reads the waiters' `pg_blocking_pids` and their `pg_locks`
+//! rows, and resolves relation names in the database that owns them.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio_postgres::{Client, Statement};
+
+use crate::config::{SamplerConfig, Target};
+use crate::connect::{error_chain, ConnectError, Connector, SessionSettings};
+use crate::snapshot::{ActivityGroup, LockRow, Session, Snapshot};
+
+const ACTIVITY_SQL: &str = include_str!("activity.sql");
+const WAITERS_SQL: &str = include_str!("waiters.sql");
+const LOCKS_SQL: &str = include_str!("locks.sql");
+const RELATIONS_SQL: &str = include_str!("relations.sql");
+const SESSION_SQL: &str = include_str!("session.sql");
+
+/// Characters of query text kept: enough to recognise a statement, bounded
+/// so that a sample stays small.
+pub const QUERY_TEXT_LENGTH: i32 = 200;
+/// Relation names are cached per (database, oid); past this many entries
+/// the cache starts afresh.
+const RELATION_CACHE_LIMIT: usize = 10_000;
+/// A connection to another database closes after this long unused.
+const DATABASE_SESSION_IDLE: Duration = Duration::from_secs(600);
+
+#[derive(Debug, thiserror::Error)]
+pub enum SampleError {
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error("target `{target}`: {what} failed: {message}")]
+    Query {
+        target: String,
+        what: &'static str,
+        message: String,
+    },
+    #[error("target `{target}`: the sample took longer than {limit:?} and was abandoned")]
+    Timeout { target: String, limit: Duration },
+}
+
+/// The main session: prepared statements and what the server told us.
+struct MainSession {
+    client: Client,
+    pid: i32,
+    dbname: String,
+    server_version: i32,
+    activity: Statement,
+    waiters: Statement,
+    locks: Statement,
+    relations: Statement,
+}
+
+/// A session to another database of the same server, for relation names.
+struct DatabaseSession {
+    client: Client,
+    pid: i32,
+    relations: Statement,
+    last_used: Instant,
+}
+
+/// Identity of a lock wait, for first-seen wait starts before PostgreSQL 14.
+type WaitKey = (i32, String, String);
+
+pub struct Sampler {
+    target: Target,
+    connector: Connector,
+    settings: SessionSettings,
+    main: Option<MainSession>,
+    databases: HashMap<String, DatabaseSession>,
+    relation_names: HashMap<(u32, u32), String>,
+    first_seen: HashMap<WaitKey, SystemTime>,
+}
+
+impl Sampler {
+    pub fn new(target: &Target, config: &SamplerConfig) -> Result<Sampler, ConnectError> {
+        let settings = SessionSettings {
+            statement_timeout: config.statement_timeout,
+            lock_timeout: config.lock_timeout,
+            connect_timeout: config.connect_timeout,
+        };
+        Ok(Sampler {
+            target: target.clone(),
+            connector: Connector::new(target, settings)?,
+            settings,
+            main: None,
+            databases: HashMap::new(),
+            relation_names: HashMap::new(),
+            first_seen: HashMap::new(),
+        })
+    }
+
+    /// How long one sample may take before the caller abandons it: the
+    /// server-side statement timeout cannot fire in a backend that is
+    /// stopped, so the client keeps its own limit.
+    pub fn deadline(&self) -> Duration {
+        self.settings.connect_timeout * 2 + self.settings.statement_timeout * 4
+    }
+
+    /// The server version (`server_version_num`) of the open session.
+    pub fn server_version(&self) -> Option<i32> {
+        self.main.as_ref().map(|m| m.server_version)
+    }
+
+    /// Drops every session, so that the next sample starts on fresh ones.
+    pub fn reset(&mut self) {
+        self.main = None;
+        self.databases.clear();
+    }
+
+    /// Takes one sample. On error every session is dropped and the next
+    /// call reconnects.
+    pub async fn sample(&mut self) -> Result<Snapshot, SampleError> {
+        let result = self.read().await;
+        if result.is_err() {
+            self.reset();
+        }
+        result
+    }
+
+    async fn read(&mut self) -> Result<Snapshot, SampleError> {
+        if self.main.is_none() {
+            self.main = Some(self.open_main().await?);
+        }
+        let own_pids = self.own_pids();
+        let main = self.main.as_ref().expect("opened above");
+        let rows = main
+            .client
+            .query(&main.activity, &[&own_pids])
+            .await
+            .map_err(|e| self.query_error("reading pg_stat_activity", &e))?;
+        let taken_at: SystemTime = rows[0].get("taken_at");
+        let lock_waiters: i64 = rows[0].get("lock_waiters");
+        let activity = rows
+            .iter()
+            .filter_map(|row| {
+                Some(ActivityGroup {
+                    datname: row.get::<_, Option<String>>("datname")?,
+                    state: row.get("state"),
+                    sessions: row.get::<_, i64>("sessions") as u64,
+                    oldest_xact_start: row.get("oldest_xact_start"),
+                })
+            })
+            .collect();
+        if lock_waiters == 0 {
+            self.first_seen.clear();
+            return Ok(Snapshot::calm(taken_at, activity));
+        }
+
+        let rows = main
+            .client
+            .query(&main.waiters, &[&own_pids, &QUERY_TEXT_LENGTH])
+            .await
+            .map_err(|e| self.query_error("reading lock waiters", &e))?;
+        let sessions: Vec<Session> = rows.iter().map(session_from_row).collect();
+        let pids: Vec<i32> = sessions.iter().map(|s| s.pid).collect();
+        let rows = main
+            .client
+            .query(&main.locks, &[&pids])
+            .await
+            .map_err(|e| self.query_error("reading pg_locks", &e))?;
+        let mut locks: Vec<(LockRow, Option<u32>, Option<u32>)> = rows
+            .iter()
+            .map(|row| {
+                let lock = LockRow {
+                    pid: row.get("pid"),
+                    granted: row.get("granted"),
+                    locktype: row.get("locktype"),
+                    mode: row.get("mode"),
+                    tag: row.get("tag"),
+                    datname: row.get("datname"),
+                    relation: None,
+                    wait_start: row.get("waitstart"),
+                };
+                (lock, row.get("database"), row.get("relation"))
+            })
+            .collect();
+        self.name_relations(&mut locks).await;
+        let mut locks: Vec<LockRow> = locks.into_iter().map(|(lock, _, _)| lock).collect();
+        self.fill_wait_starts(&sessions, &mut locks, taken_at);
+        self.close_idle_database_sessions();
+        Ok(Snapshot {
+            taken_at,
+            activity,
+            sessions,
+            locks,
+        })
+    }
+
+    fn own_pids(&self) -> Vec<i32> {
+        self.main
+            .iter()
+            .map(|m| m.pid)
+            .chain(self.databases.values().map(|d| d.pid))
+            .collect()
+    }
+
+    fn query_error(&self, what: &'static str, error: &tokio_postgres::Error) -> SampleError {
+        SampleError::Query {
+            target: self.target.name.clone(),
+            what,
+            message: error_chain(error),
+        }
+    }
+
+    async fn open_main(&self) -> Result<MainSession, SampleError> {
+        let client = self.connector.connect(None).await?;
+        let row = client
+            .query_one(SESSION_SQL, &[])
+            .await
+            .map_err(|e| self.query_error("reading the session's identity", &e))?;
+        let server_version: i32 = row.get("server_version");
+        let waitstart = if server_version >= 140_000 {
+            "l.waitstart"
+        } else {
+            "NULL::pg_catalog.timestamptz"
+        };
+        let prepare = |sql: String, what: &'static str| {
+            let client = &client;
+            async move {
+                client
+                    .prepare(&sql)
+                    .await
+                    .map_err(|e| self.query_error(what, &e))
+            }
+        };
+        let activity = prepare(ACTIVITY_SQL.into(), "preparing the activity query").await?;
+        let waiters = prepare(WAITERS_SQL.into(), "preparing the waiters query").await?;
+        let locks = prepare(
+            LOCKS_SQL.replace("{waitstart}", waitstart),
+            "preparing the pg_locks query",
+        )
+        .await?;
+        let relations = prepare(RELATIONS_SQL.into(), "preparing the relation-name query").await?;
+        Ok(MainSession {
+            pid: row.get("pid"),
+            dbname: row.get("dbname"),
+            server_version,
+            client,
+            activity,
+            waiters,
+            locks,
+            relations,
+        })
+    }
+
+    /// Fills `relation` of every ungranted lock on a relation with its
+    /// schema-qualified name, looked up in the database that owns it.
+    async fn name_relations(&mut self, locks: &mut [(LockRow, Option<u32>, Option<u32>)]) {
+        let mut wanted: HashMap<(u32, Option<String>), HashSet<u32>> = HashMap::new();
+        for (lock, database, relation) in locks.iter() {
+            if let (Some(database), Some(relation)) = (database, relation) {
+                if !self.relation_names.contains_key(&(*database, *relation)) {
+                    wanted
+                        .entry((*database, lock.datname.clone()))
+                        .or_default()
+                        .insert(*relation);
+                }
+            }
+        }
+        if self.relation_names.len() > RELATION_CACHE_LIMIT {
+            self.relation_names.clear();
+        }
+        for ((database, datname), oids) in wanted {
+            let oids: Vec<u32> = oids.into_iter().collect();
+            match self.lookup_relations(datname.as_deref(), &oids).await {
+                Ok(names) => {
+                    for (oid, name) in names {
+                        self.relation_names.insert((database, oid), name);
+                    }
+                }
+                Err(message) => tracing::warn!(
+                    target = %self.target.name,
+                    database = datname.as_deref().unwrap_or("(shared)"),
+                    "cannot resolve relation names, showing oids: {message}"
+                ),
+            }
+        }
+        for (lock, database, relation) in locks.iter_mut() {
+            if let (Some(database), Some(relation)) = (database, relation) {
+                lock.relation = Some(
+                    self.relation_names
+                        .get(&(*database, *relation))
+                        .cloned()
+                        .unwrap_or_else(|| format!("oid {relation}")),
+                );
+            }
+        }
+    }
+
+    /// Shared catalogs (database 0) and the main session's own database are
+    /// read on the main session; any other database on its own session,
+    /// opened on first use.
+    async fn lookup_relations(
+        &mut self,
+        datname: Option<&str>,
+        oids: &[u32],
+    ) -> Result<Vec<(u32, String)>, String> {
+        let main = self.main.as_ref().ok_or("not connected")?;
+        let (client, statement) = match datname {
+            None => (&main.client, &main.relations),
+            Some(name) if name == main.dbname => (&main.client, &main.relations),
+            Some(name) => {
+                if !self.databases.contains_key(name) {
+                    let session = self.open_database(name).await?;
+                    self.databases.insert(name.to_string(), session);
+                }
+                let session = self.databases.get_mut(name).expect("inserted above");
+                session.last_used = Instant::now();
+                (&session.client, &session.relations)
+            }
+        };
+        let rows = match client.query(statement, &[&oids]).await {
+            Ok(rows) => rows,
+            Err(e) => {
+                if let Some(name) = datname {
+                    self.databases.remove(name);
+                }
+                return Err(error_chain(&e));
+            }
+        };
+        Ok(rows
+            .iter()
+            .map(|row| {
+                let schema: String = row.get("nspname");
+                let name: String = row.get("relname");
+                (row.get("oid"), format!("{schema}.{name}"))
+            })
+            .collect())
+    }
+
+    async fn open_database(&self, name: &str) -> Result<DatabaseSession, String> {
+        let client = self
+            .connector
+            .connect(Some(name))
+            .await
+            .map_err(|e| e.to_string())?;
+        let pid: i32 = client
+            .query_one("SELECT pg_catalog.pg_backend_pid()", &[])
+            .await
+            .map_err(|e| error_chain(&e))?
+            .get(0);
+        let relations = client
+            .prepare(RELATIONS_SQL)
+            .await
+            .map_err(|e| error_chain(&e))?;
+        Ok(DatabaseSession {
+            client,
+            pid,
+            relations,
+            last_used: Instant::now(),
+        })
+    }
+
+    fn close_idle_database_sessions(&mut self) {
+        self.databases
+            .retain(|_, session| session.last_used.elapsed() < DATABASE_SESSION_IDLE);
+    }
+
+    /// Before PostgreSQL 14, and for the moment after a wait begins on
+    /// later versions, `waitstart` is NULL: the wait start is then the
+    /// first sample that saw this wait.
+    fn fill_wait_starts(
+        &mut self,
+        sessions: &[Session],
+        locks: &mut [LockRow],
+        taken_at: SystemTime,
+    ) {
+        let backend_start: HashMap<i32, Option<SystemTime>> =
+            sessions.iter().map(|s| (s.pid, s.backend_start)).collect();
+        let mut seen_now = HashSet::new();
+        for lock in locks.iter_mut().filter(|l| !l.granted) {
+            let started = backend_start.get(&lock.pid).copied().flatten();
+            let started = started.map(|t| format!("{t:?}")).unwrap_or_default();
+            let key = (lock.pid, started, format!("{}/{}", lock.tag, lock.mode));
+            let first_seen = *self.first_seen.entry(key.clone()).or_insert(taken_at);
+            if lock.wait_start.is_none() {
+                lock.wait_start = Some(first_seen);
+            }
+            seen_now.insert(key);
+        }
+        self.first_seen.retain(|key, _| seen_now.contains(key));
+    }
+}
+
+fn session_from_row(row: &tokio_postgres::Row) -> Session {
+    Session {
+        pid: row.get("pid"),
+        datname: row.get("datname"),
+        usename: row.get("usename"),
+        application_name: row.get("application_name"),
+        client_addr: row.get("client_addr"),
+        backend_type: row.get("backend_type"),
+        state: row.get("state"),
+        wait_event_type: row.get("wait_event_type"),
+        wait_event: row.get("wait_event"),
+        backend_start: row.get("backend_start"),
+        xact_start: row.get("xact_start"),
+        query_start: row.get("query_start"),
+        query: row.get("query"),
+        blocked_by: row.get("blocked_by"),
+    }
+}
