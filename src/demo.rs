@@ -288,7 +288,7 @@ fn print_view(stamp: &str, shared: &crate::state::SharedState) {
         return;
     };
     if graph.queues.is_empty() && graph.waiters.is_empty() {
-        println!("{stamp} lockjam sees no lock waits: the queue is gone");
+        println!("{stamp} lockjam sees no lock waits");
         return;
     }
     let blocked: u64 = graph.databases.values().map(|d| d.blocked_sessions).sum();

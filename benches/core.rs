@@ -1,0 +1,215 @@
+//! `cargo bench --bench core`: the figures of BENCHMARKS.md.
+//!
+//! 1. Time of one sample (calm path, and with 20 real lock waiters), over
+//!    many samples against a throwaway cluster: median, p90, min, max.
+//! 2. Resident memory of the `lockjam run` binary after a minute of
+//!    sampling those 20 waiters and being scraped every second.
+//!
+//! `cargo bench --bench core -- --quick` runs a few seconds, for CI.
+
+use std::time::{Duration, Instant};
+
+use lockjam::cluster::{Cluster, ClusterOptions};
+use lockjam::config::{SamplerConfig, Target};
+use lockjam::dsn::Dsn;
+use lockjam::sampler::Sampler;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_postgres::{Client, NoTls};
+
+const WAITERS: usize = 20;
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(run(quick));
+}
+
+async fn connect(dsn: &str, application_name: &str) -> Client {
+    let (client, connection) =
+        tokio_postgres::connect(&format!("{dsn} application_name={application_name}"), NoTls)
+            .await
+            .expect("connect");
+    tokio::spawn(connection);
+    client
+}
+
+fn sampler_config() -> SamplerConfig {
+    SamplerConfig {
+        interval: Duration::from_secs(1),
+        fast_interval: Duration::from_millis(250),
+        statement_timeout: Duration::from_secs(2),
+        lock_timeout: Duration::from_millis(500),
+        connect_timeout: Duration::from_secs(5),
+        max_relations: 20,
+    }
+}
+
+/// Median, p90, min and max in milliseconds.
+fn summary(mut times: Vec<Duration>) -> String {
+    times.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let at = |q: f64| times[((times.len() - 1) as f64 * q).round() as usize];
+    format!(
+        "n={} median={:.3} ms p90={:.3} ms min={:.3} ms max={:.3} ms",
+        times.len(),
+        ms(at(0.5)),
+        ms(at(0.9)),
+        ms(times[0]),
+        ms(times[times.len() - 1])
+    )
+}
+
+async fn time_samples(
+    sampler: &mut Sampler,
+    count: usize,
+    expected_waiters: usize,
+) -> Vec<Duration> {
+    let mut times = Vec::with_capacity(count);
+    for _ in 0..count {
+        let started = Instant::now();
+        let snapshot = sampler.sample().await.expect("sample");
+        times.push(started.elapsed());
+        let waiting = snapshot.locks.iter().filter(|l| !l.granted).count();
+        assert_eq!(
+            waiting, expected_waiters,
+            "the scenario holds while measuring"
+        );
+    }
+    times
+}
+
+async fn run(quick: bool) {
+    let cluster = tokio::task::spawn_blocking(|| Cluster::start(&ClusterOptions::default()))
+        .await
+        .unwrap()
+        .expect("throwaway cluster");
+    println!(
+        "machine: {} cores; server: {}",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        cluster.version()
+    );
+    let dsn = cluster.dsn("postgres");
+    let admin = connect(&dsn, "bench").await;
+    admin
+        .batch_execute(
+            "CREATE TABLE orders (id bigint PRIMARY KEY, total numeric);
+             INSERT INTO orders SELECT g, g FROM generate_series(1, 10000) AS g;",
+        )
+        .await
+        .unwrap();
+    let target = Target {
+        name: "bench".into(),
+        dsn: Dsn::parse(&dsn).unwrap(),
+        default_user: None,
+    };
+    let mut sampler = Sampler::new(&target, &sampler_config()).unwrap();
+    let samples = if quick { 20 } else { 1000 };
+    sampler.sample().await.unwrap();
+    println!(
+        "sample, calm (no waiters): {}",
+        summary(time_samples(&mut sampler, samples, 0).await)
+    );
+
+    // The incident: a long read, an ALTER waiting, 19 SELECTs behind it.
+    let reader = connect(&dsn, "analyst").await;
+    tokio::spawn(async move {
+        reader
+            .simple_query("SELECT pg_sleep(3600), count(*) FROM orders")
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let migration = connect(&dsn, "migrate").await;
+    tokio::spawn(async move {
+        migration
+            .simple_query("ALTER TABLE orders ADD COLUMN note text")
+            .await
+    });
+    let mut sessions = Vec::new();
+    for _ in 1..WAITERS {
+        let client = connect(&dsn, "web").await;
+        sessions.push(tokio::spawn(async move {
+            client.simple_query("SELECT count(*) FROM orders").await
+        }));
+    }
+    loop {
+        let waiting: i64 = admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if waiting as usize == WAITERS {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    sampler.sample().await.unwrap();
+    println!(
+        "sample, {WAITERS} waiters: {}",
+        summary(time_samples(&mut sampler, samples, WAITERS).await)
+    );
+
+    let minute = if quick {
+        Duration::from_secs(3)
+    } else {
+        Duration::from_secs(60)
+    };
+    let rss = lockjam_run_rss(&dsn, minute).await;
+    println!(
+        "lockjam run, resident memory after {}s with {WAITERS} waiters, scraped every second: {rss} kB",
+        minute.as_secs()
+    );
+    admin
+        .query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'analyst'", &[])
+        .await
+        .unwrap();
+    tokio::task::spawn_blocking(move || drop(cluster))
+        .await
+        .unwrap();
+}
+
+/// Starts the `lockjam` binary, scrapes it every second for `duration`, and
+/// returns its VmRSS in kB.
+async fn lockjam_run_rss(dsn: &str, duration: Duration) -> u64 {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_lockjam"))
+        .args(["run", "--dsn", dsn, "--listen", &listen])
+        .env("LOCKJAM__LOG__LEVEL", "warn")
+        .spawn()
+        .expect("lockjam binary");
+    let started = Instant::now();
+    let mut scrapes = 0;
+    while started.elapsed() < duration {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        if let Ok(mut stream) = tokio::net::TcpStream::connect(&listen).await {
+            let _ = stream
+                .write_all(b"GET /metrics HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
+                .await;
+            let mut body = Vec::new();
+            let _ = stream.read_to_end(&mut body).await;
+            if String::from_utf8_lossy(&body).contains("lockjam_lock_queue_depth{") {
+                scrapes += 1;
+            }
+        }
+    }
+    assert!(scrapes > 0, "lockjam run never showed the queue");
+    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    rss
+}

@@ -1,0 +1,568 @@
+//! The four incidents of `shared/incidents/`, replayed with real sessions on
+//! a throwaway cluster; lockjam's figures are asserted exactly.
+
+use std::time::{Duration, Instant};
+
+use lockjam::cluster::ClusterOptions;
+use tokio::task::JoinSet;
+
+use crate::support::{backend_pid, http_get, within, TestEnv, INTERVAL};
+
+const APP: (&str, &str) = ("datname", "app");
+
+/// Asserts that every queue-related series of database `app` is gone and its
+/// summary gauges read 0.
+fn assert_drained(scrape: &crate::support::Scrape) {
+    for name in [
+        "lockjam_lock_queue_depth",
+        "lockjam_lock_queue_head_wait_seconds",
+        "lockjam_lock_waiters",
+    ] {
+        assert!(
+            scrape.matching(name, &[APP]).is_empty(),
+            "{name} still present:\n{}",
+            scrape.text
+        );
+    }
+    for name in [
+        "lockjam_blocked_sessions",
+        "lockjam_root_blockers",
+        "lockjam_blocking_chain_max_depth",
+        "lockjam_lock_wait_max_seconds",
+        "lockjam_root_blocker_max_age_seconds",
+    ] {
+        assert_eq!(
+            scrape.value(name, &[APP]),
+            Some(0.0),
+            "{name}:\n{}",
+            scrape.text
+        );
+    }
+}
+
+/// Scrapes once two intervals after `ended` and asserts the queue is gone.
+async fn assert_drained_within_two_intervals(env: &TestEnv, ended: Instant) {
+    tokio::time::sleep_until((ended + INTERVAL * 2).into()).await;
+    assert_drained(&env.scrape().await);
+}
+
+/// Incident 000: `ALTER TABLE orders DROP CONSTRAINT` waits behind a long
+/// read; 20 SELECTs queue behind the ALTER.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn incident_000_drop_constraint_behind_a_long_read() {
+    let env = TestEnv::start().await;
+    env.admin
+        .batch_execute(
+            "CREATE TABLE customers (id bigint PRIMARY KEY);
+             CREATE TABLE orders (id bigint PRIMARY KEY,
+                 customer_id bigint CONSTRAINT orders_customer_id_fkey REFERENCES customers);
+             INSERT INTO customers SELECT generate_series(1, 100);
+             INSERT INTO orders SELECT g, 1 + g % 100 FROM generate_series(1, 1000) AS g;",
+        )
+        .await
+        .unwrap();
+
+    let reader = env.session("analyst").await;
+    let reader_pid = backend_pid(&reader).await;
+    let read = tokio::spawn(async move {
+        reader
+            .simple_query("SELECT pg_sleep(600), count(*) FROM orders")
+            .await
+    });
+    crate::support::wait_until("the read to hold its lock", || async {
+        env.admin
+            .query_opt(
+                "SELECT 1 FROM pg_locks WHERE pid = $1 AND relation = 'orders'::regclass AND granted",
+                &[&reader_pid],
+            )
+            .await
+            .unwrap()
+            .is_some()
+    })
+    .await;
+
+    let migration = env.session("migrate").await;
+    let migration_pid = backend_pid(&migration).await;
+    let alter = tokio::spawn(async move {
+        migration
+            .simple_query("ALTER TABLE orders DROP CONSTRAINT orders_customer_id_fkey")
+            .await
+    });
+    env.wait_until_waiting(migration_pid).await;
+
+    let mut selects = JoinSet::new();
+    for i in 0..20i64 {
+        let client = env.session("web").await;
+        selects.spawn(async move {
+            client
+                .query("SELECT count(*) FROM orders WHERE customer_id = $1", &[&i])
+                .await
+        });
+    }
+    env.wait_until_waiting_count("web", 20).await;
+
+    let orders = [
+        APP,
+        ("relation", "public.orders"),
+        ("mode", "AccessExclusiveLock"),
+    ];
+    let scrape = env
+        .wait_for_metrics("a queue of 20 on orders", |m| {
+            m.value("lockjam_lock_queue_depth", &orders) == Some(20.0)
+        })
+        .await;
+    assert_eq!(scrape.value("lockjam_blocked_sessions", &[APP]), Some(21.0));
+    assert_eq!(scrape.value("lockjam_root_blockers", &[APP]), Some(1.0));
+    assert_eq!(
+        scrape.value("lockjam_blocking_chain_max_depth", &[APP]),
+        Some(2.0)
+    );
+    assert_eq!(
+        scrape.value(
+            "lockjam_lock_waiters",
+            &[APP, ("locktype", "relation"), ("mode", "AccessShareLock")]
+        ),
+        Some(20.0)
+    );
+    assert_eq!(
+        scrape.value(
+            "lockjam_lock_waiters",
+            &[
+                APP,
+                ("locktype", "relation"),
+                ("mode", "AccessExclusiveLock")
+            ]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        scrape.matching("lockjam_lock_queue_depth", &[]).len(),
+        1,
+        "{}",
+        scrape.text
+    );
+    let head_wait = scrape
+        .value("lockjam_lock_queue_head_wait_seconds", &orders)
+        .unwrap();
+    let root_age = scrape
+        .value("lockjam_root_blocker_max_age_seconds", &[APP])
+        .unwrap();
+    assert!(
+        head_wait > 0.0 && root_age > head_wait,
+        "head {head_wait}s, root {root_age}s"
+    );
+
+    let (status, body) = http_get(env.addr(), "/api/v1/snapshot").await;
+    assert_eq!(status, 200);
+    let snapshot: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let target = &snapshot["targets"][0];
+    let root = target["blockers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["root"] == true)
+        .unwrap();
+    assert_eq!(root["pid"], reader_pid);
+    assert_eq!(root["application_name"], "analyst");
+    assert_eq!(root["query"], "SELECT pg_sleep(600), count(*) FROM orders");
+    assert_eq!(root["blocking"], serde_json::json!([migration_pid]));
+    let head = target["waiters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["pid"] == migration_pid)
+        .unwrap();
+    assert_eq!(head["relation"], "public.orders");
+    assert_eq!(head["mode"], "AccessExclusiveLock");
+    assert_eq!(
+        head["blocked_by"],
+        serde_json::json!([{"pid": reader_pid, "kind": "hard"}])
+    );
+    let web_waiter = target["waiters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["application_name"] == "web")
+        .unwrap();
+    assert_eq!(
+        web_waiter["blocked_by"],
+        serde_json::json!([{"pid": migration_pid, "kind": "soft"}])
+    );
+    assert_eq!(target["queues"][0]["depth"], 20);
+
+    env.admin
+        .query_one("SELECT pg_cancel_backend($1)", &[&reader_pid])
+        .await
+        .unwrap();
+    let ended = Instant::now();
+    let read_error = within("the read", read).await.unwrap().unwrap_err();
+    assert_eq!(
+        read_error.code(),
+        Some(&tokio_postgres::error::SqlState::QUERY_CANCELED)
+    );
+    within("the ALTER", alter)
+        .await
+        .unwrap()
+        .expect("the ALTER succeeds once the read is gone");
+    while let Some(select) = within("the SELECTs", selects.join_next()).await {
+        select.unwrap().expect("every queued SELECT succeeds");
+    }
+    assert_drained_within_two_intervals(&env, ended).await;
+    // Each of the 21 waits is observed once, when it ended.
+    let scrape = env.scrape().await;
+    assert_eq!(
+        scrape.value("lockjam_lock_wait_seconds_count", &[APP]),
+        Some(21.0)
+    );
+    env.stop().await;
+}
+
+/// Incident 001: `DROP TABLE` waits behind the nightly backup's `COPY ...
+/// TO stdout`, whose client does not read (the backend waits on
+/// ClientWrite, holding its lock). The operator finds the blocker's pid and
+/// cancels it, as in the write-up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn incident_001_drop_table_behind_a_stalled_backup() {
+    let env = TestEnv::start().await;
+    env.admin
+        .batch_execute(
+            "CREATE TABLE field_history (id bigint, object_id bigint, field_name text, serialized_data text);
+             INSERT INTO field_history
+                 SELECT g, g, 'status', repeat('x', 200) FROM generate_series(1, 200000) AS g;",
+        )
+        .await
+        .unwrap();
+
+    let backup = env.session("Heroku Postgres Backups").await;
+    let backup_pid = backend_pid(&backup).await;
+    // The COPY stream is never polled: the server fills the socket and
+    // waits for the client, as a backup writing to a slow pipe does.
+    let copy = backup
+        .copy_out(
+            "COPY public.field_history (id, object_id, field_name, serialized_data) TO stdout",
+        )
+        .await
+        .unwrap();
+    crate::support::wait_until("the backup to wait on ClientWrite", || async {
+        env.admin
+            .query_opt(
+                "SELECT 1 FROM pg_stat_activity WHERE pid = $1 AND wait_event = 'ClientWrite'",
+                &[&backup_pid],
+            )
+            .await
+            .unwrap()
+            .is_some()
+    })
+    .await;
+
+    let release = env.session("release").await;
+    let release_pid = backend_pid(&release).await;
+    let drop_table =
+        tokio::spawn(async move { release.simple_query("DROP TABLE field_history").await });
+    env.wait_until_waiting(release_pid).await;
+    let mut reads = JoinSet::new();
+    for _ in 0..10 {
+        let client = env.session("web").await;
+        reads.spawn(async move {
+            client
+                .simple_query("SELECT count(*) FROM field_history")
+                .await
+        });
+    }
+    env.wait_until_waiting_count("web", 10).await;
+
+    let table = [
+        APP,
+        ("relation", "public.field_history"),
+        ("mode", "AccessExclusiveLock"),
+    ];
+    let scrape = env
+        .wait_for_metrics("a queue of 10 behind the DROP", |m| {
+            m.value("lockjam_lock_queue_depth", &table) == Some(10.0)
+        })
+        .await;
+    assert_eq!(scrape.value("lockjam_blocked_sessions", &[APP]), Some(11.0));
+    assert_eq!(scrape.value("lockjam_root_blockers", &[APP]), Some(1.0));
+
+    // What the operator needed: the blocker's pid, application and query.
+    let (_, body) = http_get(env.addr(), "/api/v1/snapshot").await;
+    let snapshot: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let root = snapshot["targets"][0]["blockers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["root"] == true)
+        .cloned()
+        .unwrap();
+    assert_eq!(root["pid"], backup_pid);
+    assert_eq!(root["application_name"], "Heroku Postgres Backups");
+    assert_eq!(root["state"], "active");
+    assert_eq!(root["wait_event_type"], "Client");
+    assert_eq!(root["wait_event"], "ClientWrite");
+    assert!(root["query"]
+        .as_str()
+        .unwrap()
+        .starts_with("COPY public.field_history"));
+
+    let pid = root["pid"].as_i64().unwrap() as i32;
+    env.admin
+        .query_one("SELECT pg_cancel_backend($1)", &[&pid])
+        .await
+        .unwrap();
+    let ended = Instant::now();
+    within("the DROP", drop_table)
+        .await
+        .unwrap()
+        .expect("the DROP TABLE goes through once the backup is cancelled");
+    while let Some(read) = within("the reads", reads.join_next()).await {
+        let error = read
+            .unwrap()
+            .expect_err("the table is gone by the time the queued reads run");
+        assert_eq!(
+            error.code(),
+            Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE)
+        );
+    }
+    drop(copy);
+    assert_drained_within_two_intervals(&env, ended).await;
+    env.stop().await;
+}
+
+/// Incident 002: `ADD FOREIGN KEY` referencing `users` takes SHARE ROW
+/// EXCLUSIVE on `users` (PostgreSQL 15): it waits behind a mailer's
+/// long-running write and queues every writer, but not the readers. The
+/// write-up's log shows hundreds of queued pids; here 100.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn incident_002_add_foreign_key_queues_writers_not_readers() {
+    const WRITERS: usize = 100;
+    let env = TestEnv::start_with(ClusterOptions {
+        max_connections: 140,
+        ..ClusterOptions::default()
+    })
+    .await;
+    env.admin
+        .batch_execute(
+            "CREATE TABLE users (id bigint PRIMARY KEY, email text, last_mailed_at timestamptz);
+             INSERT INTO users SELECT g, 'user' || g || '@example.com' FROM generate_series(1, 1000) AS g;
+             CREATE TABLE user_messages (id bigint PRIMARY KEY, user_id bigint);",
+        )
+        .await
+        .unwrap();
+
+    let mailer = env.session("mailer").await;
+    let mailer_pid = backend_pid(&mailer).await;
+    let mail = tokio::spawn(async move {
+        mailer
+            .simple_query(
+                "BEGIN; UPDATE users SET last_mailed_at = now() WHERE id > 900; SELECT pg_sleep(600); COMMIT",
+            )
+            .await
+    });
+    crate::support::wait_until("the mailer to hold its write lock", || async {
+        env.admin
+            .query_opt(
+                "SELECT 1 FROM pg_locks WHERE pid = $1 AND relation = 'users'::regclass AND mode = 'RowExclusiveLock'",
+                &[&mailer_pid],
+            )
+            .await
+            .unwrap()
+            .is_some()
+    })
+    .await;
+
+    let migration = env.session("migrate").await;
+    let migration_pid = backend_pid(&migration).await;
+    let add_fk = tokio::spawn(async move {
+        migration
+            .simple_query(
+                "ALTER TABLE user_messages ADD CONSTRAINT user_messages_user_id_fkey
+                 FOREIGN KEY (user_id) REFERENCES users",
+            )
+            .await
+    });
+    env.wait_until_waiting(migration_pid).await;
+    let mut writers = JoinSet::new();
+    for i in 1..=WRITERS as i64 {
+        let client = env.session("web-write").await;
+        writers.spawn(async move {
+            client
+                .execute("UPDATE users SET email = email WHERE id = $1", &[&i])
+                .await
+        });
+    }
+    env.wait_until_waiting_count("web-write", WRITERS as i64)
+        .await;
+
+    // Readers are not queued: SHARE ROW EXCLUSIVE does not conflict with
+    // ACCESS SHARE.
+    let reader = env.session("web-read").await;
+    let read: i64 = reader
+        .query_one("SELECT count(*) FROM users", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(read, 1000);
+
+    let users = [
+        APP,
+        ("relation", "public.users"),
+        ("mode", "ShareRowExclusiveLock"),
+    ];
+    let scrape = env
+        .wait_for_metrics("a queue of writers on users", |m| {
+            m.value("lockjam_lock_queue_depth", &users) == Some(WRITERS as f64)
+        })
+        .await;
+    assert_eq!(
+        scrape.value("lockjam_blocked_sessions", &[APP]),
+        Some(WRITERS as f64 + 1.0)
+    );
+    assert_eq!(scrape.value("lockjam_root_blockers", &[APP]), Some(1.0));
+    assert_eq!(
+        scrape.value("lockjam_lock_waiters", &[APP, ("mode", "RowExclusiveLock")]),
+        Some(WRITERS as f64)
+    );
+    assert_eq!(
+        scrape.value(
+            "lockjam_lock_waiters",
+            &[APP, ("mode", "ShareRowExclusiveLock")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        scrape.value("lockjam_lock_waiters", &[APP, ("mode", "AccessShareLock")]),
+        None
+    );
+
+    // As in the write-up, the migration is aborted by hand.
+    env.admin
+        .query_one("SELECT pg_cancel_backend($1)", &[&migration_pid])
+        .await
+        .unwrap();
+    let ended = Instant::now();
+    let error = within("the ADD FOREIGN KEY", add_fk)
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(
+        error.code(),
+        Some(&tokio_postgres::error::SqlState::QUERY_CANCELED)
+    );
+    while let Some(write) = within("the writers", writers.join_next()).await {
+        assert_eq!(write.unwrap().expect("every queued writer succeeds"), 1);
+    }
+    assert_drained_within_two_intervals(&env, ended).await;
+    env.admin
+        .query_one("SELECT pg_cancel_backend($1)", &[&mailer_pid])
+        .await
+        .unwrap();
+    assert!(within("the mailer", mail).await.unwrap().is_err());
+    env.stop().await;
+}
+
+/// Incident 003: renaming a foreign-key constraint (ACCESS EXCLUSIVE) of a
+/// new, empty table behind a long analytics query queues the API's reads;
+/// the lesson is `lock_timeout`: the migration gives up and the queue
+/// drains by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn incident_003_rename_constraint_until_lock_timeout() {
+    let env = TestEnv::start().await;
+    env.admin
+        .batch_execute(
+            "CREATE TABLE payments (id bigint PRIMARY KEY);
+             CREATE TABLE payment_events (id bigint PRIMARY KEY,
+                 payment_id bigint CONSTRAINT old_events_payment_id_fkey REFERENCES payments);",
+        )
+        .await
+        .unwrap();
+
+    let analytics = env.session("analytics").await;
+    let analytics_pid = backend_pid(&analytics).await;
+    let report = tokio::spawn(async move {
+        analytics
+            .simple_query("SELECT pg_sleep(600), count(*) FROM payment_events JOIN payments ON payments.id = payment_id")
+            .await
+    });
+    crate::support::wait_until("the report to hold its lock", || async {
+        env.admin
+            .query_opt(
+                "SELECT 1 FROM pg_locks WHERE pid = $1 AND relation = 'payment_events'::regclass AND granted",
+                &[&analytics_pid],
+            )
+            .await
+            .unwrap()
+            .is_some()
+    })
+    .await;
+
+    let migration = env.session("migrate").await;
+    let migration_pid = backend_pid(&migration).await;
+    let lock_timeout = Duration::from_secs(4);
+    let rename = tokio::spawn(async move {
+        migration
+            .simple_query(&format!(
+                "SET lock_timeout = '{}ms';
+                 ALTER TABLE payment_events RENAME CONSTRAINT old_events_payment_id_fkey TO payment_events_payment_id_fkey",
+                lock_timeout.as_millis()
+            ))
+            .await
+    });
+    env.wait_until_waiting(migration_pid).await;
+    let mut api = JoinSet::new();
+    for i in 0..10i64 {
+        let client = env.session("api").await;
+        api.spawn(async move {
+            client
+                .query("SELECT id FROM payment_events WHERE payment_id = $1", &[&i])
+                .await
+        });
+    }
+    env.wait_until_waiting_count("api", 10).await;
+
+    let events = [
+        APP,
+        ("relation", "public.payment_events"),
+        ("mode", "AccessExclusiveLock"),
+    ];
+    let scrape = env
+        .wait_for_metrics("a queue of 10 API reads", |m| {
+            m.value("lockjam_lock_queue_depth", &events) == Some(10.0)
+        })
+        .await;
+    assert_eq!(scrape.value("lockjam_blocked_sessions", &[APP]), Some(11.0));
+    assert_eq!(scrape.value("lockjam_root_blockers", &[APP]), Some(1.0));
+    let head_wait = scrape
+        .value("lockjam_lock_queue_head_wait_seconds", &events)
+        .unwrap();
+    assert!(
+        head_wait < lock_timeout.as_secs_f64(),
+        "head wait {head_wait}"
+    );
+
+    let error = within("the RENAME", rename).await.unwrap().unwrap_err();
+    let ended = Instant::now();
+    assert_eq!(
+        error.code(),
+        Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE)
+    );
+    while let Some(read) = within("the API reads", api.join_next()).await {
+        assert!(read.unwrap().expect("every API read succeeds").is_empty());
+    }
+    assert_drained_within_two_intervals(&env, ended).await;
+    let scrape = env.scrape().await;
+    assert_eq!(
+        scrape.value("lockjam_lock_wait_seconds_count", &[APP]),
+        Some(11.0)
+    );
+    // No wait outlived the migration's lock_timeout of 4 s.
+    assert_eq!(
+        scrape.value("lockjam_lock_wait_seconds_bucket", &[APP, ("le", "5")]),
+        Some(11.0)
+    );
+    env.admin
+        .query_one("SELECT pg_cancel_backend($1)", &[&analytics_pid])
+        .await
+        .unwrap();
+    assert!(within("the report", report).await.unwrap().is_err());
+    env.stop().await;
+}

@@ -1,0 +1,7 @@
+//! lockjam's integration tests: one binary, real PostgreSQL clusters
+//! started by the fixture in `support`.
+
+mod incidents;
+mod service;
+mod support;
+mod tls;

@@ -1,0 +1,428 @@
+//! The service as a whole: HTTP surface, readiness, a database restart
+//! under lockjam, the golden `/metrics` file, and the `lockjam` binary.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use lockjam::service::Service;
+
+use crate::support::{
+    backend_pid, config_for, connect, http_get, http_request, scrape, start_cluster, wait_until,
+    TestEnv, PATIENCE,
+};
+
+const GOLDEN: &str = "tests/it/golden/metrics.txt";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn http_routes_status_codes() {
+    let env = TestEnv::start().await;
+    env.wait_for_metrics("a first sample", |m| {
+        m.value("lockjam_up", &[]) == Some(1.0)
+    })
+    .await;
+    let addr = env.addr();
+    assert_eq!(http_get(addr, "/healthz").await, (200, "ok\n".to_string()));
+    assert_eq!(
+        http_get(addr, "/readyz").await,
+        (200, "ready\n".to_string())
+    );
+    let (status, body) = http_get(addr, "/nope").await;
+    assert_eq!(status, 404);
+    assert!(body.contains("/metrics"), "{body}");
+    let (status, _) = http_request(
+        addr,
+        "POST /metrics HTTP/1.1\r\nHost: lockjam\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 405);
+    let (status, body) = http_get(addr, "/api/v1/snapshot").await;
+    assert_eq!(status, 200);
+    let snapshot: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(snapshot["targets"][0]["target"], "it");
+    assert_eq!(snapshot["targets"][0]["up"], true);
+    assert_eq!(snapshot["targets"][0]["waiters"], serde_json::json!([]));
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unreachable_database_serves_up_zero_and_not_ready() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dsn = format!(
+        "host=127.0.0.1 port={port} user=postgres password=hunter2 dbname=postgres sslmode=disable"
+    );
+    let service = Service::start(&config_for(vec![("dead", dsn)]))
+        .await
+        .unwrap();
+    let addr = service.local_addr();
+    let (status, body) = http_get(addr, "/readyz").await;
+    assert_eq!(status, 503);
+    assert!(body.contains("target `dead`"), "{body}");
+    wait_until("a failed sample", || async {
+        scrape(addr)
+            .await
+            .value("lockjam_sample_duration_seconds_count", &[])
+            .unwrap_or(0.0)
+            >= 1.0
+    })
+    .await;
+    let metrics = scrape(addr).await;
+    assert_eq!(
+        metrics.value("lockjam_up", &[("target", "dead")]),
+        Some(0.0)
+    );
+    assert!(!metrics.has("lockjam_last_sample_timestamp_seconds"));
+    let (status, body) = http_get(addr, "/readyz").await;
+    assert_eq!(status, 503);
+    assert!(
+        body.contains("Connection refused") || body.contains("connection refused"),
+        "{body}"
+    );
+    assert!(
+        !body.contains("hunter2"),
+        "the password never shows: {body}"
+    );
+    let (_, snapshot) = http_get(addr, "/api/v1/snapshot").await;
+    assert!(!snapshot.contains("hunter2"), "{snapshot}");
+    assert!(snapshot.contains("password=********"), "{snapshot}");
+    service.stop().await;
+}
+
+/// The database restarts under lockjam: it keeps serving, `lockjam_up`
+/// goes 1 → 0 → 1 and readiness follows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn database_restart_under_lockjam() {
+    let env = TestEnv::start().await;
+    env.wait_for_metrics("up", |m| m.value("lockjam_up", &[]) == Some(1.0))
+        .await;
+    tokio::task::block_in_place(|| env.cluster.stop("immediate")).unwrap();
+    let down = env
+        .wait_for_metrics("up to drop to 0", |m| {
+            m.value("lockjam_up", &[]) == Some(0.0)
+        })
+        .await;
+    assert!(
+        !down.has("lockjam_sessions"),
+        "no stale figures while down:\n{}",
+        down.text
+    );
+    wait_until("readyz to fail", || async {
+        http_get(env.addr(), "/readyz").await.0 == 503
+    })
+    .await;
+    assert_eq!(http_get(env.addr(), "/healthz").await.0, 200);
+    tokio::task::block_in_place(|| env.cluster.restart()).unwrap();
+    env.wait_for_metrics("up to return to 1", |m| {
+        m.value("lockjam_up", &[]) == Some(1.0)
+    })
+    .await;
+    let _session = env.session("after-restart").await;
+    env.wait_for_metrics("the new session", |m| {
+        m.value("lockjam_sessions", &[("datname", "app"), ("state", "idle")]) == Some(1.0)
+    })
+    .await;
+    assert_eq!(http_get(env.addr(), "/readyz").await.0, 200);
+    env.stop().await;
+}
+
+/// Incident 000 with three SELECTs, rendered: names, types, help texts and
+/// labels are fixed by `tests/it/golden/metrics.txt`. Time-valued samples
+/// are masked. `LOCKJAM_UPDATE_GOLDEN=1` rewrites the file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn golden_metrics() {
+    let env = TestEnv::start().await;
+    env.admin
+        .batch_execute("CREATE TABLE orders (id bigint PRIMARY KEY, note text)")
+        .await
+        .unwrap();
+    let reader = env.session("analyst").await;
+    let reader_pid = backend_pid(&reader).await;
+    let _read = tokio::spawn(async move {
+        reader
+            .simple_query("SELECT pg_sleep(600), count(*) FROM orders")
+            .await
+    });
+    wait_until("the read", || async {
+        env.admin
+            .query_opt(
+                "SELECT 1 FROM pg_locks WHERE pid = $1 AND relation = 'orders'::regclass",
+                &[&reader_pid],
+            )
+            .await
+            .unwrap()
+            .is_some()
+    })
+    .await;
+    let migration = env.session("migrate").await;
+    let migration_pid = backend_pid(&migration).await;
+    let _alter = tokio::spawn(async move {
+        migration
+            .simple_query("ALTER TABLE orders ADD COLUMN total numeric")
+            .await
+    });
+    env.wait_until_waiting(migration_pid).await;
+    let mut sessions = Vec::new();
+    for _ in 0..3 {
+        let client = env.session("web").await;
+        sessions.push(tokio::spawn(async move {
+            client.simple_query("SELECT count(*) FROM orders").await
+        }));
+    }
+    env.wait_until_waiting_count("web", 3).await;
+    let scrape = env
+        .wait_for_metrics("the queue", |m| {
+            m.value("lockjam_lock_queue_depth", &[]) == Some(3.0)
+        })
+        .await;
+    let rendered = mask(&scrape.text);
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(GOLDEN);
+    if std::env::var_os("LOCKJAM_UPDATE_GOLDEN").is_some() {
+        std::fs::write(&path, &rendered).unwrap();
+    }
+    let golden = std::fs::read_to_string(&path).expect("golden file exists");
+    if rendered != golden {
+        let diff: Vec<String> = diff_lines(&golden, &rendered);
+        panic!(
+            "/metrics differs from {GOLDEN} (- golden, + now):\n{}",
+            diff.join("\n")
+        );
+    }
+    env.admin
+        .query_one("SELECT pg_terminate_backend($1)", &[&reader_pid])
+        .await
+        .unwrap();
+    env.stop().await;
+}
+
+/// Replaces values that depend on time with `<t>`, keeps every count.
+fn mask(text: &str) -> String {
+    let timed = [
+        "lockjam_sample_duration_seconds",
+        "lockjam_last_sample_timestamp_seconds",
+        "lockjam_transaction_max_age_seconds",
+        "lockjam_lock_wait_max_seconds",
+        "lockjam_root_blocker_max_age_seconds",
+        "lockjam_lock_queue_head_wait_seconds",
+    ];
+    text.lines()
+        .map(|line| {
+            if !line.starts_with('#') && timed.iter().any(|name| line.starts_with(name)) {
+                let (series, _) = line.rsplit_once(' ').unwrap();
+                format!("{series} <t>")
+            } else {
+                line.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+        + "\n"
+}
+
+fn diff_lines(expected: &str, actual: &str) -> Vec<String> {
+    let expected: Vec<&str> = expected.lines().collect();
+    let actual: Vec<&str> = actual.lines().collect();
+    let mut diff = Vec::new();
+    for line in &expected {
+        if !actual.contains(line) {
+            diff.push(format!("- {line}"));
+        }
+    }
+    for line in &actual {
+        if !expected.contains(line) {
+            diff.push(format!("+ {line}"));
+        }
+    }
+    diff
+}
+
+/// The documented least-privilege role (`pg_monitor` only) sees other
+/// users' queues and query texts, and names relations in their database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn least_privilege_role_with_pg_monitor() {
+    let cluster = start_cluster(Default::default()).await;
+    let postgres = connect(&cluster.dsn("postgres"), "fixture").await;
+    postgres
+        .batch_execute(
+            "CREATE ROLE lockjam LOGIN; GRANT pg_monitor TO lockjam; CREATE ROLE shop LOGIN",
+        )
+        .await
+        .unwrap();
+    postgres
+        .batch_execute("CREATE DATABASE shop OWNER shop")
+        .await
+        .unwrap();
+    let shop_dsn = format!(
+        "host=127.0.0.1 port={} user=shop dbname=shop sslmode=disable",
+        cluster.port()
+    );
+    let owner = connect(&shop_dsn, "owner").await;
+    owner
+        .batch_execute("CREATE TABLE t (id int)")
+        .await
+        .unwrap();
+    let holder = connect(&shop_dsn, "report").await;
+    let holder_pid = backend_pid(&holder).await;
+    holder
+        .batch_execute("BEGIN; LOCK TABLE t IN ACCESS SHARE MODE")
+        .await
+        .unwrap();
+    let migration = connect(&shop_dsn, "migrate").await;
+    let _alter = tokio::spawn(async move {
+        migration
+            .simple_query("ALTER TABLE t ADD COLUMN x int")
+            .await
+    });
+    let reader = connect(&shop_dsn, "web").await;
+    let _read = tokio::spawn(async move { reader.simple_query("SELECT * FROM t").await });
+
+    let dsn = format!(
+        "host=127.0.0.1 port={} user=lockjam dbname=postgres sslmode=disable",
+        cluster.port()
+    );
+    let service = Service::start(&config_for(vec![("least", dsn)]))
+        .await
+        .unwrap();
+    let addr = service.local_addr();
+    let queue = [
+        ("datname", "shop"),
+        ("relation", "public.t"),
+        ("mode", "AccessExclusiveLock"),
+    ];
+    wait_until("the queue on public.t", || async {
+        scrape(addr).await.value("lockjam_lock_queue_depth", &queue) == Some(1.0)
+    })
+    .await;
+    let metrics = scrape(addr).await;
+    assert_eq!(
+        metrics.value("lockjam_blocked_sessions", &[("datname", "shop")]),
+        Some(2.0)
+    );
+    assert_eq!(
+        metrics.value(
+            "lockjam_sessions",
+            &[("datname", "shop"), ("state", "idle in transaction")]
+        ),
+        Some(1.0)
+    );
+    let (_, body) = http_get(addr, "/api/v1/snapshot").await;
+    let snapshot: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let root = &snapshot["targets"][0]["blockers"][0];
+    assert_eq!(root["pid"], holder_pid);
+    assert_eq!(root["usename"], "shop");
+    assert_eq!(root["state"], "idle in transaction");
+    assert_eq!(
+        root["query"], "BEGIN; LOCK TABLE t IN ACCESS SHARE MODE",
+        "pg_monitor reads other users' queries"
+    );
+    service.stop().await;
+    tokio::task::spawn_blocking(move || drop(cluster))
+        .await
+        .unwrap();
+}
+
+fn lockjam() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_lockjam"));
+    command
+        .env_remove("LOCKJAM_CONFIG")
+        .env_remove("LOCKJAM_DSN")
+        .env_remove("LOCKJAM_LISTEN");
+    command
+}
+
+#[test]
+fn cli_check_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.toml");
+    std::fs::write(
+        &good,
+        "[[targets]]\nname = \"main\"\ndsn = \"postgres://lockjam:s3cret@db.internal/app?sslmode=require\"\n",
+    )
+    .unwrap();
+    let output = lockjam()
+        .args(["check-config", "--config"])
+        .arg(&good)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(0), "{stdout}");
+    assert!(stdout.contains("listen = \"127.0.0.1:9863\""), "{stdout}");
+    assert!(stdout.contains("password=********"), "{stdout}");
+    assert!(!stdout.contains("s3cret"), "{stdout}");
+
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[sampler]\ninterval = \"soon\"\n").unwrap();
+    let output = lockjam()
+        .args(["check-config", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("bad.toml") && stderr.contains("sampler.interval"),
+        "{stderr}"
+    );
+
+    let output = lockjam()
+        .args(["run", "--dsn", "host=x user=u password=s3cret flavour=mint"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("unknown connection option `flavour`"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("s3cret"), "{stderr}");
+
+    let output = lockjam().arg("--version").output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout).trim(),
+        format!("lockjam {}", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+/// `lockjam run` serves, then exits 0 on SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_run_stops_on_sigterm() {
+    let env = TestEnv::start().await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut child = lockjam()
+        .args(["run", "--listen", &listen])
+        .env("LOCKJAM_DSN", env.cluster.dsn("postgres"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let addr = listen.parse().unwrap();
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        if tokio::net::TcpStream::connect(addr).await.is_ok()
+            && scrape(addr).await.value("lockjam_up", &[]) == Some(1.0)
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "lockjam run never reported up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let status = tokio::task::block_in_place(|| child.wait()).unwrap();
+    assert_eq!(status.code(), Some(0));
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert!(stderr.contains("shutting down"), "{stderr}");
+    env.stop().await;
+}

@@ -1,0 +1,340 @@
+//! Shared fixtures: a throwaway cluster, lockjam running in-process against
+//! it, real client sessions, and a scrape of `/metrics` parsed into series.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use lockjam::cluster::{Cluster, ClusterOptions};
+use lockjam::config::{Config, LogConfig, LogFormat, SamplerConfig, ServerConfig, Target};
+use lockjam::dsn::Dsn;
+use lockjam::service::Service;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_postgres::{Client, NoTls};
+
+/// The calm interval of the service under test; the fast one is 100 ms.
+pub const INTERVAL: Duration = Duration::from_secs(1);
+/// How long a test waits for a state it expects before it fails.
+pub const PATIENCE: Duration = Duration::from_secs(30);
+
+pub fn sampler_config() -> SamplerConfig {
+    SamplerConfig {
+        interval: INTERVAL,
+        fast_interval: Duration::from_millis(100),
+        statement_timeout: Duration::from_secs(2),
+        lock_timeout: Duration::from_millis(500),
+        connect_timeout: Duration::from_secs(2),
+        max_relations: 20,
+    }
+}
+
+pub fn config_for(targets: Vec<(&str, String)>) -> Config {
+    Config {
+        server: ServerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        },
+        sampler: sampler_config(),
+        targets: targets
+            .into_iter()
+            .map(|(name, dsn)| Target {
+                name: name.into(),
+                dsn: Dsn::parse(&dsn).expect("test DSNs parse"),
+                default_user: None,
+            })
+            .collect(),
+        log: LogConfig {
+            format: LogFormat::Text,
+            level: "warn".into(),
+        },
+    }
+}
+
+pub async fn start_cluster(options: ClusterOptions) -> Cluster {
+    tokio::task::spawn_blocking(move || Cluster::start(&options))
+        .await
+        .unwrap()
+        .unwrap_or_else(|e| panic!("cannot start a throwaway PostgreSQL cluster: {e}"))
+}
+
+/// A cluster with a database `app`, and lockjam watching it as target `it`.
+pub struct TestEnv {
+    pub cluster: Cluster,
+    pub service: Option<Service>,
+    pub admin: Client,
+}
+
+impl TestEnv {
+    pub async fn start() -> TestEnv {
+        TestEnv::start_with(ClusterOptions::default()).await
+    }
+
+    pub async fn start_with(options: ClusterOptions) -> TestEnv {
+        let cluster = start_cluster(options).await;
+        let postgres = connect(&cluster.dsn("postgres"), "fixture").await;
+        postgres.batch_execute("CREATE DATABASE app").await.unwrap();
+        let admin = connect(&cluster.dsn("app"), "fixture").await;
+        let service = Service::start(&config_for(vec![("it", cluster.dsn("postgres"))]))
+            .await
+            .expect("lockjam starts");
+        TestEnv {
+            cluster,
+            service: Some(service),
+            admin,
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.service.as_ref().expect("service running").local_addr()
+    }
+
+    /// A new session to database `app` with this application name.
+    pub async fn session(&self, application_name: &str) -> Client {
+        connect(&self.cluster.dsn("app"), application_name).await
+    }
+
+    pub async fn scrape(&self) -> Scrape {
+        scrape(self.addr()).await
+    }
+
+    /// Scrapes until `check` holds, and returns that scrape.
+    pub async fn wait_for_metrics(&self, what: &str, check: impl Fn(&Scrape) -> bool) -> Scrape {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let scrape = self.scrape().await;
+            if check(&scrape) {
+                return scrape;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "timed out waiting for {what}; last scrape:\n{}",
+                    scrape.text
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until `pid` waits for a heavyweight lock.
+    pub async fn wait_until_waiting(&self, pid: i32) {
+        wait_until(&format!("pid {pid} to wait for a lock"), || async {
+            let row = self
+                .admin
+                .query_opt(
+                    "SELECT 1 FROM pg_stat_activity WHERE pid = $1 AND wait_event_type = 'Lock'",
+                    &[&pid],
+                )
+                .await
+                .unwrap();
+            row.is_some()
+        })
+        .await;
+    }
+
+    /// Waits until `count` sessions with this application name wait for a lock.
+    pub async fn wait_until_waiting_count(&self, application_name: &str, count: i64) {
+        wait_until(&format!("{count} `{application_name}` sessions to wait"), || async {
+            let row = self
+                .admin
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 AND wait_event_type = 'Lock'",
+                    &[&application_name],
+                )
+                .await
+                .unwrap();
+            row.get::<_, i64>(0) == count
+        })
+        .await;
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(service) = self.service.take() {
+            service.stop().await;
+        }
+        tokio::task::spawn_blocking(move || drop(self.cluster))
+            .await
+            .unwrap();
+    }
+}
+
+pub async fn wait_until<F, Fut>(what: &str, check: F)
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + PATIENCE;
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Awaits `future`, failing the test after [`PATIENCE`] instead of hanging.
+pub async fn within<T>(what: &str, future: impl Future<Output = T>) -> T {
+    tokio::time::timeout(PATIENCE, future)
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+}
+
+pub async fn connect(dsn: &str, application_name: &str) -> Client {
+    let dsn = format!("{dsn} application_name='{application_name}'");
+    let (client, connection) = tokio_postgres::connect(&dsn, NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("connect {dsn}: {e}"));
+    tokio::spawn(connection);
+    client
+}
+
+pub async fn backend_pid(client: &Client) -> i32 {
+    client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// A plain HTTP/1.1 GET: status and body.
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    http_request(
+        addr,
+        &format!("GET {path} HTTP/1.1\r\nHost: lockjam\r\nConnection: close\r\n\r\n"),
+    )
+    .await
+}
+
+pub async fn http_request(addr: SocketAddr, request: &str) -> (u16, String) {
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("lockjam listens");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.unwrap();
+    let response = String::from_utf8_lossy(&response).to_string();
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP response: {response:?}"));
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
+    (status, body)
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let size = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if size == 0 {
+            break;
+        }
+        out.push_str(&rest[..size]);
+        body = rest[size..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// One scrape of `/metrics`, parsed.
+pub struct Scrape {
+    pub text: String,
+    pub series: Vec<(String, BTreeMap<String, String>, f64)>,
+}
+
+pub async fn scrape(addr: SocketAddr) -> Scrape {
+    let (status, text) = http_get(addr, "/metrics").await;
+    assert_eq!(status, 200, "{text}");
+    Scrape::parse(&text)
+}
+
+impl Scrape {
+    pub fn parse(text: &str) -> Scrape {
+        let series = text
+            .lines()
+            .filter(|line| !line.starts_with('#') && !line.trim().is_empty())
+            .map(|line| {
+                let (name_labels, value) = line.rsplit_once(' ').expect("name and value");
+                let value: f64 = value
+                    .parse()
+                    .unwrap_or_else(|_| panic!("value in {line:?}"));
+                match name_labels.split_once('{') {
+                    Some((name, labels)) => (
+                        name.to_string(),
+                        parse_labels(labels.trim_end_matches('}')),
+                        value,
+                    ),
+                    None => (name_labels.to_string(), BTreeMap::new(), value),
+                }
+            })
+            .collect();
+        Scrape {
+            text: text.to_string(),
+            series,
+        }
+    }
+
+    /// Series of `name` whose labels include all of `labels`.
+    pub fn matching(
+        &self,
+        name: &str,
+        labels: &[(&str, &str)],
+    ) -> Vec<&(String, BTreeMap<String, String>, f64)> {
+        self.series
+            .iter()
+            .filter(|(n, l, _)| {
+                n == name
+                    && labels
+                        .iter()
+                        .all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v))
+            })
+            .collect()
+    }
+
+    /// The value of the one series of `name` with these labels (`None` when
+    /// absent; panics when several match).
+    pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        let found = self.matching(name, labels);
+        assert!(
+            found.len() <= 1,
+            "{name} {labels:?} matches {} series",
+            found.len()
+        );
+        found.first().map(|(_, _, v)| *v)
+    }
+
+    pub fn has(&self, name: &str) -> bool {
+        self.series.iter().any(|(n, _, _)| n == name)
+    }
+}
+
+fn parse_labels(text: &str) -> BTreeMap<String, String> {
+    let mut labels = BTreeMap::new();
+    let mut chars = text.chars().peekable();
+    loop {
+        let key: String = std::iter::from_fn(|| chars.next_if(|c| *c != '=')).collect();
+        if key.is_empty() {
+            return labels;
+        }
+        assert_eq!(chars.next(), Some('='));
+        assert_eq!(chars.next(), Some('"'));
+        let mut value = String::new();
+        while let Some(c) = chars.next() {
+            match c {
+                '\\' => match chars.next() {
+                    Some('n') => value.push('\n'),
+                    Some(other) => value.push(other),
+                    None => break,
+                },
+                '"' => break,
+                c => value.push(c),
+            }
+        }
+        labels.insert(key.trim_start_matches(',').to_string(), value);
+        chars.next_if_eq(&',');
+    }
+}
