@@ -5,7 +5,7 @@
 //! 2. Resident memory of the `lockjam run` binary after a minute of
 //!    sampling those 20 waiters and being scraped every second.
 //!
-//! Without `--bench` (that is, under `cargo test --all-targets`), it runs a
+//! Without `--bench` (that is, under `cargo test --benches`), it runs a
 //! smoke version of the same steps in seconds, so that CI keeps it working.
 
 use std::time::{Duration, Instant};
@@ -36,17 +36,6 @@ async fn connect(dsn: &str, application_name: &str) -> Client {
             .expect("connect");
     tokio::spawn(connection);
     client
-}
-
-fn sampler_config() -> SamplerConfig {
-    SamplerConfig {
-        interval: Duration::from_secs(1),
-        fast_interval: Duration::from_millis(250),
-        statement_timeout: Duration::from_secs(2),
-        lock_timeout: Duration::from_millis(500),
-        connect_timeout: Duration::from_secs(5),
-        max_relations: 20,
-    }
 }
 
 /// Median, p90, min and max in milliseconds.
@@ -107,7 +96,7 @@ async fn run(quick: bool) {
         dsn: Dsn::parse(&dsn).unwrap(),
         default_user: None,
     };
-    let mut sampler = Sampler::new(&target, &sampler_config()).unwrap();
+    let mut sampler = Sampler::new(&target, &SamplerConfig::default()).unwrap();
     let samples = if quick { 20 } else { 1000 };
     sampler.sample().await.unwrap();
     println!(

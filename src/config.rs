@@ -67,6 +67,22 @@ pub struct SamplerConfig {
     pub max_relations: usize,
 }
 
+impl Default for SamplerConfig {
+    /// The documented defaults (those of `config/lockjam.toml`).
+    fn default() -> Self {
+        let raw = RawSampler::default();
+        let duration = |text: &str| parse_duration(text).expect("default durations parse");
+        SamplerConfig {
+            interval: duration(&raw.interval),
+            fast_interval: duration(&raw.fast_interval),
+            statement_timeout: duration(&raw.statement_timeout),
+            lock_timeout: duration(&raw.lock_timeout),
+            connect_timeout: duration(&raw.connect_timeout),
+            max_relations: raw.max_relations,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Target {
     pub name: String,
@@ -494,6 +510,7 @@ mod tests {
         assert_eq!(shipped.sampler, defaults.sampler);
         assert_eq!(shipped.log, defaults.log);
         assert_eq!(shipped.targets.len(), 1);
+        assert_eq!(defaults.sampler, SamplerConfig::default());
         assert_eq!(
             defaults.sampler,
             SamplerConfig {

@@ -120,14 +120,7 @@ async fn scenario(cluster: &Cluster, options: &DemoOptions) -> Result<(), DemoEr
 async fn start_service(dsn: &str, listen: SocketAddr) -> Result<Service, DemoError> {
     let mut config = Config {
         server: ServerConfig { listen },
-        sampler: SamplerConfig {
-            interval: Duration::from_secs(1),
-            fast_interval: Duration::from_millis(250),
-            statement_timeout: Duration::from_secs(2),
-            lock_timeout: Duration::from_millis(500),
-            connect_timeout: Duration::from_secs(5),
-            max_relations: 20,
-        },
+        sampler: SamplerConfig::default(),
         targets: vec![Target {
             name: "demo".into(),
             dsn: Dsn::parse(dsn).map_err(session_error)?,

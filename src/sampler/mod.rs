@@ -64,8 +64,9 @@ struct DatabaseSession {
     last_used: Instant,
 }
 
-/// Identity of a lock wait, for first-seen wait starts before PostgreSQL 14.
-type WaitKey = (i32, String, String);
+/// Identity of a lock wait, for first-seen wait starts: pid, backend
+/// start, lock tag and mode.
+type WaitKey = (i32, Option<SystemTime>, String, String);
 
 pub struct Sampler {
     target: Target,
@@ -376,8 +377,7 @@ impl Sampler {
         let mut seen_now = HashSet::new();
         for lock in locks.iter_mut().filter(|l| !l.granted) {
             let started = backend_start.get(&lock.pid).copied().flatten();
-            let started = started.map(|t| format!("{t:?}")).unwrap_or_default();
-            let key = (lock.pid, started, format!("{}/{}", lock.tag, lock.mode));
+            let key = (lock.pid, started, lock.tag.clone(), lock.mode.clone());
             let first_seen = *self.first_seen.entry(key.clone()).or_insert(taken_at);
             if lock.wait_start.is_none() {
                 lock.wait_start = Some(first_seen);

@@ -62,32 +62,16 @@ async fn incident_000_drop_constraint_behind_a_long_read() {
         .await
         .unwrap();
 
-    let reader = env.session("analyst").await;
-    let reader_pid = backend_pid(&reader).await;
-    let read = tokio::spawn(async move {
-        reader
-            .simple_query("SELECT pg_sleep(600), count(*) FROM orders")
-            .await
-    });
-    crate::support::wait_until("the read to hold its lock", || async {
-        env.admin
-            .query_opt(
-                "SELECT 1 FROM pg_locks WHERE pid = $1 AND relation = 'orders'::regclass AND granted",
-                &[&reader_pid],
-            )
-            .await
-            .unwrap()
-            .is_some()
-    })
-    .await;
-
-    let migration = env.session("migrate").await;
-    let migration_pid = backend_pid(&migration).await;
-    let alter = tokio::spawn(async move {
-        migration
-            .simple_query("ALTER TABLE orders DROP CONSTRAINT orders_customer_id_fkey")
-            .await
-    });
+    let (reader_pid, read) = env
+        .spawn_statement("analyst", "SELECT pg_sleep(600), count(*) FROM orders")
+        .await;
+    env.wait_until_holding(reader_pid, "orders", None).await;
+    let (migration_pid, alter) = env
+        .spawn_statement(
+            "migrate",
+            "ALTER TABLE orders DROP CONSTRAINT orders_customer_id_fkey",
+        )
+        .await;
     env.wait_until_waiting(migration_pid).await;
 
     let mut selects = JoinSet::new();
@@ -255,10 +239,9 @@ async fn incident_001_drop_table_behind_a_stalled_backup() {
     })
     .await;
 
-    let release = env.session("release").await;
-    let release_pid = backend_pid(&release).await;
-    let drop_table =
-        tokio::spawn(async move { release.simple_query("DROP TABLE field_history").await });
+    let (release_pid, drop_table) = env
+        .spawn_statement("release", "DROP TABLE field_history")
+        .await;
     env.wait_until_waiting(release_pid).await;
     let mut reads = JoinSet::new();
     for _ in 0..10 {
@@ -349,37 +332,20 @@ async fn incident_002_add_foreign_key_queues_writers_not_readers() {
         .await
         .unwrap();
 
-    let mailer = env.session("mailer").await;
-    let mailer_pid = backend_pid(&mailer).await;
-    let mail = tokio::spawn(async move {
-        mailer
-            .simple_query(
-                "BEGIN; UPDATE users SET last_mailed_at = now() WHERE id > 900; SELECT pg_sleep(600); COMMIT",
-            )
-            .await
-    });
-    crate::support::wait_until("the mailer to hold its write lock", || async {
-        env.admin
-            .query_opt(
-                "SELECT 1 FROM pg_locks WHERE pid = $1 AND relation = 'users'::regclass AND mode = 'RowExclusiveLock'",
-                &[&mailer_pid],
-            )
-            .await
-            .unwrap()
-            .is_some()
-    })
-    .await;
-
-    let migration = env.session("migrate").await;
-    let migration_pid = backend_pid(&migration).await;
-    let add_fk = tokio::spawn(async move {
-        migration
-            .simple_query(
-                "ALTER TABLE user_messages ADD CONSTRAINT user_messages_user_id_fkey
-                 FOREIGN KEY (user_id) REFERENCES users",
-            )
-            .await
-    });
+    let (mailer_pid, mail) = env
+        .spawn_statement(
+            "mailer",
+            "BEGIN; UPDATE users SET last_mailed_at = now() WHERE id > 900; SELECT pg_sleep(600); COMMIT",
+        )
+        .await;
+    env.wait_until_holding(mailer_pid, "users", Some("RowExclusiveLock"))
+        .await;
+    let (migration_pid, add_fk) = env
+        .spawn_statement(
+            "migrate",
+            "ALTER TABLE user_messages ADD CONSTRAINT user_messages_user_id_fkey FOREIGN KEY (user_id) REFERENCES users",
+        )
+        .await;
     env.wait_until_waiting(migration_pid).await;
     let mut writers = JoinSet::new();
     for i in 1..=WRITERS as i64 {
@@ -476,37 +442,21 @@ async fn incident_003_rename_constraint_until_lock_timeout() {
         .await
         .unwrap();
 
-    let analytics = env.session("analytics").await;
-    let analytics_pid = backend_pid(&analytics).await;
-    let report = tokio::spawn(async move {
-        analytics
-            .simple_query("SELECT pg_sleep(600), count(*) FROM payment_events JOIN payments ON payments.id = payment_id")
-            .await
-    });
-    crate::support::wait_until("the report to hold its lock", || async {
-        env.admin
-            .query_opt(
-                "SELECT 1 FROM pg_locks WHERE pid = $1 AND relation = 'payment_events'::regclass AND granted",
-                &[&analytics_pid],
-            )
-            .await
-            .unwrap()
-            .is_some()
-    })
-    .await;
-
-    let migration = env.session("migrate").await;
-    let migration_pid = backend_pid(&migration).await;
+    let (analytics_pid, report) = env
+        .spawn_statement(
+            "analytics",
+            "SELECT pg_sleep(600), count(*) FROM payment_events JOIN payments ON payments.id = payment_id",
+        )
+        .await;
+    env.wait_until_holding(analytics_pid, "payment_events", None)
+        .await;
     let lock_timeout = Duration::from_secs(4);
-    let rename = tokio::spawn(async move {
-        migration
-            .simple_query(&format!(
-                "SET lock_timeout = '{}ms';
-                 ALTER TABLE payment_events RENAME CONSTRAINT old_events_payment_id_fkey TO payment_events_payment_id_fkey",
-                lock_timeout.as_millis()
-            ))
-            .await
-    });
+    let rename_sql = format!(
+        "SET lock_timeout = '{}ms';
+         ALTER TABLE payment_events RENAME CONSTRAINT old_events_payment_id_fkey TO payment_events_payment_id_fkey",
+        lock_timeout.as_millis()
+    );
+    let (migration_pid, rename) = env.spawn_statement("migrate", &rename_sql).await;
     env.wait_until_waiting(migration_pid).await;
     let mut api = JoinSet::new();
     for i in 0..10i64 {

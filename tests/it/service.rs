@@ -139,38 +139,20 @@ async fn golden_metrics() {
         .batch_execute("CREATE TABLE orders (id bigint PRIMARY KEY, note text)")
         .await
         .unwrap();
-    let reader = env.session("analyst").await;
-    let reader_pid = backend_pid(&reader).await;
-    let _read = tokio::spawn(async move {
-        reader
-            .simple_query("SELECT pg_sleep(600), count(*) FROM orders")
-            .await
-    });
-    wait_until("the read", || async {
-        env.admin
-            .query_opt(
-                "SELECT 1 FROM pg_locks WHERE pid = $1 AND relation = 'orders'::regclass",
-                &[&reader_pid],
-            )
-            .await
-            .unwrap()
-            .is_some()
-    })
-    .await;
-    let migration = env.session("migrate").await;
-    let migration_pid = backend_pid(&migration).await;
-    let _alter = tokio::spawn(async move {
-        migration
-            .simple_query("ALTER TABLE orders ADD COLUMN total numeric")
-            .await
-    });
+    let (reader_pid, _read) = env
+        .spawn_statement("analyst", "SELECT pg_sleep(600), count(*) FROM orders")
+        .await;
+    env.wait_until_holding(reader_pid, "orders", None).await;
+    let (migration_pid, _alter) = env
+        .spawn_statement("migrate", "ALTER TABLE orders ADD COLUMN total numeric")
+        .await;
     env.wait_until_waiting(migration_pid).await;
     let mut sessions = Vec::new();
     for _ in 0..3 {
-        let client = env.session("web").await;
-        sessions.push(tokio::spawn(async move {
-            client.simple_query("SELECT count(*) FROM orders").await
-        }));
+        sessions.push(
+            env.spawn_statement("web", "SELECT count(*) FROM orders")
+                .await,
+        );
     }
     env.wait_until_waiting_count("web", 3).await;
     let scrape = env
@@ -267,7 +249,10 @@ async fn least_privilege_role_with_pg_monitor() {
     let holder = connect(&shop_dsn, "report").await;
     let holder_pid = backend_pid(&holder).await;
     holder
-        .batch_execute("BEGIN; LOCK TABLE t IN ACCESS SHARE MODE")
+        .batch_execute(&format!(
+            "BEGIN; LOCK TABLE t IN ACCESS SHARE MODE -- {}",
+            "é".repeat(300)
+        ))
         .await
         .unwrap();
     let migration = connect(&shop_dsn, "migrate").await;
@@ -314,9 +299,15 @@ async fn least_privilege_role_with_pg_monitor() {
     assert_eq!(root["pid"], holder_pid);
     assert_eq!(root["usename"], "shop");
     assert_eq!(root["state"], "idle in transaction");
+    let query = root["query"].as_str().unwrap();
+    assert!(
+        query.starts_with("BEGIN; LOCK TABLE t IN ACCESS SHARE MODE -- éé"),
+        "pg_monitor reads other users' queries: {query}"
+    );
     assert_eq!(
-        root["query"], "BEGIN; LOCK TABLE t IN ACCESS SHARE MODE",
-        "pg_monitor reads other users' queries"
+        query.chars().count(),
+        200,
+        "query texts are cut to 200 characters"
     );
     service.stop().await;
     tokio::task::spawn_blocking(move || drop(cluster))

@@ -13,6 +13,9 @@ use lockjam::service::Service;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_postgres::{Client, NoTls};
 
+/// A statement running on its own session.
+pub type Statement = tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>;
+
 /// The calm interval of the service under test; the fast one is 100 ms.
 pub const INTERVAL: Duration = Duration::from_secs(1);
 /// How long a test waits for a state it expects before it fails.
@@ -22,10 +25,8 @@ pub fn sampler_config() -> SamplerConfig {
     SamplerConfig {
         interval: INTERVAL,
         fast_interval: Duration::from_millis(100),
-        statement_timeout: Duration::from_secs(2),
-        lock_timeout: Duration::from_millis(500),
         connect_timeout: Duration::from_secs(2),
-        max_relations: 20,
+        ..SamplerConfig::default()
     }
 }
 
@@ -113,6 +114,37 @@ impl TestEnv {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// Starts `sql` on a new session named `application_name`; returns the
+    /// session's pid and the running statement.
+    pub async fn spawn_statement(&self, application_name: &str, sql: &str) -> (i32, Statement) {
+        let client = self.session(application_name).await;
+        let pid = backend_pid(&client).await;
+        let sql = sql.to_string();
+        (
+            pid,
+            tokio::spawn(async move { client.simple_query(&sql).await.map(|_| ()) }),
+        )
+    }
+
+    /// Waits until `pid` holds a granted lock on `relation` (in `mode`, if given).
+    pub async fn wait_until_holding(&self, pid: i32, relation: &str, mode: Option<&str>) {
+        wait_until(
+            &format!("pid {pid} to hold its lock on {relation}"),
+            || async {
+                self.admin
+                .query_opt(
+                    "SELECT 1 FROM pg_locks WHERE pid = $1 AND relation = $2::text::regclass AND granted
+                     AND ($3::text IS NULL OR mode = $3)",
+                    &[&pid, &relation, &mode],
+                )
+                .await
+                .unwrap()
+                .is_some()
+            },
+        )
+        .await;
     }
 
     /// Waits until `pid` waits for a heavyweight lock.

@@ -155,6 +155,12 @@ async fn require_fails_clearly_without_server_tls() {
         "host=127.0.0.1 port={} user=postgres dbname=postgres sslmode=require",
         cluster.port()
     );
+    let prefer = dsn.replace("sslmode=require", "sslmode=prefer");
+    assert_eq!(
+        lockjam_session_ssl(&prefer).await,
+        Ok(false),
+        "prefer falls back to plaintext"
+    );
     let message = lockjam_session_ssl(&dsn).await.unwrap_err();
     assert!(
         message.contains("cannot connect to target `tls`"),
