@@ -30,10 +30,9 @@ fn main() {
 }
 
 async fn connect(dsn: &str, application_name: &str) -> Client {
-    let (client, connection) =
-        tokio_postgres::connect(&format!("{dsn} application_name={application_name}"), NoTls)
-            .await
-            .expect("connect");
+    let (client, connection) = tokio_postgres::connect(&format!("{dsn} application_name={application_name}"), NoTls)
+        .await
+        .expect("connect");
     tokio::spawn(connection);
     client
 }
@@ -53,21 +52,14 @@ fn summary(mut times: Vec<Duration>) -> String {
     )
 }
 
-async fn time_samples(
-    sampler: &mut Sampler,
-    count: usize,
-    expected_waiters: usize,
-) -> Vec<Duration> {
+async fn time_samples(sampler: &mut Sampler, count: usize, expected_waiters: usize) -> Vec<Duration> {
     let mut times = Vec::with_capacity(count);
     for _ in 0..count {
         let started = Instant::now();
         let snapshot = sampler.sample().await.expect("sample");
         times.push(started.elapsed());
         let waiting = snapshot.locks.iter().filter(|l| !l.granted).count();
-        assert_eq!(
-            waiting, expected_waiters,
-            "the scenario holds while measuring"
-        );
+        assert_eq!(waiting, expected_waiters, "the scenario holds while measuring");
     }
     times
 }
@@ -106,18 +98,10 @@ async fn run(quick: bool) {
 
     // The incident: a long read, an ALTER waiting, 19 SELECTs behind it.
     let reader = connect(&dsn, "analyst").await;
-    tokio::spawn(async move {
-        reader
-            .simple_query("SELECT pg_sleep(3600), count(*) FROM orders")
-            .await
-    });
+    tokio::spawn(async move { reader.simple_query("SELECT pg_sleep(3600), count(*) FROM orders").await });
     tokio::time::sleep(Duration::from_millis(300)).await;
     let migration = connect(&dsn, "migrate").await;
-    tokio::spawn(async move {
-        migration
-            .simple_query("ALTER TABLE orders ADD COLUMN note text")
-            .await
-    });
+    tokio::spawn(async move { migration.simple_query("ALTER TABLE orders ADD COLUMN note text").await });
     let mut sessions = Vec::new();
     for _ in 1..WAITERS {
         let client = connect(&dsn, "web").await;
@@ -156,12 +140,13 @@ async fn run(quick: bool) {
         minute.as_secs()
     );
     admin
-        .query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'analyst'", &[])
+        .query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'analyst'",
+            &[],
+        )
         .await
         .unwrap();
-    tokio::task::spawn_blocking(move || drop(cluster))
-        .await
-        .unwrap();
+    tokio::task::spawn_blocking(move || drop(cluster)).await.unwrap();
 }
 
 /// Starts the `lockjam` binary, scrapes it every second for `duration`, and

@@ -71,6 +71,8 @@ pub struct Waiter {
     /// Whether its wait chain leads to a root blocker (false in a deadlock
     /// cycle that the server has not broken yet).
     pub leads_to_root: bool,
+    /// Sessions waiting behind this one, directly or transitively.
+    pub behind: u64,
 }
 
 impl Waiter {
@@ -205,8 +207,7 @@ pub fn analyze(snapshot: &Snapshot) -> LockGraph {
     // between the reads is not waiting any more.
     let mut waiters: BTreeMap<i32, Waiter> = BTreeMap::new();
     for session in &snapshot.sessions {
-        let (Some(blocked_by), Some(request)) = (&session.blocked_by, requests.get(&session.pid))
-        else {
+        let (Some(blocked_by), Some(request)) = (&session.blocked_by, requests.get(&session.pid)) else {
             continue;
         };
         let mut seen = HashSet::new();
@@ -233,6 +234,7 @@ pub fn analyze(snapshot: &Snapshot) -> LockGraph {
                 blocked_by: edges,
                 chain_depth: 0,
                 leads_to_root: false,
+                behind: 0,
             },
         );
     }
@@ -241,24 +243,22 @@ pub fn analyze(snapshot: &Snapshot) -> LockGraph {
     let mut blockees: BTreeMap<i32, BTreeSet<i32>> = BTreeMap::new();
     for waiter in waiters.values() {
         for edge in &waiter.blocked_by {
-            blockees
-                .entry(edge.pid)
-                .or_default()
-                .insert(waiter.session.pid);
+            blockees.entry(edge.pid).or_default().insert(waiter.session.pid);
         }
     }
     let waits_on_someone = |pid: i32| waiters.get(&pid).is_some_and(|w| !w.blocked_by.is_empty());
-    let roots: BTreeSet<i32> = blockees
-        .keys()
-        .copied()
-        .filter(|pid| !waits_on_someone(*pid))
-        .collect();
+    let roots: BTreeSet<i32> = blockees.keys().copied().filter(|pid| !waits_on_someone(*pid)).collect();
 
     let behind_roots = reachable_behind(roots.iter().copied(), &blockees);
     let depths = chain_depths(&waiters);
     for waiter in waiters.values_mut() {
-        waiter.chain_depth = depths.get(&waiter.session.pid).copied().unwrap_or(0);
-        waiter.leads_to_root = behind_roots.contains(&waiter.session.pid);
+        let pid = waiter.session.pid;
+        waiter.chain_depth = depths.get(&pid).copied().unwrap_or(0);
+        waiter.leads_to_root = behind_roots.contains(&pid);
+        waiter.behind = reachable_behind(std::iter::once(pid), &blockees)
+            .iter()
+            .filter(|behind| **behind != pid)
+            .count() as u64;
     }
 
     let blockers: Vec<Blocker> = blockees
@@ -287,7 +287,7 @@ pub fn analyze(snapshot: &Snapshot) -> LockGraph {
         })
         .collect();
 
-    let queues = queues(&waiters, &blockees);
+    let queues = queues(&waiters);
     let databases = database_figures(&snapshot.activity, &waiters, &blockers);
     LockGraph {
         taken_at,
@@ -303,13 +303,8 @@ pub fn analyze(snapshot: &Snapshot) -> LockGraph {
 /// when it only waits for one ahead in the queue. A blocker the server
 /// reports without a visible lock on the object (the leader of parallel
 /// workers that hold it, or a lock released since) is hard.
-fn classify(
-    request: &LockRow,
-    held: Option<&Vec<&LockRow>>,
-    queued: Option<&&LockRow>,
-) -> BlockKind {
-    let conflicts_on_object =
-        |row: &LockRow| row.tag == request.tag && modes_conflict(&row.mode, &request.mode);
+fn classify(request: &LockRow, held: Option<&Vec<&LockRow>>, queued: Option<&&LockRow>) -> BlockKind {
+    let conflicts_on_object = |row: &LockRow| row.tag == request.tag && modes_conflict(&row.mode, &request.mode);
     let holds = held.is_some_and(|rows| rows.iter().any(|row| conflicts_on_object(row)));
     let waits_ahead = queued.is_some_and(|row| conflicts_on_object(row));
     if !holds && waits_ahead {
@@ -320,10 +315,7 @@ fn classify(
 }
 
 /// Every pid that waits behind one of `starts`, directly or transitively.
-fn reachable_behind(
-    starts: impl Iterator<Item = i32>,
-    blockees: &BTreeMap<i32, BTreeSet<i32>>,
-) -> BTreeSet<i32> {
+fn reachable_behind(starts: impl Iterator<Item = i32>, blockees: &BTreeMap<i32, BTreeSet<i32>>) -> BTreeSet<i32> {
     let mut seen = BTreeSet::new();
     let mut stack: Vec<i32> = starts.collect();
     while let Some(pid) = stack.pop() {
@@ -372,7 +364,7 @@ fn chain_depths(waiters: &BTreeMap<i32, Waiter>) -> HashMap<i32, u32> {
 
 /// Queue heads: waiters that another waiter queues behind (they are its
 /// soft blocker) and that have no soft blocker themselves.
-fn queues(waiters: &BTreeMap<i32, Waiter>, blockees: &BTreeMap<i32, BTreeSet<i32>>) -> Vec<Queue> {
+fn queues(waiters: &BTreeMap<i32, Waiter>) -> Vec<Queue> {
     let soft_blockers: BTreeSet<i32> = waiters
         .values()
         .flat_map(|w| w.blocked_by.iter())
@@ -382,33 +374,18 @@ fn queues(waiters: &BTreeMap<i32, Waiter>, blockees: &BTreeMap<i32, BTreeSet<i32
     let mut queues: Vec<Queue> = soft_blockers
         .iter()
         .filter_map(|pid| waiters.get(pid))
-        .filter(|head| {
-            head.blocked_by
-                .iter()
-                .all(|edge| edge.kind == BlockKind::Hard)
-        })
-        .map(|head| {
-            let behind = reachable_behind(std::iter::once(head.session.pid), blockees);
-            Queue {
-                head_pid: head.session.pid,
-                datname: head.datname().to_string(),
-                relation: head.lock.relation_label(),
-                mode: head.lock.mode.clone(),
-                depth: behind
-                    .iter()
-                    .filter(|pid| **pid != head.session.pid)
-                    .count() as u64,
-                head_wait: head.wait,
-            }
+        .filter(|head| head.blocked_by.iter().all(|edge| edge.kind == BlockKind::Hard))
+        .map(|head| Queue {
+            head_pid: head.session.pid,
+            datname: head.datname().to_string(),
+            relation: head.lock.relation_label(),
+            mode: head.lock.mode.clone(),
+            depth: head.behind,
+            head_wait: head.wait,
         })
         .collect();
     queues.sort_by(|a, b| {
-        (&a.datname, &a.relation, &a.mode, a.head_pid).cmp(&(
-            &b.datname,
-            &b.relation,
-            &b.mode,
-            b.head_pid,
-        ))
+        (&a.datname, &a.relation, &a.mode, a.head_pid).cmp(&(&b.datname, &b.relation, &b.mode, b.head_pid))
     });
     queues
 }
@@ -478,8 +455,7 @@ pub struct EndedWait {
 /// The waits of `previous` that `current` no longer shows. With no current
 /// graph (the sample failed), nothing is known to have ended yet.
 pub fn ended_waits(previous: &LockGraph, current: &LockGraph) -> Vec<EndedWait> {
-    let still_waiting: HashSet<WaitIdentity> =
-        current.waiters.iter().map(WaitIdentity::of).collect();
+    let still_waiting: HashSet<WaitIdentity> = current.waiters.iter().map(WaitIdentity::of).collect();
     previous
         .waiters
         .iter()
@@ -546,34 +522,15 @@ mod tests {
         }
 
         /// `pid` waits since `since` for `mode` on `relation`, blocked by `blockers`.
-        fn waits(
-            &mut self,
-            pid: i32,
-            relation: &str,
-            mode: &str,
-            since: u64,
-            blockers: &[i32],
-        ) -> &mut Builder {
+        fn waits(&mut self, pid: i32, relation: &str, mode: &str, since: u64, blockers: &[i32]) -> &mut Builder {
             self.session(pid, since).blocked_by = Some(blockers.to_vec());
-            self.snapshot.locks.push(lock_row(
-                pid,
-                false,
-                "relation",
-                relation,
-                mode,
-                Some(at(T0 + since)),
-            ));
+            self.snapshot
+                .locks
+                .push(lock_row(pid, false, "relation", relation, mode, Some(at(T0 + since))));
             self
         }
 
-        fn waits_on(
-            &mut self,
-            pid: i32,
-            locktype: &str,
-            tag: &str,
-            mode: &str,
-            blockers: &[i32],
-        ) -> &mut Builder {
+        fn waits_on(&mut self, pid: i32, locktype: &str, tag: &str, mode: &str, blockers: &[i32]) -> &mut Builder {
             self.session(pid, 90).blocked_by = Some(blockers.to_vec());
             let mut row = lock_row(pid, false, locktype, tag, mode, Some(at(T0 + 90)));
             row.relation = None;
@@ -607,11 +564,7 @@ mod tests {
     }
 
     fn edges(graph: &LockGraph, pid: i32) -> Vec<(i32, BlockKind)> {
-        let waiter = graph
-            .waiters
-            .iter()
-            .find(|w| w.session.pid == pid)
-            .expect("waiter");
+        let waiter = graph.waiters.iter().find(|w| w.session.pid == pid).expect("waiter");
         waiter.blocked_by.iter().map(|e| (e.pid, e.kind)).collect()
     }
 
@@ -637,19 +590,12 @@ mod tests {
         assert!(!modes_conflict(RX, RX));
         assert!(modes_conflict(RX, "ShareLock"));
         assert!(!modes_conflict("ShareLock", "ShareLock"));
-        assert!(modes_conflict(
-            "ShareUpdateExclusiveLock",
-            "ShareUpdateExclusiveLock"
-        ));
+        assert!(modes_conflict("ShareUpdateExclusiveLock", "ShareUpdateExclusiveLock"));
         assert!(modes_conflict("ShareRowExclusiveLock", RX));
         assert!(!modes_conflict("ShareRowExclusiveLock", "RowShareLock"));
         for (i, a) in LOCK_MODES.iter().enumerate() {
             for b in &LOCK_MODES[i..] {
-                assert_eq!(
-                    modes_conflict(a, b),
-                    modes_conflict(b, a),
-                    "{a} vs {b} is symmetric"
-                );
+                assert_eq!(modes_conflict(a, b), modes_conflict(b, a), "{a} vs {b} is symmetric");
             }
         }
         assert!(modes_conflict("SIReadLock", AS), "unknown modes conflict");
@@ -691,14 +637,9 @@ mod tests {
         // AccessExclusive on t; 3 waits for t behind 2.
         let mut b = Builder::new();
         b.session(1, 0);
-        b.snapshot.locks.push(lock_row(
-            1,
-            true,
-            "transactionid",
-            "777",
-            "ExclusiveLock",
-            None,
-        ));
+        b.snapshot
+            .locks
+            .push(lock_row(1, true, "transactionid", "777", "ExclusiveLock", None));
         b.waits_on(2, "transactionid", "777", "ShareLock", &[1]);
         b.snapshot
             .locks
@@ -733,23 +674,13 @@ mod tests {
         // 30's transaction holding the tuple lock, 32 and 33 queue for the
         // tuple lock behind 31's place.
         b.session(30, 0);
-        b.snapshot.locks.push(lock_row(
-            30,
-            true,
-            "transactionid",
-            "900",
-            "ExclusiveLock",
-            None,
-        ));
+        b.snapshot
+            .locks
+            .push(lock_row(30, true, "transactionid", "900", "ExclusiveLock", None));
         b.waits_on(31, "transactionid", "900", "ShareLock", &[30]);
-        b.snapshot.locks.push(lock_row(
-            31,
-            true,
-            "tuple",
-            "public.orders:0:1",
-            "ExclusiveLock",
-            None,
-        ));
+        b.snapshot
+            .locks
+            .push(lock_row(31, true, "tuple", "public.orders:0:1", "ExclusiveLock", None));
         for (pid, ahead) in [(32, vec![31]), (33, vec![31, 32])] {
             b.waits(pid, "public.orders:0:1", "ExclusiveLock", 95, &ahead);
             let row = b.snapshot.locks.last_mut().unwrap();
@@ -765,10 +696,7 @@ mod tests {
                 r.tag = "tuple:public.orders:0:1".into();
             });
         let graph = b.graph();
-        assert_eq!(
-            edges(&graph, 33),
-            vec![(31, BlockKind::Hard), (32, BlockKind::Soft)]
-        );
+        assert_eq!(edges(&graph, 33), vec![(31, BlockKind::Hard), (32, BlockKind::Soft)]);
         let summary: Vec<(i32, &str, &str, u64)> = graph
             .queues
             .iter()
@@ -776,10 +704,7 @@ mod tests {
             .collect();
         assert_eq!(
             summary,
-            vec![
-                (20, "public.orders", AX, 3),
-                (32, "public.orders", "ExclusiveLock", 1)
-            ]
+            vec![(20, "public.orders", AX, 3), (32, "public.orders", "ExclusiveLock", 1)]
         );
         assert_eq!(graph.databases["app"].root_blockers, 2);
         assert_eq!(graph.databases["app"].blocked_sessions, 4 + 3);
@@ -795,19 +720,9 @@ mod tests {
         b.waits(21, "public.t", AX, 60, &[10, 20]);
         b.waits(100, "public.t", AS, 70, &[20, 21]);
         let graph = b.graph();
-        assert_eq!(
-            edges(&graph, 21),
-            vec![(10, BlockKind::Hard), (20, BlockKind::Soft)]
-        );
-        assert_eq!(
-            edges(&graph, 100),
-            vec![(20, BlockKind::Soft), (21, BlockKind::Soft)]
-        );
-        assert_eq!(
-            graph.queues.len(),
-            1,
-            "only the first in line heads the queue"
-        );
+        assert_eq!(edges(&graph, 21), vec![(10, BlockKind::Hard), (20, BlockKind::Soft)]);
+        assert_eq!(edges(&graph, 100), vec![(20, BlockKind::Soft), (21, BlockKind::Soft)]);
+        assert_eq!(graph.queues.len(), 1, "only the first in line heads the queue");
         assert_eq!((graph.queues[0].head_pid, graph.queues[0].depth), (20, 2));
         assert_eq!(graph.databases["app"].chain_max_depth, 3);
         assert_eq!(graph.databases["app"].root_blockers, 1);
@@ -824,10 +739,7 @@ mod tests {
         b.waits(10, "public.t", AX, 50, &[11]);
         b.waits(12, "public.t", AX, 60, &[10, 11]);
         let graph = b.graph();
-        assert_eq!(
-            edges(&graph, 12),
-            vec![(10, BlockKind::Hard), (11, BlockKind::Hard)]
-        );
+        assert_eq!(edges(&graph, 12), vec![(10, BlockKind::Hard), (11, BlockKind::Hard)]);
         assert!(graph.queues.is_empty());
     }
 
@@ -839,14 +751,8 @@ mod tests {
         let graph = b.graph();
         assert_eq!(edges(&graph, 20), vec![(0, BlockKind::Hard)]);
         let root = &graph.blockers[0];
-        assert_eq!(
-            (root.pid, root.is_root, root.session.is_none()),
-            (0, true, true)
-        );
-        assert_eq!(
-            root.datname, "app",
-            "pid 0 is counted in the database it blocks"
-        );
+        assert_eq!((root.pid, root.is_root, root.session.is_none()), (0, true, true));
+        assert_eq!(root.datname, "app", "pid 0 is counted in the database it blocks");
         assert_eq!(root.transaction_age, None);
         let app = &graph.databases["app"];
         assert_eq!((app.root_blockers, app.blocked_sessions), (1, 2));
@@ -871,14 +777,9 @@ mod tests {
     fn transactionid_waits_have_no_relation() {
         let mut b = Builder::new();
         b.session(1, 0);
-        b.snapshot.locks.push(lock_row(
-            1,
-            true,
-            "transactionid",
-            "5",
-            "ExclusiveLock",
-            None,
-        ));
+        b.snapshot
+            .locks
+            .push(lock_row(1, true, "transactionid", "5", "ExclusiveLock", None));
         b.waits_on(2, "transactionid", "5", "ShareLock", &[1]);
         b.waits_on(3, "transactionid", "5", "ShareLock", &[1]);
         let graph = b.graph();

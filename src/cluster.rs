@@ -19,9 +19,7 @@ pub enum ClusterError {
     NoBinaries,
     #[error("LOCKJAM_PG_BINDIR={0} does not hold initdb, pg_ctl and postgres")]
     BadBindir(PathBuf),
-    #[error(
-        "running as root, and neither a `postgres` nor a `nobody` user exists to run PostgreSQL as"
-    )]
+    #[error("running as root, and neither a `postgres` nor a `nobody` user exists to run PostgreSQL as")]
     NoUnprivilegedUser,
     #[error("{what} failed: {detail}")]
     Command { what: String, detail: String },
@@ -73,11 +71,7 @@ pub struct Cluster {
 /// Where the server binaries are: `LOCKJAM_PG_BINDIR`, `PATH`,
 /// `pg_config --bindir`, then the newest `/usr/lib/postgresql/*/bin`.
 pub fn find_bindir() -> Result<PathBuf, ClusterError> {
-    let complete = |dir: &Path| {
-        ["initdb", "pg_ctl", "postgres"]
-            .iter()
-            .all(|b| dir.join(b).is_file())
-    };
+    let complete = |dir: &Path| ["initdb", "pg_ctl", "postgres"].iter().all(|b| dir.join(b).is_file());
     if let Some(dir) = std::env::var_os("LOCKJAM_PG_BINDIR").filter(|d| !d.is_empty()) {
         let dir = PathBuf::from(dir);
         return if complete(&dir) {
@@ -108,16 +102,11 @@ pub fn find_bindir() -> Result<PathBuf, ClusterError> {
         })
         .collect();
     versions.sort();
-    versions
-        .pop()
-        .map(|(_, dir)| dir)
-        .ok_or(ClusterError::NoBinaries)
+    versions.pop().map(|(_, dir)| dir).ok_or(ClusterError::NoBinaries)
 }
 
 fn running_as_root() -> bool {
-    std::fs::metadata("/proc/self")
-        .map(|m| m.uid() == 0)
-        .unwrap_or(false)
+    std::fs::metadata("/proc/self").map(|m| m.uid() == 0).unwrap_or(false)
 }
 
 fn unprivileged_user() -> Result<OsUser, ClusterError> {
@@ -140,9 +129,7 @@ fn unprivileged_user() -> Result<OsUser, ClusterError> {
 }
 
 fn free_port() -> Result<u16, ClusterError> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 fn check(what: &str, output: Output) -> Result<Output, ClusterError> {
@@ -265,11 +252,7 @@ impl Cluster {
     }
 
     fn run(&self, program: &str, args: &[&str]) -> Result<Output, ClusterError> {
-        Ok(self
-            .command(program)
-            .args(args)
-            .current_dir(self.dir.path())
-            .output()?)
+        Ok(self.command(program).args(args).current_dir(self.dir.path()).output()?)
     }
 
     fn run_checked(&self, program: &str, args: &[&str]) -> Result<Output, ClusterError> {
@@ -280,18 +263,12 @@ impl Cluster {
         let data = self.data_dir();
         let mut lines = vec![
             ("listen_addresses".to_string(), "127.0.0.1".to_string()),
-            (
-                "unix_socket_directories".into(),
-                path_str(self.dir.path()).to_string(),
-            ),
+            ("unix_socket_directories".into(), path_str(self.dir.path()).to_string()),
             ("fsync".into(), "off".into()),
             ("synchronous_commit".into(), "off".into()),
             ("full_page_writes".into(), "off".into()),
             ("autovacuum".into(), "off".into()),
-            (
-                "max_connections".into(),
-                options.max_connections.to_string(),
-            ),
+            ("max_connections".into(), options.max_connections.to_string()),
             ("max_prepared_transactions".into(), "10".into()),
             ("include_if_exists".into(), "port.conf".into()),
         ];
@@ -299,10 +276,7 @@ impl Cluster {
             for (name, text) in [("server.crt", &tls.cert_pem), ("server.key", &tls.key_pem)] {
                 let path = data.join(name);
                 std::fs::write(&path, text)?;
-                std::fs::set_permissions(
-                    &path,
-                    std::os::unix::fs::PermissionsExt::from_mode(0o600),
-                )?;
+                std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
                 if let Some(user) = &self.run_as {
                     std::os::unix::fs::chown(&path, Some(user.uid), Some(user.gid))?;
                 }
@@ -333,16 +307,7 @@ impl Cluster {
         let log = self.log_file();
         let output = self.run(
             "pg_ctl",
-            &[
-                "-D",
-                path_str(&data),
-                "-l",
-                path_str(&log),
-                "-w",
-                "-t",
-                "60",
-                "start",
-            ],
+            &["-D", path_str(&data), "-l", path_str(&log), "-w", "-t", "60", "start"],
         )?;
         check("pg_ctl start", output).map_err(|e| ClusterError::Command {
             what: "pg_ctl start".into(),

@@ -197,8 +197,7 @@ pub fn load(sources: &Sources) -> Result<Config, ConfigError> {
     };
     let mut builder = config::Config::builder();
     if let Some(path) = &sources.file {
-        builder =
-            builder.add_source(config::File::from(path.as_path()).format(config::FileFormat::Toml));
+        builder = builder.add_source(config::File::from(path.as_path()).format(config::FileFormat::Toml));
     }
     let environment = config::Environment::with_prefix("LOCKJAM")
         .prefix_separator("__")
@@ -212,21 +211,18 @@ pub fn load(sources: &Sources) -> Result<Config, ConfigError> {
             origin: origin.clone(),
             source,
         })?;
-    let value: config::Value = merged
-        .try_deserialize()
-        .map_err(|source| ConfigError::Load {
-            origin: origin.clone(),
-            source,
-        })?;
-    let raw: RawConfig =
-        serde_path_to_error::deserialize(value).map_err(|err| ConfigError::Invalid {
-            origin: origin.clone(),
-            key: match err.path().to_string().as_str() {
-                "." => "(top level)".to_string(),
-                path => path.to_string(),
-            },
-            message: err.into_inner().to_string(),
-        })?;
+    let value: config::Value = merged.try_deserialize().map_err(|source| ConfigError::Load {
+        origin: origin.clone(),
+        source,
+    })?;
+    let raw: RawConfig = serde_path_to_error::deserialize(value).map_err(|err| ConfigError::Invalid {
+        origin: origin.clone(),
+        key: match err.path().to_string().as_str() {
+            "." => "(top level)".to_string(),
+            path => path.to_string(),
+        },
+        message: err.into_inner().to_string(),
+    })?;
     validate(raw, sources, &origin)
 }
 
@@ -236,9 +232,8 @@ fn validate(raw: RawConfig, sources: &Sources, origin: &str) -> Result<Config, C
         key: key.to_string(),
         message,
     };
-    let duration = |key: &str, text: &str| {
-        parse_duration(text).map_err(|message| invalid(&format!("sampler.{key}"), message))
-    };
+    let duration =
+        |key: &str, text: &str| parse_duration(text).map_err(|message| invalid(&format!("sampler.{key}"), message));
 
     let listen_text = sources.listen.as_deref().unwrap_or(&raw.server.listen);
     let listen = listen_text.parse().map_err(|_| {
@@ -266,36 +261,24 @@ fn validate(raw: RawConfig, sources: &Sources, origin: &str) -> Result<Config, C
         ));
     }
     if sampler.max_relations == 0 {
-        return Err(invalid(
-            "sampler.max_relations",
-            "must be at least 1".into(),
-        ));
+        return Err(invalid("sampler.max_relations", "must be at least 1".into()));
     }
 
     let format = match raw.log.format.as_str() {
         "text" => LogFormat::Text,
         "json" => LogFormat::Json,
-        other => {
-            return Err(invalid(
-                "log.format",
-                format!("`{other}` is neither text nor json"),
-            ))
-        }
+        other => return Err(invalid("log.format", format!("`{other}` is neither text nor json"))),
     };
     if let Err(e) = tracing_subscriber::EnvFilter::try_new(&raw.log.level) {
         return Err(invalid(
             "log.level",
-            format!(
-                "`{}`: {e} (use error, warn, info, debug or trace)",
-                raw.log.level
-            ),
+            format!("`{}`: {e} (use error, warn, info, debug or trace)", raw.log.level),
         ));
     }
     if raw.policy.enabled {
         return Err(invalid(
             "policy.enabled",
-            "the policy is not part of this lockjam version yet; remove the key or set it to false"
-                .into(),
+            "the policy is not part of this lockjam version yet; remove the key or set it to false".into(),
         ));
     }
 
@@ -361,27 +344,16 @@ fn file_targets(
             ));
         }
         if !names.insert(raw.name.clone()) {
-            return Err(invalid(
-                &key("name"),
-                format!("duplicate target name `{}`", raw.name),
-            ));
+            return Err(invalid(&key("name"), format!("duplicate target name `{}`", raw.name)));
         }
         let text = match (&raw.dsn, &raw.dsn_file) {
             (Some(dsn), None) => dsn.clone(),
-            (None, Some(path)) => {
-                read_secret(path).map_err(|message| invalid(&key("dsn_file"), message))?
-            }
-            _ => {
-                return Err(invalid(
-                    &key("dsn"),
-                    "set exactly one of dsn and dsn_file".into(),
-                ))
-            }
+            (None, Some(path)) => read_secret(path).map_err(|message| invalid(&key("dsn_file"), message))?,
+            _ => return Err(invalid(&key("dsn"), "set exactly one of dsn and dsn_file".into())),
         };
         let field = if raw.dsn.is_some() { "dsn" } else { "dsn_file" };
         targets.push(
-            target(&raw.name, &text, &sources.env, default_user)
-                .map_err(|e| invalid(&key(field), e.to_string()))?,
+            target(&raw.name, &text, &sources.env, default_user).map_err(|e| invalid(&key(field), e.to_string()))?,
         );
     }
     Ok(targets)
@@ -468,8 +440,7 @@ pub fn render_effective(config: &Config) -> String {
             })
             .collect(),
     };
-    toml::to_string_pretty(&view)
-        .unwrap_or_else(|e| format!("# cannot render configuration: {e}\n"))
+    toml::to_string_pretty(&view).unwrap_or_else(|e| format!("# cannot render configuration: {e}\n"))
 }
 
 #[cfg(test)]
@@ -487,10 +458,7 @@ mod tests {
         let file = file(text);
         load(&Sources {
             file: Some(file.path().to_path_buf()),
-            env: env
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
+            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             ..Sources::default()
         })
     }
@@ -575,10 +543,7 @@ mod tests {
                 message.contains(expected),
                 "{text:?}: got {message:?}, want {expected:?}"
             );
-            assert!(
-                message.contains(".toml"),
-                "{text:?}: {message:?} names the file"
-            );
+            assert!(message.contains(".toml"), "{text:?}: {message:?} names the file");
         }
     }
 
@@ -609,10 +574,7 @@ mod tests {
         })
         .unwrap();
         assert_eq!(
-            (
-                config.targets[0].name.as_str(),
-                config.targets[0].dsn.get("host")
-            ),
+            (config.targets[0].name.as_str(), config.targets[0].dsn.get("host")),
             ("default", Some("flag"))
         );
         assert_eq!(config.server.listen.to_string(), "0.0.0.0:9999");

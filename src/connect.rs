@@ -10,9 +10,7 @@ use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{
-    CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
-};
+use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use tokio_postgres::Client;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
@@ -91,12 +89,7 @@ impl Connector {
         let connecting = config.connect(self.tls.clone());
         let (client, connection) = tokio::time::timeout(self.settings.connect_timeout, connecting)
             .await
-            .map_err(|_| {
-                connect_error(format!(
-                    "no answer within {:?}",
-                    self.settings.connect_timeout
-                ))
-            })?
+            .map_err(|_| connect_error(format!("no answer within {:?}", self.settings.connect_timeout)))?
             .map_err(|e| connect_error(error_chain(&e)))?;
         let target = self.target.name.clone();
         tokio::spawn(async move {
@@ -111,13 +104,10 @@ impl Connector {
             self.settings.statement_timeout.as_millis().max(1),
             self.settings.lock_timeout.as_millis().max(1),
         );
-        client
-            .batch_execute(&setup)
-            .await
-            .map_err(|e| ConnectError::Setup {
-                target: self.target.name.clone(),
-                message: error_chain(&e),
-            })?;
+        client.batch_execute(&setup).await.map_err(|e| ConnectError::Setup {
+            target: self.target.name.clone(),
+            message: error_chain(&e),
+        })?;
         Ok(client)
     }
 }
@@ -180,8 +170,7 @@ fn root_store(settings: &TlsSettings) -> Result<RootCertStore, String> {
             let certificates = CertificateDer::pem_file_iter(path)
                 .map_err(|e| format!("cannot read sslrootcert {}: {e}", path.display()))?;
             for certificate in certificates {
-                let certificate = certificate
-                    .map_err(|e| format!("bad certificate in {}: {e}", path.display()))?;
+                let certificate = certificate.map_err(|e| format!("bad certificate in {}: {e}", path.display()))?;
                 roots
                     .add(certificate)
                     .map_err(|e| format!("unusable certificate in {}: {e}", path.display()))?;
@@ -216,17 +205,14 @@ impl ServerCertVerifier for ChainOnly {
     ) -> Result<ServerCertVerified, rustls::Error> {
         // webpki checks the chain before the name, so a name mismatch means
         // the chain was good.
-        match self.webpki.verify_server_cert(
-            end_entity,
-            intermediates,
-            server_name,
-            ocsp_response,
-            now,
-        ) {
+        match self
+            .webpki
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+        {
             Err(rustls::Error::InvalidCertificate(CertificateError::NotValidForName))
-            | Err(rustls::Error::InvalidCertificate(CertificateError::NotValidForNameContext {
-                ..
-            })) => Ok(ServerCertVerified::assertion()),
+            | Err(rustls::Error::InvalidCertificate(CertificateError::NotValidForNameContext { .. })) => {
+                Ok(ServerCertVerified::assertion())
+            }
             other => other,
         }
     }
@@ -279,12 +265,7 @@ impl ServerCertVerifier for AcceptAnyCertificate {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
 
     fn verify_tls13_signature(
@@ -293,17 +274,10 @@ impl ServerCertVerifier for AcceptAnyCertificate {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.provider.signature_verification_algorithms.supported_schemes()
     }
 }

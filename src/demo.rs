@@ -53,11 +53,9 @@ INSERT INTO orders (customer_id, total) SELECT 1 + g % 1000, g % 500 + 0.99 FROM
 CREATE INDEX ON orders (customer_id);
 GRANT SELECT ON orders, customers TO analyst;
 ";
-const LONG_READ: &str =
-    "SELECT pg_sleep(3600), count(*) AS orders, sum(total) AS revenue FROM orders";
+const LONG_READ: &str = "SELECT pg_sleep(3600), count(*) AS orders, sum(total) AS revenue FROM orders";
 const MIGRATION: &str = "ALTER TABLE orders DROP CONSTRAINT orders_customer_id_fkey";
-const APP_QUERY: &str =
-    "SELECT id, total FROM orders WHERE customer_id = $1 ORDER BY created_at DESC LIMIT 20";
+const APP_QUERY: &str = "SELECT id, total FROM orders WHERE customer_id = $1 ORDER BY created_at DESC LIMIT 20";
 
 fn session_error(e: impl std::fmt::Display) -> DemoError {
     DemoError::Session(e.to_string())
@@ -65,9 +63,7 @@ fn session_error(e: impl std::fmt::Display) -> DemoError {
 
 async fn connect(dsn: &str, application_name: &str) -> Result<Client, DemoError> {
     let dsn = format!("{dsn} application_name='{application_name}'");
-    let (client, connection) = tokio_postgres::connect(&dsn, NoTls)
-        .await
-        .map_err(session_error)?;
+    let (client, connection) = tokio_postgres::connect(&dsn, NoTls).await.map_err(session_error)?;
     tokio::spawn(connection);
     Ok(client)
 }
@@ -153,10 +149,7 @@ async fn replay(
     let mut sessions = JoinSet::new();
 
     let analyst = connect(
-        &format!(
-            "host=127.0.0.1 port={} user=analyst dbname=shop",
-            cluster.port()
-        ),
+        &format!("host=127.0.0.1 port={} user=analyst dbname=shop", cluster.port()),
         "psql",
     )
     .await?;
@@ -169,23 +162,16 @@ async fn replay(
         "{} an analyst starts a long report on orders (pid {analyst_pid}):\n          {LONG_READ}",
         stamp()
     );
-    sessions.spawn(async move {
-        (
-            "long read",
-            analyst.simple_query(LONG_READ).await.map(|_| ()),
-        )
-    });
+    sessions.spawn(async move { ("long read", analyst.simple_query(LONG_READ).await.map(|_| ())) });
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     let migration = connect(dsn, "django migrate").await?;
-    println!("{} the deploy runs its migration, which needs ACCESS EXCLUSIVE on orders:\n          {MIGRATION}", stamp());
+    println!(
+        "{} the deploy runs its migration, which needs ACCESS EXCLUSIVE on orders:\n          {MIGRATION}",
+        stamp()
+    );
     let migration_started = Instant::now();
-    sessions.spawn(async move {
-        (
-            "migration",
-            migration.simple_query(MIGRATION).await.map(|_| ()),
-        )
-    });
+    sessions.spawn(async move { ("migration", migration.simple_query(MIGRATION).await.map(|_| ())) });
 
     let mut app_sessions = Vec::new();
     for _ in 0..options.queries {
@@ -244,8 +230,7 @@ async fn replay(
                 ("long read", Err(e)) => println!(
                     "{} the long read ended: {}",
                     stamp(),
-                    e.as_db_error()
-                        .map_or(e.to_string(), |d| d.message().to_string())
+                    e.as_db_error().map_or(e.to_string(), |d| d.message().to_string())
                 ),
                 (what, Err(e)) => println!("{} {what} failed: {e}", stamp()),
                 _ => {}
@@ -266,7 +251,9 @@ async fn replay(
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    println!("\nWhat lockjam exported is the same on /metrics, e.g. lockjam_lock_queue_depth and lockjam_blocked_sessions.");
+    println!(
+        "\nWhat lockjam exported is the same on /metrics, e.g. lockjam_lock_queue_depth and lockjam_blocked_sessions."
+    );
     println!("Run it against your own database: lockjam run --dsn 'host=... user=lockjam dbname=postgres'");
     Ok(())
 }
@@ -297,9 +284,7 @@ fn print_view(stamp: &str, shared: &crate::state::SharedState) {
     }
     for root in graph.blockers.iter().filter(|b| b.is_root) {
         let session = root.session.as_ref();
-        let field = |f: fn(&crate::snapshot::Session) -> Option<String>| {
-            session.and_then(f).unwrap_or_default()
-        };
+        let field = |f: fn(&crate::snapshot::Session) -> Option<String>| session.and_then(f).unwrap_or_default();
         println!(
             "{stamp}          root blocker pid {} ({}@{}, {}, transaction {:.1}s old): {}",
             root.pid,

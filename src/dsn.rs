@@ -89,14 +89,7 @@ const KEYS: &[&str] = &[
 ];
 
 /// libpq options that need support lockjam lacks; named in the error.
-const UNSUPPORTED: &[&str] = &[
-    "sslcert",
-    "sslkey",
-    "sslpassword",
-    "passfile",
-    "service",
-    "gssencmode",
-];
+const UNSUPPORTED: &[&str] = &["sslcert", "sslkey", "sslpassword", "passfile", "service", "gssencmode"];
 
 /// The libpq environment variables honoured, and the option each sets.
 const ENV_DEFAULTS: &[(&str, &str)] = &[
@@ -183,12 +176,7 @@ impl Dsn {
 
     /// The same DSN pointed at another database of the same server.
     pub fn with_dbname(&self, dbname: &str) -> Dsn {
-        let mut params: Vec<_> = self
-            .params
-            .iter()
-            .filter(|(k, _)| k != "dbname")
-            .cloned()
-            .collect();
+        let mut params: Vec<_> = self.params.iter().filter(|(k, _)| k != "dbname").cloned().collect();
         params.push(("dbname".into(), dbname.into()));
         Dsn { params }
     }
@@ -198,11 +186,7 @@ impl Dsn {
         self.params
             .iter()
             .map(|(key, value)| {
-                let shown = if key == "password" {
-                    "********"
-                } else {
-                    value.as_str()
-                };
+                let shown = if key == "password" { "********" } else { value.as_str() };
                 format!("{key}={}", quote(shown))
             })
             .collect::<Vec<_>>()
@@ -211,20 +195,14 @@ impl Dsn {
 
     pub fn tls(&self) -> TlsSettings {
         TlsSettings {
-            mode: self
-                .get("sslmode")
-                .and_then(TlsMode::parse)
-                .unwrap_or(TlsMode::Prefer),
+            mode: self.get("sslmode").and_then(TlsMode::parse).unwrap_or(TlsMode::Prefer),
             root_cert: self.get("sslrootcert").map(PathBuf::from),
         }
     }
 
     /// The tokio-postgres configuration, with `application_name=lockjam`.
     /// `default_user` stands in for libpq's default (the OS user name).
-    pub fn pg_config(
-        &self,
-        default_user: Option<&str>,
-    ) -> Result<tokio_postgres::Config, DsnError> {
+    pub fn pg_config(&self, default_user: Option<&str>) -> Result<tokio_postgres::Config, DsnError> {
         let mut config = tokio_postgres::Config::new();
         config.application_name("lockjam");
         for (key, value) in &self.params {
@@ -234,8 +212,7 @@ impl Dsn {
                 }),
                 "hostaddr" => {
                     for addr in value.split(',') {
-                        config
-                            .hostaddr(addr.parse().map_err(|_| bad(key, value, "an IP address"))?);
+                        config.hostaddr(addr.parse().map_err(|_| bad(key, value, "an IP address"))?);
                     }
                 }
                 "port" => {
@@ -256,9 +233,7 @@ impl Dsn {
                     config.options(value);
                 }
                 "connect_timeout" => {
-                    let seconds: u64 = value
-                        .parse()
-                        .map_err(|_| bad(key, value, "whole seconds"))?;
+                    let seconds: u64 = value.parse().map_err(|_| bad(key, value, "whole seconds"))?;
                     if seconds > 0 {
                         config.connect_timeout(Duration::from_secs(seconds.max(2)));
                     }
@@ -267,9 +242,7 @@ impl Dsn {
                     config.keepalives(value != "0");
                 }
                 "keepalives_idle" => {
-                    let seconds: u64 = value
-                        .parse()
-                        .map_err(|_| bad(key, value, "whole seconds"))?;
+                    let seconds: u64 = value.parse().map_err(|_| bad(key, value, "whole seconds"))?;
                     config.keepalives_idle(Duration::from_secs(seconds));
                 }
                 "target_session_attrs" => {
@@ -320,15 +293,9 @@ fn validate_value(key: &str, value: &str) -> Result<(), DsnError> {
             value,
             "one of disable, allow, prefer, require, verify-ca, verify-full",
         )),
-        "port" if value.split(',').any(|p| p.parse::<u16>().is_err()) => {
-            Err(bad(key, value, "a port number"))
-        }
-        "connect_timeout" | "keepalives_idle" if value.parse::<u64>().is_err() => {
-            Err(bad(key, value, "whole seconds"))
-        }
-        "target_session_attrs" if !matches!(value, "any" | "read-write") => {
-            Err(bad(key, value, "any or read-write"))
-        }
+        "port" if value.split(',').any(|p| p.parse::<u16>().is_err()) => Err(bad(key, value, "a port number")),
+        "connect_timeout" | "keepalives_idle" if value.parse::<u64>().is_err() => Err(bad(key, value, "whole seconds")),
+        "target_session_attrs" if !matches!(value, "any" | "read-write") => Err(bad(key, value, "any or read-write")),
         _ => Ok(()),
     }
 }
@@ -423,22 +390,14 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 
     #[test]
     fn key_value_form_with_quotes_and_escapes() {
-        assert_eq!(
-            Dsn::parse("host=db oops"),
-            Err(DsnError::Syntax("oops".into()))
-        );
-        let dsn = Dsn::parse(
-            r"host=db.internal port = 6432 user=lockjam password='it\'s a secret' dbname=app",
-        )
-        .unwrap();
+        assert_eq!(Dsn::parse("host=db oops"), Err(DsnError::Syntax("oops".into())));
+        let dsn =
+            Dsn::parse(r"host=db.internal port = 6432 user=lockjam password='it\'s a secret' dbname=app").unwrap();
         assert_eq!(dsn.get("port"), Some("6432"));
         assert_eq!(dsn.get("password"), Some("it's a secret"));
         assert_eq!(
@@ -450,8 +409,9 @@ mod tests {
 
     #[test]
     fn url_form_decodes_and_keeps_query_options() {
-        let dsn = Dsn::parse("postgres://lock%40jam:p%2Fw@[::1]:5433/my%20db?sslmode=verify-full&sslrootcert=/etc/rds.pem")
-            .unwrap();
+        let dsn =
+            Dsn::parse("postgres://lock%40jam:p%2Fw@[::1]:5433/my%20db?sslmode=verify-full&sslrootcert=/etc/rds.pem")
+                .unwrap();
         assert_eq!(dsn.get("user"), Some("lock@jam"));
         assert_eq!(dsn.get("password"), Some("p/w"));
         assert_eq!(dsn.get("host"), Some("::1"));
@@ -472,56 +432,34 @@ mod tests {
             Dsn::parse("host=x colour=blue"),
             Err(DsnError::UnknownKey("colour".into()))
         );
-        assert_eq!(
-            Dsn::parse("sslcert=/x"),
-            Err(DsnError::Unsupported("sslcert".into()))
-        );
-        assert_eq!(
-            Dsn::parse("host='x"),
-            Err(DsnError::Unterminated("host".into()))
-        );
-        assert!(matches!(
-            Dsn::parse("port=big"),
-            Err(DsnError::BadValue { .. })
-        ));
+        assert_eq!(Dsn::parse("sslcert=/x"), Err(DsnError::Unsupported("sslcert".into())));
+        assert_eq!(Dsn::parse("host='x"), Err(DsnError::Unterminated("host".into())));
+        assert!(matches!(Dsn::parse("port=big"), Err(DsnError::BadValue { .. })));
         let err = Dsn::parse("postgres://u:hunter2@db/app?sslmode=maybe").unwrap_err();
         assert!(err.to_string().contains("sslmode") && !err.to_string().contains("hunter2"));
-        assert!(matches!(
-            Dsn::parse("postgres://a:1,b:2/db"),
-            Err(DsnError::Url(_))
-        ));
+        assert!(matches!(Dsn::parse("postgres://a:1,b:2/db"), Err(DsnError::Url(_))));
     }
 
     #[test]
     fn libpq_environment_fills_what_the_dsn_leaves_out() {
-        let vars = env(&[
-            ("PGHOST", "envhost"),
-            ("PGPASSWORD", "pw"),
-            ("PGUSER", "envuser"),
-        ]);
-        let dsn = Dsn::parse("host=db user=app")
-            .unwrap()
-            .with_env_defaults(&vars);
+        let vars = env(&[("PGHOST", "envhost"), ("PGPASSWORD", "pw"), ("PGUSER", "envuser")]);
+        let dsn = Dsn::parse("host=db user=app").unwrap().with_env_defaults(&vars);
         assert_eq!(
             (dsn.get("host"), dsn.get("user"), dsn.get("password")),
             (Some("db"), Some("app"), Some("pw"))
         );
         let only_env = Dsn::from_env(&vars).unwrap().unwrap();
         assert_eq!(only_env.get("host"), Some("envhost"));
-        let url = Dsn::from_env(&env(&[
-            ("DATABASE_URL", "postgres://u@h/d"),
-            ("PGPORT", "7"),
-        ]))
-        .unwrap()
-        .unwrap();
+        let url = Dsn::from_env(&env(&[("DATABASE_URL", "postgres://u@h/d"), ("PGPORT", "7")]))
+            .unwrap()
+            .unwrap();
         assert_eq!((url.get("host"), url.get("port")), (Some("h"), Some("7")));
         assert_eq!(Dsn::from_env(&env(&[("HOME", "/root")])).unwrap(), None);
     }
 
     #[test]
     fn pg_config_sets_lockjam_name_and_tls() {
-        let dsn =
-            Dsn::parse("host=a,b port=1,2 user=u application_name=psql sslmode=verify-ca").unwrap();
+        let dsn = Dsn::parse("host=a,b port=1,2 user=u application_name=psql sslmode=verify-ca").unwrap();
         let config = dsn.pg_config(None).unwrap();
         assert_eq!(config.get_application_name(), Some("lockjam"));
         assert_eq!(config.get_ports(), &[1, 2]);
@@ -531,11 +469,7 @@ mod tests {
             DsnError::NoUser
         );
         assert_eq!(
-            Dsn::parse("host=a")
-                .unwrap()
-                .pg_config(Some("os"))
-                .unwrap()
-                .get_user(),
+            Dsn::parse("host=a").unwrap().pg_config(Some("os")).unwrap().get_user(),
             Some("os")
         );
         assert_eq!(dsn.with_dbname("other").get("dbname"), Some("other"));

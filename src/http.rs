@@ -28,10 +28,7 @@ pub fn router(state: Arc<SharedState>) -> Router {
 
 async fn metrics(State(state): State<Arc<SharedState>>) -> Response {
     (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
         state.metrics.render(),
     )
         .into_response()
@@ -46,10 +43,7 @@ async fn readyz(State(state): State<Arc<SharedState>>) -> Response {
     let reasons: Vec<String> = state
         .targets
         .iter()
-        .filter_map(|t| {
-            t.not_ready_reason(now)
-                .map(|r| format!("target `{}`: {r}", t.name))
-        })
+        .filter_map(|t| t.not_ready_reason(now).map(|r| format!("target `{}`: {r}", t.name)))
         .collect();
     if reasons.is_empty() {
         (StatusCode::OK, "ready\n").into_response()
@@ -164,10 +158,7 @@ fn session_view(session: &Session, taken_at: SystemTime) -> SessionView {
         wait_event_type: session.wait_event_type.clone(),
         wait_event: session.wait_event.clone(),
         transaction_age_seconds: age_seconds(taken_at, session.xact_start),
-        query: session
-            .query
-            .as_ref()
-            .map(|q| q.chars().take(QUERY_CHARS).collect()),
+        query: session.query.as_ref().map(|q| q.chars().take(QUERY_CHARS).collect()),
     }
 }
 
@@ -220,20 +211,10 @@ fn target_view(name: &str, status: crate::state::TargetStatus) -> TargetView {
         taken_at: graph.map(|g| humantime::format_rfc3339_millis(g.taken_at).to_string()),
         error: status.last_error.clone(),
         waiters: graph
-            .map(|g| {
-                g.waiters
-                    .iter()
-                    .map(|w| waiter_view(w, g.taken_at))
-                    .collect()
-            })
+            .map(|g| g.waiters.iter().map(|w| waiter_view(w, g.taken_at)).collect())
             .unwrap_or_default(),
         blockers: graph
-            .map(|g| {
-                g.blockers
-                    .iter()
-                    .map(|b| blocker_view(b, g.taken_at))
-                    .collect()
-            })
+            .map(|g| g.blockers.iter().map(|b| blocker_view(b, g.taken_at)).collect())
             .unwrap_or_default(),
         queues: graph
             .map(|g| g.queues.iter().map(queue_view).collect())
@@ -243,11 +224,7 @@ fn target_view(name: &str, status: crate::state::TargetStatus) -> TargetView {
 
 async fn snapshot(State(state): State<Arc<SharedState>>) -> Json<serde_json::Value> {
     let view = SnapshotView {
-        targets: state
-            .targets
-            .iter()
-            .map(|t| target_view(&t.name, t.status()))
-            .collect(),
+        targets: state.targets.iter().map(|t| target_view(&t.name, t.status())).collect(),
     };
     Json(serde_json::to_value(view).unwrap_or_default())
 }

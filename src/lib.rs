@@ -17,6 +17,8 @@ pub mod dsn;
 pub mod http;
 /// The metrics contract; the only module that knows prometheus.
 pub mod metrics;
+/// Pure: which sessions to signal, under the safety rules.
+pub mod policy;
 /// The only code that reads from PostgreSQL.
 pub mod sampler;
 /// Target tasks and the HTTP server, run together.

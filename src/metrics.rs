@@ -15,14 +15,10 @@ use crate::analysis::{EndedWait, LockGraph, Queue};
 pub const OTHER_RELATIONS: &str = "_other";
 
 /// Buckets of `lockjam_sample_duration_seconds`: samples take milliseconds.
-const SAMPLE_BUCKETS: &[f64] = &[
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-];
+const SAMPLE_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5];
 /// Buckets of `lockjam_lock_wait_seconds`: waits are seen at the sampling
 /// cadence (250 ms) and matter from seconds to many minutes.
-const WAIT_BUCKETS: &[f64] = &[
-    0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0, 1800.0,
-];
+const WAIT_BUCKETS: &[f64] = &[0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0, 1800.0];
 
 /// One labelled gauge family and, per target, the label sets it holds.
 struct Family {
@@ -32,8 +28,7 @@ struct Family {
 
 impl Family {
     fn new(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> Family {
-        let gauge =
-            GaugeVec::new(Opts::new(name, help), labels).expect("metric definitions are valid");
+        let gauge = GaugeVec::new(Opts::new(name, help), labels).expect("metric definitions are valid");
         registry
             .register(Box::new(gauge.clone()))
             .expect("metric names are unique");
@@ -53,10 +48,7 @@ impl Family {
             self.gauge.with_label_values(&refs).set(value);
             now.insert(labels);
         }
-        let before = self
-            .held
-            .insert(target.to_string(), now.clone())
-            .unwrap_or_default();
+        let before = self.held.insert(target.to_string(), now.clone()).unwrap_or_default();
         for stale in before.difference(&now) {
             let refs: Vec<&str> = stale.iter().map(String::as_str).collect();
             let _ = self.gauge.remove_label_values(&refs);
@@ -109,32 +101,26 @@ pub fn cap_queue_series(queues: &[Queue], max_relations: usize) -> Vec<QueueSeri
     let mut merged: BTreeMap<(String, String, String), (u64, Duration)> = BTreeMap::new();
     for queue in queues {
         let entry = merged
-            .entry((
-                queue.datname.clone(),
-                queue.relation.clone(),
-                queue.mode.clone(),
-            ))
+            .entry((queue.datname.clone(), queue.relation.clone(), queue.mode.clone()))
             .or_default();
         entry.0 += queue.depth;
         entry.1 = entry.1.max(queue.head_wait);
     }
     let mut series: Vec<QueueSeries> = merged
         .into_iter()
-        .map(
-            |((datname, relation, mode), (depth, head_wait))| QueueSeries {
-                datname,
-                relation,
-                mode,
-                depth,
-                head_wait,
-            },
-        )
+        .map(|((datname, relation, mode), (depth, head_wait))| QueueSeries {
+            datname,
+            relation,
+            mode,
+            depth,
+            head_wait,
+        })
         .collect();
     // Deepest first; ties by name, so the choice is stable between samples.
     series.sort_by(|a, b| {
-        b.depth.cmp(&a.depth).then_with(|| {
-            (&a.datname, &a.relation, &a.mode).cmp(&(&b.datname, &b.relation, &b.mode))
-        })
+        b.depth
+            .cmp(&a.depth)
+            .then_with(|| (&a.datname, &a.relation, &a.mode).cmp(&(&b.datname, &b.relation, &b.mode)))
     });
     if series.len() <= max_relations {
         return series;
@@ -179,18 +165,12 @@ impl Metrics {
             gauge
         };
         let histogram = |name: &str, help: &str, labels: &[&str], buckets: &[f64]| {
-            let histogram = HistogramVec::new(
-                HistogramOpts::new(name, help).buckets(buckets.to_vec()),
-                labels,
-            )
-            .expect("valid");
-            registry
-                .register(Box::new(histogram.clone()))
-                .expect("unique");
+            let histogram =
+                HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets.to_vec()), labels).expect("valid");
+            registry.register(Box::new(histogram.clone())).expect("unique");
             histogram
         };
-        let family =
-            |name: &str, help: &str, labels: &[&str]| Family::new(&registry, name, help, labels);
+        let family = |name: &str, help: &str, labels: &[&str]| Family::new(&registry, name, help, labels);
         let by_db = ["target", "datname"];
         let by_queue = ["target", "datname", "relation", "mode"];
         let families = Families {
@@ -229,11 +209,7 @@ impl Metrics {
                 "Sessions waiting for a heavyweight lock, by requested lock type and mode.",
                 &["target", "datname", "locktype", "mode"],
             ),
-            lock_wait_max: family(
-                "lockjam_lock_wait_max_seconds",
-                "Longest current lock wait.",
-                &by_db,
-            ),
+            lock_wait_max: family("lockjam_lock_wait_max_seconds", "Longest current lock wait.", &by_db),
             blocked_sessions: family(
                 "lockjam_blocked_sessions",
                 "Sessions waiting, directly or transitively, behind a root blocker.",
@@ -274,9 +250,7 @@ impl Metrics {
     fn families(&self) -> std::sync::MutexGuard<'_, Families> {
         // A panic while holding the lock leaves plain numbers behind, still
         // fit to serve.
-        self.families
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.families.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Replaces the target's series with those of a successful sample.
@@ -294,9 +268,7 @@ impl Metrics {
         f.last_sample
             .with_label_values(&[target])
             .set(unix_seconds(graph.taken_at));
-        f.sample_duration
-            .with_label_values(&[target])
-            .observe(seconds(took));
+        f.sample_duration.with_label_values(&[target]).observe(seconds(took));
         for wait in ended {
             f.lock_wait
                 .with_label_values(&[target, &wait.datname])
@@ -325,38 +297,27 @@ impl Metrics {
                 .map(move |(datname, figures)| (vec![datname.clone()], value(figures)))
                 .collect::<Vec<_>>()
         };
-        f.lock_wait_max
-            .replace(target, per_db(|d| seconds(d.lock_wait_max)));
+        f.lock_wait_max.replace(target, per_db(|d| seconds(d.lock_wait_max)));
         f.blocked_sessions
             .replace(target, per_db(|d| d.blocked_sessions as f64));
-        f.root_blockers
-            .replace(target, per_db(|d| d.root_blockers as f64));
+        f.root_blockers.replace(target, per_db(|d| d.root_blockers as f64));
         f.root_blocker_max_age
             .replace(target, per_db(|d| seconds(d.root_blocker_max_age)));
-        f.chain_max_depth
-            .replace(target, per_db(|d| d.chain_max_depth as f64));
+        f.chain_max_depth.replace(target, per_db(|d| d.chain_max_depth as f64));
         f.lock_waiters.replace(
             target,
             graph.databases.iter().flat_map(|(datname, figures)| {
-                figures
-                    .waiters
-                    .iter()
-                    .map(move |((locktype, mode), count)| {
-                        (
-                            vec![datname.clone(), locktype.clone(), mode.clone()],
-                            *count as f64,
-                        )
-                    })
+                figures.waiters.iter().map(move |((locktype, mode), count)| {
+                    (vec![datname.clone(), locktype.clone(), mode.clone()], *count as f64)
+                })
             }),
         );
         let queues = cap_queue_series(&graph.queues, max_relations);
         let labels = |q: &QueueSeries| vec![q.datname.clone(), q.relation.clone(), q.mode.clone()];
         f.queue_depth
             .replace(target, queues.iter().map(|q| (labels(q), q.depth as f64)));
-        f.queue_head_wait.replace(
-            target,
-            queues.iter().map(|q| (labels(q), seconds(q.head_wait))),
-        );
+        f.queue_head_wait
+            .replace(target, queues.iter().map(|q| (labels(q), seconds(q.head_wait))));
     }
 
     /// A failed sample: `lockjam_up` drops to 0 and the target's database
@@ -365,9 +326,7 @@ impl Metrics {
         let mut guard = self.families();
         let f = &mut *guard;
         f.up.with_label_values(&[target]).set(0.0);
-        f.sample_duration
-            .with_label_values(&[target])
-            .observe(seconds(took));
+        f.sample_duration.with_label_values(&[target]).observe(seconds(took));
         for family in [
             &mut f.sessions,
             &mut f.transaction_max_age,
@@ -434,10 +393,7 @@ mod tests {
             .iter()
             .map(|s| (s.relation.as_str(), s.depth, s.head_wait.as_secs()))
             .collect();
-        assert_eq!(
-            shown,
-            vec![("public.b", 10, 4), ("public.a", 5, 1), ("_other", 3, 7)]
-        );
+        assert_eq!(shown, vec![("public.b", 10, 4), ("public.a", 5, 1), ("_other", 3, 7)]);
         assert_eq!(cap_queue_series(&queues, 20).len(), 4);
     }
 
@@ -460,17 +416,14 @@ mod tests {
             text.contains("lockjam_sessions{datname=\"app\",state=\"active\",target=\"db1\"} 3"),
             "{text}"
         );
-        assert!(text.contains(
-            "lockjam_transaction_max_age_seconds{datname=\"app\",state=\"active\",target=\"db1\"} 10"
-        ));
+        assert!(
+            text.contains("lockjam_transaction_max_age_seconds{datname=\"app\",state=\"active\",target=\"db1\"} 10")
+        );
         assert!(text.contains("lockjam_blocked_sessions{datname=\"app\",target=\"db1\"} 0"));
         let second = analyze(&Snapshot::calm(taken_at, activity("idle")));
         metrics.record_sample("db1", &second, &[], Duration::from_millis(2), 20);
         let text = metrics.render();
-        assert!(
-            !text.contains("state=\"active\""),
-            "stale series removed: {text}"
-        );
+        assert!(!text.contains("state=\"active\""), "stale series removed: {text}");
         assert!(text.contains("lockjam_up{target=\"db1\"} 1"));
         metrics.record_failure("db1", Duration::from_millis(5));
         let text = metrics.render();

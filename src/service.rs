@@ -22,9 +22,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
-    #[error(
-        "cannot listen on {addr}: {source}; choose another address with --listen or LOCKJAM_LISTEN"
-    )]
+    #[error("cannot listen on {addr}: {source}; choose another address with --listen or LOCKJAM_LISTEN")]
     Bind {
         addr: SocketAddr,
         #[source]
@@ -160,10 +158,7 @@ async fn watch_target(
         let next = match result {
             Ok(snapshot) => {
                 let graph = Arc::new(analyze(&snapshot));
-                let ended = previous
-                    .as_deref()
-                    .map(|p| ended_waits(p, &graph))
-                    .unwrap_or_default();
+                let ended = previous.as_deref().map(|p| ended_waits(p, &graph)).unwrap_or_default();
                 shared
                     .metrics
                     .record_sample(name, &graph, &ended, took, settings.max_relations);
@@ -235,13 +230,8 @@ mod tests {
 
     #[test]
     fn backoff_doubles_from_the_interval_to_thirty_seconds() {
-        let steps: Vec<u64> = (1..=7)
-            .map(|n| backoff(n, Duration::from_secs(1)).as_secs())
-            .collect();
+        let steps: Vec<u64> = (1..=7).map(|n| backoff(n, Duration::from_secs(1)).as_secs()).collect();
         assert_eq!(steps, vec![1, 2, 4, 8, 16, 30, 30]);
-        assert_eq!(
-            backoff(100, Duration::from_secs(1)),
-            Duration::from_secs(30)
-        );
+        assert_eq!(backoff(100, Duration::from_secs(1)), Duration::from_secs(30));
     }
 }

@@ -44,10 +44,7 @@ impl TargetState {
     }
 
     pub fn status(&self) -> TargetStatus {
-        self.status
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.status.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     pub fn record_success(&self, graph: Arc<LockGraph>, server_version: Option<i32>, at: Instant) {

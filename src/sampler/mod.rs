@@ -223,12 +223,7 @@ impl Sampler {
         };
         let prepare = |sql: String, what: &'static str| {
             let client = &client;
-            async move {
-                client
-                    .prepare(&sql)
-                    .await
-                    .map_err(|e| self.query_error(what, &e))
-            }
+            async move { client.prepare(&sql).await.map_err(|e| self.query_error(what, &e)) }
         };
         let activity = prepare(ACTIVITY_SQL.into(), "preparing the activity query").await?;
         let waiters = prepare(WAITERS_SQL.into(), "preparing the waiters query").await?;
@@ -297,11 +292,7 @@ impl Sampler {
     /// Shared catalogs (database 0) and the main session's own database are
     /// read on the main session; any other database on its own session,
     /// opened on first use.
-    async fn lookup_relations(
-        &mut self,
-        datname: Option<&str>,
-        oids: &[u32],
-    ) -> Result<Vec<(u32, String)>, String> {
+    async fn lookup_relations(&mut self, datname: Option<&str>, oids: &[u32]) -> Result<Vec<(u32, String)>, String> {
         let main = self.main.as_ref().ok_or("not connected")?;
         let (client, statement) = match datname {
             None => (&main.client, &main.relations),
@@ -336,20 +327,13 @@ impl Sampler {
     }
 
     async fn open_database(&self, name: &str) -> Result<DatabaseSession, String> {
-        let client = self
-            .connector
-            .connect(Some(name))
-            .await
-            .map_err(|e| e.to_string())?;
+        let client = self.connector.connect(Some(name)).await.map_err(|e| e.to_string())?;
         let pid: i32 = client
             .query_one("SELECT pg_catalog.pg_backend_pid()", &[])
             .await
             .map_err(|e| error_chain(&e))?
             .get(0);
-        let relations = client
-            .prepare(RELATIONS_SQL)
-            .await
-            .map_err(|e| error_chain(&e))?;
+        let relations = client.prepare(RELATIONS_SQL).await.map_err(|e| error_chain(&e))?;
         Ok(DatabaseSession {
             client,
             pid,
@@ -366,12 +350,7 @@ impl Sampler {
     /// Before PostgreSQL 14, and for the moment after a wait begins on
     /// later versions, `waitstart` is NULL: the wait start is then the
     /// first sample that saw this wait.
-    fn fill_wait_starts(
-        &mut self,
-        sessions: &[Session],
-        locks: &mut [LockRow],
-        taken_at: SystemTime,
-    ) {
+    fn fill_wait_starts(&mut self, sessions: &[Session], locks: &mut [LockRow], taken_at: SystemTime) {
         let backend_start: HashMap<i32, Option<SystemTime>> =
             sessions.iter().map(|s| (s.pid, s.backend_start)).collect();
         let mut seen_now = HashSet::new();

@@ -31,12 +31,7 @@ fn assert_drained(scrape: &crate::support::Scrape) {
         "lockjam_lock_wait_max_seconds",
         "lockjam_root_blocker_max_age_seconds",
     ] {
-        assert_eq!(
-            scrape.value(name, &[APP]),
-            Some(0.0),
-            "{name}:\n{}",
-            scrape.text
-        );
+        assert_eq!(scrape.value(name, &[APP]), Some(0.0), "{name}:\n{}", scrape.text);
     }
 }
 
@@ -67,10 +62,7 @@ async fn incident_000_drop_constraint_behind_a_long_read() {
         .await;
     env.wait_until_holding(reader_pid, "orders", None).await;
     let (migration_pid, alter) = env
-        .spawn_statement(
-            "migrate",
-            "ALTER TABLE orders DROP CONSTRAINT orders_customer_id_fkey",
-        )
+        .spawn_statement("migrate", "ALTER TABLE orders DROP CONSTRAINT orders_customer_id_fkey")
         .await;
     env.wait_until_waiting(migration_pid).await;
 
@@ -85,11 +77,7 @@ async fn incident_000_drop_constraint_behind_a_long_read() {
     }
     env.wait_until_waiting_count("web", 20).await;
 
-    let orders = [
-        APP,
-        ("relation", "public.orders"),
-        ("mode", "AccessExclusiveLock"),
-    ];
+    let orders = [APP, ("relation", "public.orders"), ("mode", "AccessExclusiveLock")];
     let scrape = env
         .wait_for_metrics("a queue of 20 on orders", |m| {
             m.value("lockjam_lock_queue_depth", &orders) == Some(20.0)
@@ -97,10 +85,7 @@ async fn incident_000_drop_constraint_behind_a_long_read() {
         .await;
     assert_eq!(scrape.value("lockjam_blocked_sessions", &[APP]), Some(21.0));
     assert_eq!(scrape.value("lockjam_root_blockers", &[APP]), Some(1.0));
-    assert_eq!(
-        scrape.value("lockjam_blocking_chain_max_depth", &[APP]),
-        Some(2.0)
-    );
+    assert_eq!(scrape.value("lockjam_blocking_chain_max_depth", &[APP]), Some(2.0));
     assert_eq!(
         scrape.value(
             "lockjam_lock_waiters",
@@ -111,11 +96,7 @@ async fn incident_000_drop_constraint_behind_a_long_read() {
     assert_eq!(
         scrape.value(
             "lockjam_lock_waiters",
-            &[
-                APP,
-                ("locktype", "relation"),
-                ("mode", "AccessExclusiveLock")
-            ]
+            &[APP, ("locktype", "relation"), ("mode", "AccessExclusiveLock")]
         ),
         Some(1.0)
     );
@@ -125,12 +106,8 @@ async fn incident_000_drop_constraint_behind_a_long_read() {
         "{}",
         scrape.text
     );
-    let head_wait = scrape
-        .value("lockjam_lock_queue_head_wait_seconds", &orders)
-        .unwrap();
-    let root_age = scrape
-        .value("lockjam_root_blocker_max_age_seconds", &[APP])
-        .unwrap();
+    let head_wait = scrape.value("lockjam_lock_queue_head_wait_seconds", &orders).unwrap();
+    let root_age = scrape.value("lockjam_root_blocker_max_age_seconds", &[APP]).unwrap();
     assert!(
         head_wait > 0.0 && root_age > head_wait,
         "head {head_wait}s, root {root_age}s"
@@ -194,10 +171,7 @@ async fn incident_000_drop_constraint_behind_a_long_read() {
     assert_drained_within_two_intervals(&env, ended).await;
     // Each of the 21 waits is observed once, when it ended.
     let scrape = env.scrape().await;
-    assert_eq!(
-        scrape.value("lockjam_lock_wait_seconds_count", &[APP]),
-        Some(21.0)
-    );
+    assert_eq!(scrape.value("lockjam_lock_wait_seconds_count", &[APP]), Some(21.0));
     env.stop().await;
 }
 
@@ -222,9 +196,7 @@ async fn incident_001_drop_table_behind_a_stalled_backup() {
     // The COPY stream is never polled: the server fills the socket and
     // waits for the client, as a backup writing to a slow pipe does.
     let copy = backup
-        .copy_out(
-            "COPY public.field_history (id, object_id, field_name, serialized_data) TO stdout",
-        )
+        .copy_out("COPY public.field_history (id, object_id, field_name, serialized_data) TO stdout")
         .await
         .unwrap();
     crate::support::wait_until("the backup to wait on ClientWrite", || async {
@@ -239,18 +211,12 @@ async fn incident_001_drop_table_behind_a_stalled_backup() {
     })
     .await;
 
-    let (release_pid, drop_table) = env
-        .spawn_statement("release", "DROP TABLE field_history")
-        .await;
+    let (release_pid, drop_table) = env.spawn_statement("release", "DROP TABLE field_history").await;
     env.wait_until_waiting(release_pid).await;
     let mut reads = JoinSet::new();
     for _ in 0..10 {
         let client = env.session("web").await;
-        reads.spawn(async move {
-            client
-                .simple_query("SELECT count(*) FROM field_history")
-                .await
-        });
+        reads.spawn(async move { client.simple_query("SELECT count(*) FROM field_history").await });
     }
     env.wait_until_waiting_count("web", 10).await;
 
@@ -282,10 +248,7 @@ async fn incident_001_drop_table_behind_a_stalled_backup() {
     assert_eq!(root["state"], "active");
     assert_eq!(root["wait_event_type"], "Client");
     assert_eq!(root["wait_event"], "ClientWrite");
-    assert!(root["query"]
-        .as_str()
-        .unwrap()
-        .starts_with("COPY public.field_history"));
+    assert!(root["query"].as_str().unwrap().starts_with("COPY public.field_history"));
 
     let pid = root["pid"].as_i64().unwrap() as i32;
     env.admin
@@ -301,10 +264,7 @@ async fn incident_001_drop_table_behind_a_stalled_backup() {
         let error = read
             .unwrap()
             .expect_err("the table is gone by the time the queued reads run");
-        assert_eq!(
-            error.code(),
-            Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE)
-        );
+        assert_eq!(error.code(), Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE));
     }
     drop(copy);
     assert_drained_within_two_intervals(&env, ended).await;
@@ -356,8 +316,7 @@ async fn incident_002_add_foreign_key_queues_writers_not_readers() {
                 .await
         });
     }
-    env.wait_until_waiting_count("web-write", WRITERS as i64)
-        .await;
+    env.wait_until_waiting_count("web-write", WRITERS as i64).await;
 
     // Readers are not queued: SHARE ROW EXCLUSIVE does not conflict with
     // ACCESS SHARE.
@@ -369,11 +328,7 @@ async fn incident_002_add_foreign_key_queues_writers_not_readers() {
         .get(0);
     assert_eq!(read, 1000);
 
-    let users = [
-        APP,
-        ("relation", "public.users"),
-        ("mode", "ShareRowExclusiveLock"),
-    ];
+    let users = [APP, ("relation", "public.users"), ("mode", "ShareRowExclusiveLock")];
     let scrape = env
         .wait_for_metrics("a queue of writers on users", |m| {
             m.value("lockjam_lock_queue_depth", &users) == Some(WRITERS as f64)
@@ -389,10 +344,7 @@ async fn incident_002_add_foreign_key_queues_writers_not_readers() {
         Some(WRITERS as f64)
     );
     assert_eq!(
-        scrape.value(
-            "lockjam_lock_waiters",
-            &[APP, ("mode", "ShareRowExclusiveLock")]
-        ),
+        scrape.value("lockjam_lock_waiters", &[APP, ("mode", "ShareRowExclusiveLock")]),
         Some(1.0)
     );
     assert_eq!(
@@ -406,14 +358,8 @@ async fn incident_002_add_foreign_key_queues_writers_not_readers() {
         .await
         .unwrap();
     let ended = Instant::now();
-    let error = within("the ADD FOREIGN KEY", add_fk)
-        .await
-        .unwrap()
-        .unwrap_err();
-    assert_eq!(
-        error.code(),
-        Some(&tokio_postgres::error::SqlState::QUERY_CANCELED)
-    );
+    let error = within("the ADD FOREIGN KEY", add_fk).await.unwrap().unwrap_err();
+    assert_eq!(error.code(), Some(&tokio_postgres::error::SqlState::QUERY_CANCELED));
     while let Some(write) = within("the writers", writers.join_next()).await {
         assert_eq!(write.unwrap().expect("every queued writer succeeds"), 1);
     }
@@ -448,8 +394,7 @@ async fn incident_003_rename_constraint_until_lock_timeout() {
             "SELECT pg_sleep(600), count(*) FROM payment_events JOIN payments ON payments.id = payment_id",
         )
         .await;
-    env.wait_until_holding(analytics_pid, "payment_events", None)
-        .await;
+    env.wait_until_holding(analytics_pid, "payment_events", None).await;
     let lock_timeout = Duration::from_secs(4);
     let rename_sql = format!(
         "SET lock_timeout = '{}ms';
@@ -481,29 +426,18 @@ async fn incident_003_rename_constraint_until_lock_timeout() {
         .await;
     assert_eq!(scrape.value("lockjam_blocked_sessions", &[APP]), Some(11.0));
     assert_eq!(scrape.value("lockjam_root_blockers", &[APP]), Some(1.0));
-    let head_wait = scrape
-        .value("lockjam_lock_queue_head_wait_seconds", &events)
-        .unwrap();
-    assert!(
-        head_wait < lock_timeout.as_secs_f64(),
-        "head wait {head_wait}"
-    );
+    let head_wait = scrape.value("lockjam_lock_queue_head_wait_seconds", &events).unwrap();
+    assert!(head_wait < lock_timeout.as_secs_f64(), "head wait {head_wait}");
 
     let error = within("the RENAME", rename).await.unwrap().unwrap_err();
     let ended = Instant::now();
-    assert_eq!(
-        error.code(),
-        Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE)
-    );
+    assert_eq!(error.code(), Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE));
     while let Some(read) = within("the API reads", api.join_next()).await {
         assert!(read.unwrap().expect("every API read succeeds").is_empty());
     }
     assert_drained_within_two_intervals(&env, ended).await;
     let scrape = env.scrape().await;
-    assert_eq!(
-        scrape.value("lockjam_lock_wait_seconds_count", &[APP]),
-        Some(11.0)
-    );
+    assert_eq!(scrape.value("lockjam_lock_wait_seconds_count", &[APP]), Some(11.0));
     // No wait outlived the migration's lock_timeout of 4 s.
     assert_eq!(
         scrape.value("lockjam_lock_wait_seconds_bucket", &[APP, ("le", "5")]),

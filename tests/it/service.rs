@@ -8,8 +8,7 @@ use std::time::{Duration, Instant};
 use lockjam::service::Service;
 
 use crate::support::{
-    backend_pid, config_for, connect, http_get, http_request, scrape, start_cluster, wait_until,
-    TestEnv, PATIENCE,
+    backend_pid, config_for, connect, http_get, http_request, scrape, start_cluster, wait_until, TestEnv, PATIENCE,
 };
 
 const GOLDEN: &str = "tests/it/golden/metrics.txt";
@@ -17,16 +16,11 @@ const GOLDEN: &str = "tests/it/golden/metrics.txt";
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn http_routes_status_codes() {
     let env = TestEnv::start().await;
-    env.wait_for_metrics("a first sample", |m| {
-        m.value("lockjam_up", &[]) == Some(1.0)
-    })
-    .await;
+    env.wait_for_metrics("a first sample", |m| m.value("lockjam_up", &[]) == Some(1.0))
+        .await;
     let addr = env.addr();
     assert_eq!(http_get(addr, "/healthz").await, (200, "ok\n".to_string()));
-    assert_eq!(
-        http_get(addr, "/readyz").await,
-        (200, "ready\n".to_string())
-    );
+    assert_eq!(http_get(addr, "/readyz").await, (200, "ready\n".to_string()));
     let (status, body) = http_get(addr, "/nope").await;
     assert_eq!(status, 404);
     assert!(body.contains("/metrics"), "{body}");
@@ -52,12 +46,8 @@ async fn unreachable_database_serves_up_zero_and_not_ready() {
         .local_addr()
         .unwrap()
         .port();
-    let dsn = format!(
-        "host=127.0.0.1 port={port} user=postgres password=hunter2 dbname=postgres sslmode=disable"
-    );
-    let service = Service::start(&config_for(vec![("dead", dsn)]))
-        .await
-        .unwrap();
+    let dsn = format!("host=127.0.0.1 port={port} user=postgres password=hunter2 dbname=postgres sslmode=disable");
+    let service = Service::start(&config_for(vec![("dead", dsn)])).await.unwrap();
     let addr = service.local_addr();
     let (status, body) = http_get(addr, "/readyz").await;
     assert_eq!(status, 503);
@@ -71,10 +61,7 @@ async fn unreachable_database_serves_up_zero_and_not_ready() {
     })
     .await;
     let metrics = scrape(addr).await;
-    assert_eq!(
-        metrics.value("lockjam_up", &[("target", "dead")]),
-        Some(0.0)
-    );
+    assert_eq!(metrics.value("lockjam_up", &[("target", "dead")]), Some(0.0));
     assert!(!metrics.has("lockjam_last_sample_timestamp_seconds"));
     let (status, body) = http_get(addr, "/readyz").await;
     assert_eq!(status, 503);
@@ -82,10 +69,7 @@ async fn unreachable_database_serves_up_zero_and_not_ready() {
         body.contains("Connection refused") || body.contains("connection refused"),
         "{body}"
     );
-    assert!(
-        !body.contains("hunter2"),
-        "the password never shows: {body}"
-    );
+    assert!(!body.contains("hunter2"), "the password never shows: {body}");
     let (_, snapshot) = http_get(addr, "/api/v1/snapshot").await;
     assert!(!snapshot.contains("hunter2"), "{snapshot}");
     assert!(snapshot.contains("password=********"), "{snapshot}");
@@ -101,9 +85,7 @@ async fn database_restart_under_lockjam() {
         .await;
     tokio::task::block_in_place(|| env.cluster.stop("immediate")).unwrap();
     let down = env
-        .wait_for_metrics("up to drop to 0", |m| {
-            m.value("lockjam_up", &[]) == Some(0.0)
-        })
+        .wait_for_metrics("up to drop to 0", |m| m.value("lockjam_up", &[]) == Some(0.0))
         .await;
     assert!(
         !down.has("lockjam_sessions"),
@@ -116,10 +98,8 @@ async fn database_restart_under_lockjam() {
     .await;
     assert_eq!(http_get(env.addr(), "/healthz").await.0, 200);
     tokio::task::block_in_place(|| env.cluster.restart()).unwrap();
-    env.wait_for_metrics("up to return to 1", |m| {
-        m.value("lockjam_up", &[]) == Some(1.0)
-    })
-    .await;
+    env.wait_for_metrics("up to return to 1", |m| m.value("lockjam_up", &[]) == Some(1.0))
+        .await;
     let _session = env.session("after-restart").await;
     env.wait_for_metrics("the new session", |m| {
         m.value("lockjam_sessions", &[("datname", "app"), ("state", "idle")]) == Some(1.0)
@@ -149,16 +129,11 @@ async fn golden_metrics() {
     env.wait_until_waiting(migration_pid).await;
     let mut sessions = Vec::new();
     for _ in 0..3 {
-        sessions.push(
-            env.spawn_statement("web", "SELECT count(*) FROM orders")
-                .await,
-        );
+        sessions.push(env.spawn_statement("web", "SELECT count(*) FROM orders").await);
     }
     env.wait_until_waiting_count("web", 3).await;
     let scrape = env
-        .wait_for_metrics("the queue", |m| {
-            m.value("lockjam_lock_queue_depth", &[]) == Some(3.0)
-        })
+        .wait_for_metrics("the queue", |m| m.value("lockjam_lock_queue_depth", &[]) == Some(3.0))
         .await;
     let rendered = mask(&scrape.text);
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(GOLDEN);
@@ -168,10 +143,7 @@ async fn golden_metrics() {
     let golden = std::fs::read_to_string(&path).expect("golden file exists");
     if rendered != golden {
         let diff: Vec<String> = diff_lines(&golden, &rendered);
-        panic!(
-            "/metrics differs from {GOLDEN} (- golden, + now):\n{}",
-            diff.join("\n")
-        );
+        panic!("/metrics differs from {GOLDEN} (- golden, + now):\n{}", diff.join("\n"));
     }
     env.admin
         .query_one("SELECT pg_terminate_backend($1)", &[&reader_pid])
@@ -228,24 +200,16 @@ async fn least_privilege_role_with_pg_monitor() {
     let cluster = start_cluster(Default::default()).await;
     let postgres = connect(&cluster.dsn("postgres"), "fixture").await;
     postgres
-        .batch_execute(
-            "CREATE ROLE lockjam LOGIN; GRANT pg_monitor TO lockjam; CREATE ROLE shop LOGIN",
-        )
+        .batch_execute("CREATE ROLE lockjam LOGIN; GRANT pg_monitor TO lockjam; CREATE ROLE shop LOGIN")
         .await
         .unwrap();
-    postgres
-        .batch_execute("CREATE DATABASE shop OWNER shop")
-        .await
-        .unwrap();
+    postgres.batch_execute("CREATE DATABASE shop OWNER shop").await.unwrap();
     let shop_dsn = format!(
         "host=127.0.0.1 port={} user=shop dbname=shop sslmode=disable",
         cluster.port()
     );
     let owner = connect(&shop_dsn, "owner").await;
-    owner
-        .batch_execute("CREATE TABLE t (id int)")
-        .await
-        .unwrap();
+    owner.batch_execute("CREATE TABLE t (id int)").await.unwrap();
     let holder = connect(&shop_dsn, "report").await;
     let holder_pid = backend_pid(&holder).await;
     holder
@@ -256,11 +220,7 @@ async fn least_privilege_role_with_pg_monitor() {
         .await
         .unwrap();
     let migration = connect(&shop_dsn, "migrate").await;
-    let _alter = tokio::spawn(async move {
-        migration
-            .simple_query("ALTER TABLE t ADD COLUMN x int")
-            .await
-    });
+    let _alter = tokio::spawn(async move { migration.simple_query("ALTER TABLE t ADD COLUMN x int").await });
     let reader = connect(&shop_dsn, "web").await;
     let _read = tokio::spawn(async move { reader.simple_query("SELECT * FROM t").await });
 
@@ -268,9 +228,7 @@ async fn least_privilege_role_with_pg_monitor() {
         "host=127.0.0.1 port={} user=lockjam dbname=postgres sslmode=disable",
         cluster.port()
     );
-    let service = Service::start(&config_for(vec![("least", dsn)]))
-        .await
-        .unwrap();
+    let service = Service::start(&config_for(vec![("least", dsn)])).await.unwrap();
     let addr = service.local_addr();
     let queue = [
         ("datname", "shop"),
@@ -304,15 +262,9 @@ async fn least_privilege_role_with_pg_monitor() {
         query.starts_with("BEGIN; LOCK TABLE t IN ACCESS SHARE MODE -- éé"),
         "pg_monitor reads other users' queries: {query}"
     );
-    assert_eq!(
-        query.chars().count(),
-        200,
-        "query texts are cut to 200 characters"
-    );
+    assert_eq!(query.chars().count(), 200, "query texts are cut to 200 characters");
     service.stop().await;
-    tokio::task::spawn_blocking(move || drop(cluster))
-        .await
-        .unwrap();
+    tokio::task::spawn_blocking(move || drop(cluster)).await.unwrap();
 }
 
 fn lockjam() -> Command {
@@ -346,11 +298,7 @@ fn cli_check_config() {
 
     let bad = dir.path().join("bad.toml");
     std::fs::write(&bad, "[sampler]\ninterval = \"soon\"\n").unwrap();
-    let output = lockjam()
-        .args(["check-config", "--config"])
-        .arg(&bad)
-        .output()
-        .unwrap();
+    let output = lockjam().args(["check-config", "--config"]).arg(&bad).output().unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(2), "{stderr}");
     assert!(
@@ -364,10 +312,7 @@ fn cli_check_config() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(2), "{stderr}");
-    assert!(
-        stderr.contains("unknown connection option `flavour`"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("unknown connection option `flavour`"), "{stderr}");
     assert!(!stderr.contains("s3cret"), "{stderr}");
 
     let output = lockjam().arg("--version").output().unwrap();

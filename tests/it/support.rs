@@ -107,10 +107,7 @@ impl TestEnv {
                 return scrape;
             }
             if Instant::now() > deadline {
-                panic!(
-                    "timed out waiting for {what}; last scrape:\n{}",
-                    scrape.text
-                );
+                panic!("timed out waiting for {what}; last scrape:\n{}", scrape.text);
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -130,10 +127,8 @@ impl TestEnv {
 
     /// Waits until `pid` holds a granted lock on `relation` (in `mode`, if given).
     pub async fn wait_until_holding(&self, pid: i32, relation: &str, mode: Option<&str>) {
-        wait_until(
-            &format!("pid {pid} to hold its lock on {relation}"),
-            || async {
-                self.admin
+        wait_until(&format!("pid {pid} to hold its lock on {relation}"), || async {
+            self.admin
                 .query_opt(
                     "SELECT 1 FROM pg_locks WHERE pid = $1 AND relation = $2::text::regclass AND granted
                      AND ($3::text IS NULL OR mode = $3)",
@@ -142,8 +137,7 @@ impl TestEnv {
                 .await
                 .unwrap()
                 .is_some()
-            },
-        )
+        })
         .await;
     }
 
@@ -183,9 +177,7 @@ impl TestEnv {
         if let Some(service) = self.service.take() {
             service.stop().await;
         }
-        tokio::task::spawn_blocking(move || drop(self.cluster))
-            .await
-            .unwrap();
+        tokio::task::spawn_blocking(move || drop(self.cluster)).await.unwrap();
     }
 }
 
@@ -218,11 +210,7 @@ pub async fn connect(dsn: &str, application_name: &str) -> Client {
 }
 
 pub async fn backend_pid(client: &Client) -> i32 {
-    client
-        .query_one("SELECT pg_backend_pid()", &[])
-        .await
-        .unwrap()
-        .get(0)
+    client.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0)
 }
 
 /// A plain HTTP/1.1 GET: status and body.
@@ -235,9 +223,7 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
 }
 
 pub async fn http_request(addr: SocketAddr, request: &str) -> (u16, String) {
-    let mut stream = tokio::net::TcpStream::connect(addr)
-        .await
-        .expect("lockjam listens");
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("lockjam listens");
     stream.write_all(request.as_bytes()).await.unwrap();
     let mut response = Vec::new();
     stream.read_to_end(&mut response).await.unwrap();
@@ -248,10 +234,7 @@ pub async fn http_request(addr: SocketAddr, request: &str) -> (u16, String) {
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| panic!("not an HTTP response: {response:?}"));
     let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
-    let body = if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
+    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
         dechunk(body)
     } else {
         body.to_string()
@@ -291,15 +274,9 @@ impl Scrape {
             .filter(|line| !line.starts_with('#') && !line.trim().is_empty())
             .map(|line| {
                 let (name_labels, value) = line.rsplit_once(' ').expect("name and value");
-                let value: f64 = value
-                    .parse()
-                    .unwrap_or_else(|_| panic!("value in {line:?}"));
+                let value: f64 = value.parse().unwrap_or_else(|_| panic!("value in {line:?}"));
                 match name_labels.split_once('{') {
-                    Some((name, labels)) => (
-                        name.to_string(),
-                        parse_labels(labels.trim_end_matches('}')),
-                        value,
-                    ),
+                    Some((name, labels)) => (name.to_string(), parse_labels(labels.trim_end_matches('}')), value),
                     None => (name_labels.to_string(), BTreeMap::new(), value),
                 }
             })
@@ -311,19 +288,10 @@ impl Scrape {
     }
 
     /// Series of `name` whose labels include all of `labels`.
-    pub fn matching(
-        &self,
-        name: &str,
-        labels: &[(&str, &str)],
-    ) -> Vec<&(String, BTreeMap<String, String>, f64)> {
+    pub fn matching(&self, name: &str, labels: &[(&str, &str)]) -> Vec<&(String, BTreeMap<String, String>, f64)> {
         self.series
             .iter()
-            .filter(|(n, l, _)| {
-                n == name
-                    && labels
-                        .iter()
-                        .all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v))
-            })
+            .filter(|(n, l, _)| n == name && labels.iter().all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v)))
             .collect()
     }
 
@@ -331,11 +299,7 @@ impl Scrape {
     /// absent; panics when several match).
     pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
         let found = self.matching(name, labels);
-        assert!(
-            found.len() <= 1,
-            "{name} {labels:?} matches {} series",
-            found.len()
-        );
+        assert!(found.len() <= 1, "{name} {labels:?} matches {} series", found.len());
         found.first().map(|(_, _, v)| *v)
     }
 

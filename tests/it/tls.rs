@@ -22,15 +22,12 @@ fn make_pki(names: &[&str]) -> Pki {
     let ca_key = KeyPair::generate().unwrap();
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, "lockjam test CA");
+    ca_params.distinguished_name.push(DnType::CommonName, "lockjam test CA");
     ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     let ca_cert = ca_params.self_signed(&ca_key).unwrap();
     let issuer = Issuer::new(ca_params, ca_key);
     let server_key = KeyPair::generate().unwrap();
-    let mut params =
-        CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
+    let mut params = CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
     params.distinguished_name.push(DnType::CommonName, names[0]);
     let server_cert = params.signed_by(&server_key, &issuer).unwrap();
     Pki {
@@ -85,18 +82,13 @@ async fn sslmodes_against_a_tls_cluster() {
     let wrong_ca = dir.path().join("other-ca.pem");
     std::fs::write(&wrong_ca, &other.ca_pem).unwrap();
     let port = cluster.port();
-    let dsn = |host: &str, extra: &str| {
-        format!("host={host} port={port} user=postgres dbname=postgres {extra}")
-    };
+    let dsn = |host: &str, extra: &str| format!("host={host} port={port} user=postgres dbname=postgres {extra}");
 
     assert_eq!(
         lockjam_session_ssl(&dsn("127.0.0.1", "sslmode=require")).await,
         Ok(true)
     );
-    assert_eq!(
-        lockjam_session_ssl(&dsn("127.0.0.1", "sslmode=prefer")).await,
-        Ok(true)
-    );
+    assert_eq!(lockjam_session_ssl(&dsn("127.0.0.1", "sslmode=prefer")).await, Ok(true));
     assert_eq!(
         lockjam_session_ssl(&dsn("127.0.0.1", "sslmode=disable")).await,
         Ok(false)
@@ -135,17 +127,11 @@ async fn sslmodes_against_a_tls_cluster() {
     ))
     .await;
     assert!(untrusted.unwrap_err().contains("certificate"));
-    let missing = lockjam_session_ssl(&dsn(
-        "localhost",
-        "sslmode=verify-full sslrootcert=/nonexistent/ca.pem",
-    ))
-    .await;
+    let missing = lockjam_session_ssl(&dsn("localhost", "sslmode=verify-full sslrootcert=/nonexistent/ca.pem")).await;
     assert!(missing
         .unwrap_err()
         .contains("cannot read sslrootcert /nonexistent/ca.pem"));
-    tokio::task::spawn_blocking(move || drop(cluster))
-        .await
-        .unwrap();
+    tokio::task::spawn_blocking(move || drop(cluster)).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -162,15 +148,10 @@ async fn require_fails_clearly_without_server_tls() {
         "prefer falls back to plaintext"
     );
     let message = lockjam_session_ssl(&dsn).await.unwrap_err();
-    assert!(
-        message.contains("cannot connect to target `tls`"),
-        "{message}"
-    );
+    assert!(message.contains("cannot connect to target `tls`"), "{message}");
     assert!(
         message.to_lowercase().contains("tls") || message.contains("ssl"),
         "{message}"
     );
-    tokio::task::spawn_blocking(move || drop(cluster))
-        .await
-        .unwrap();
+    tokio::task::spawn_blocking(move || drop(cluster)).await.unwrap();
 }
