@@ -148,7 +148,7 @@ impl Rule {
     }
 
     fn matches(&self, waiter: &Waiter) -> bool {
-        self.waiter_modes.iter().any(|m| *m == waiter.lock.mode)
+        self.waiter_modes.contains(&waiter.lock.mode)
             && any_matches(&self.relations, &waiter.lock.relation_label())
             && any_matches(&self.databases, waiter.datname())
             && any_matches(
