@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::analysis::is_lock_mode;
 use crate::dsn::{Dsn, DsnError};
+use crate::policy::{Action, Glob, Policy, Rule};
 
 /// The default listen address: loopback, so that query texts on
 /// `/api/v1/snapshot` are not exposed by accident.
@@ -40,6 +42,9 @@ pub struct Sources {
     pub dsn: Option<String>,
     /// `--listen` / `LOCKJAM_LISTEN`.
     pub listen: Option<String>,
+    /// `--cancel-blockers-after`: enables the policy with the one rule
+    /// `unblock-migrations` and this `min_wait`.
+    pub cancel_blockers_after: Option<String>,
     /// The process environment (passed in so that tests control it).
     pub env: HashMap<String, String>,
 }
@@ -50,6 +55,7 @@ pub struct Config {
     pub sampler: SamplerConfig,
     pub targets: Vec<Target>,
     pub log: LogConfig,
+    pub policy: Policy,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -182,11 +188,62 @@ impl Default for RawLog {
     }
 }
 
-/// Reserved for the policy (issue 3): only `enabled = false` is accepted.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 struct RawPolicy {
     enabled: bool,
+    /// `None`: true, or false when `--cancel-blockers-after` asks for action.
+    dry_run: Option<bool>,
+    max_actions_per_minute: u32,
+    rules: Vec<RawRule>,
+}
+
+impl Default for RawPolicy {
+    fn default() -> Self {
+        RawPolicy {
+            enabled: false,
+            dry_run: None,
+            max_actions_per_minute: 30,
+            rules: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawRule {
+    name: String,
+    waiter_modes: Vec<String>,
+    relations: Vec<String>,
+    databases: Vec<String>,
+    waiter_applications: Vec<String>,
+    min_wait: String,
+    min_queue: u64,
+    action: String,
+    terminate_after: String,
+    protect_users: Vec<String>,
+    protect_applications: Vec<String>,
+    protect_databases: Vec<String>,
+}
+
+impl Default for RawRule {
+    fn default() -> Self {
+        let everything = || vec!["*".to_string()];
+        RawRule {
+            name: String::new(),
+            waiter_modes: vec!["AccessExclusiveLock".into()],
+            relations: everything(),
+            databases: everything(),
+            waiter_applications: everything(),
+            min_wait: "5s".into(),
+            min_queue: 0,
+            action: "cancel_blockers".into(),
+            terminate_after: "10s".into(),
+            protect_users: Vec::new(),
+            protect_applications: Vec::new(),
+            protect_databases: Vec::new(),
+        }
+    }
 }
 
 /// Loads and validates the configuration.
@@ -275,12 +332,7 @@ fn validate(raw: RawConfig, sources: &Sources, origin: &str) -> Result<Config, C
             format!("`{}`: {e} (use error, warn, info, debug or trace)", raw.log.level),
         ));
     }
-    if raw.policy.enabled {
-        return Err(invalid(
-            "policy.enabled",
-            "the policy is not part of this lockjam version yet; remove the key or set it to false".into(),
-        ));
-    }
+    let policy = validate_policy(&raw.policy, sources, sampler.interval, &invalid)?;
 
     let default_user = sources.env.get("USER").cloned();
     let targets = match &sources.dsn {
@@ -318,6 +370,107 @@ fn validate(raw: RawConfig, sources: &Sources, origin: &str) -> Result<Config, C
             format,
             level: raw.log.level,
         },
+        policy,
+    })
+}
+
+fn validate_policy(
+    raw: &RawPolicy,
+    sources: &Sources,
+    interval: Duration,
+    invalid: &dyn Fn(&str, String) -> ConfigError,
+) -> Result<Policy, ConfigError> {
+    if raw.max_actions_per_minute == 0 {
+        return Err(invalid("policy.max_actions_per_minute", "must be at least 1".into()));
+    }
+    let flag = sources
+        .cancel_blockers_after
+        .as_deref()
+        .map(|text| parse_duration(text).map_err(|message| invalid("--cancel-blockers-after", message)))
+        .transpose()?;
+    let mut names = HashSet::new();
+    let mut rules = Vec::new();
+    for (index, rule) in raw.rules.iter().enumerate() {
+        let key = |field: &str| format!("policy.rules[{index}].{field}");
+        if rule.name.trim().is_empty() {
+            return Err(invalid(
+                &key("name"),
+                "every rule needs a name (it is the `rule` label)".into(),
+            ));
+        }
+        if !names.insert(rule.name.clone()) {
+            return Err(invalid(&key("name"), format!("duplicate rule name `{}`", rule.name)));
+        }
+        let action = Action::parse(&rule.action).ok_or_else(|| {
+            invalid(
+                &key("action"),
+                format!(
+                    "`{}` is not an action: use cancel_blockers or cancel_waiter",
+                    rule.action
+                ),
+            )
+        })?;
+        if rule.waiter_modes.is_empty() {
+            return Err(invalid(&key("waiter_modes"), "an empty list matches no waiter".into()));
+        }
+        if let Some(mode) = rule.waiter_modes.iter().find(|m| !is_lock_mode(m)) {
+            return Err(invalid(
+                &key("waiter_modes"),
+                format!("`{mode}` is not a PostgreSQL lock mode such as AccessExclusiveLock or ShareRowExclusiveLock"),
+            ));
+        }
+        let globs = |field: &str, patterns: &[String], may_be_empty: bool| {
+            if patterns.is_empty() && !may_be_empty {
+                return Err(invalid(
+                    &key(field),
+                    "an empty list matches nothing; use [\"*\"] for all".into(),
+                ));
+            }
+            Ok(patterns.iter().map(|p| Glob(p.clone())).collect::<Vec<_>>())
+        };
+        let min_wait = parse_duration_or_zero(&rule.min_wait).map_err(|m| invalid(&key("min_wait"), m))?;
+        let terminate_after =
+            parse_duration_or_zero(&rule.terminate_after).map_err(|m| invalid(&key("terminate_after"), m))?;
+        if !terminate_after.is_zero() && terminate_after < interval {
+            return Err(invalid(
+                &key("terminate_after"),
+                format!(
+                    "{} is shorter than sampler.interval ({}): lockjam could not see whether the cancel worked; use at least the interval, or \"0s\" to never terminate",
+                    rule.terminate_after,
+                    humantime::format_duration(interval)
+                ),
+            ));
+        }
+        rules.push(Rule {
+            name: rule.name.clone(),
+            waiter_modes: rule.waiter_modes.clone(),
+            relations: globs("relations", &rule.relations, false)?,
+            databases: globs("databases", &rule.databases, false)?,
+            waiter_applications: globs("waiter_applications", &rule.waiter_applications, false)?,
+            min_wait,
+            min_queue: rule.min_queue,
+            action,
+            terminate_after: (!terminate_after.is_zero()).then_some(terminate_after),
+            protect_users: globs("protect_users", &rule.protect_users, true)?,
+            protect_applications: globs("protect_applications", &rule.protect_applications, true)?,
+            protect_databases: globs("protect_databases", &rule.protect_databases, true)?,
+        });
+    }
+    if let Some(min_wait) = flag {
+        rules = vec![Rule::unblock_migrations(min_wait)];
+    }
+    let enabled = raw.enabled || flag.is_some();
+    if enabled && rules.is_empty() {
+        return Err(invalid(
+            "policy.rules",
+            "the policy is enabled but has no [[policy.rules]]; add one, or use --cancel-blockers-after".into(),
+        ));
+    }
+    Ok(Policy {
+        enabled,
+        dry_run: raw.dry_run.unwrap_or(flag.is_none()),
+        max_actions_per_minute: raw.max_actions_per_minute,
+        rules,
     })
 }
 
@@ -386,6 +539,14 @@ fn read_secret(path: &Path) -> Result<String, String> {
     Ok(text.to_string())
 }
 
+/// Like [`parse_duration`], but `0s` is allowed.
+fn parse_duration_or_zero(text: &str) -> Result<Duration, String> {
+    if text.trim().trim_end_matches(char::is_alphabetic) == "0" {
+        return Ok(Duration::ZERO);
+    }
+    parse_duration(text)
+}
+
 /// Parses a human duration such as `250ms`, `5s` or `1m 30s`.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let duration = humantime::parse_duration(text.trim())
@@ -404,6 +565,7 @@ pub fn render_effective(config: &Config) -> String {
         server: RawServer,
         sampler: RawSampler,
         log: RawLog,
+        policy: RawPolicy,
         targets: Vec<TargetView<'a>>,
     }
     #[derive(Serialize)]
@@ -431,6 +593,7 @@ pub fn render_effective(config: &Config) -> String {
                 .unwrap_or_default(),
             level: config.log.level.clone(),
         },
+        policy: raw_policy(&config.policy),
         targets: config
             .targets
             .iter()
@@ -441,6 +604,39 @@ pub fn render_effective(config: &Config) -> String {
             .collect(),
     };
     toml::to_string_pretty(&view).unwrap_or_else(|e| format!("# cannot render configuration: {e}\n"))
+}
+
+/// The policy back in its configuration form, for display.
+fn raw_policy(policy: &Policy) -> RawPolicy {
+    let human = |d: Duration| humantime::format_duration(d).to_string();
+    let patterns = |globs: &[Glob]| globs.iter().map(|g| g.0.clone()).collect();
+    RawPolicy {
+        enabled: policy.enabled,
+        dry_run: Some(policy.dry_run),
+        max_actions_per_minute: policy.max_actions_per_minute,
+        rules: policy
+            .rules
+            .iter()
+            .map(|rule| RawRule {
+                name: rule.name.clone(),
+                waiter_modes: rule.waiter_modes.clone(),
+                relations: patterns(&rule.relations),
+                databases: patterns(&rule.databases),
+                waiter_applications: patterns(&rule.waiter_applications),
+                min_wait: if rule.min_wait.is_zero() {
+                    "0s".into()
+                } else {
+                    human(rule.min_wait)
+                },
+                min_queue: rule.min_queue,
+                action: rule.action.as_str().into(),
+                terminate_after: rule.terminate_after.map_or("0s".into(), human),
+                protect_users: patterns(&rule.protect_users),
+                protect_applications: patterns(&rule.protect_applications),
+                protect_databases: patterns(&rule.protect_databases),
+            })
+            .collect(),
+    }
 }
 
 #[cfg(test)]
@@ -478,6 +674,15 @@ mod tests {
         assert_eq!(shipped.sampler, defaults.sampler);
         assert_eq!(shipped.log, defaults.log);
         assert_eq!(shipped.targets.len(), 1);
+        assert_eq!(defaults.policy, Policy::default());
+        assert_eq!(
+            shipped.policy,
+            Policy {
+                rules: vec![Rule::unblock_migrations(Duration::from_secs(5))],
+                ..Policy::default()
+            },
+            "the shipped example rule spells out every rule default"
+        );
         assert_eq!(defaults.sampler, SamplerConfig::default());
         assert_eq!(
             defaults.sampler,
@@ -522,7 +727,31 @@ mod tests {
             ("color = 1\n", "unknown field `color`"),
             ("[server]\nlisten = \"localhost\"\n", "server.listen: `localhost` is not an address"),
             ("[log]\nformat = \"xml\"\n", "log.format: `xml` is neither text nor json"),
-            ("[policy]\nenabled = true\n", "policy.enabled"),
+            ("[policy]\nenabled = true\n", "policy.rules: the policy is enabled but has no [[policy.rules]]"),
+            ("[policy]\nmax_actions_per_minute = 0\n", "policy.max_actions_per_minute: must be at least 1"),
+            ("[policy]\nenable = true\n", "policy.enable"),
+            ("[[policy.rules]]\nname = \"\"\n", "policy.rules[0].name: every rule needs a name"),
+            (
+                "[[policy.rules]]\nname = \"a\"\n[[policy.rules]]\nname = \"a\"\n",
+                "policy.rules[1].name: duplicate rule name `a`",
+            ),
+            (
+                "[[policy.rules]]\nname = \"a\"\naction = \"kill\"\n",
+                "policy.rules[0].action: `kill` is not an action",
+            ),
+            (
+                "[[policy.rules]]\nname = \"a\"\nwaiter_modes = [\"AccessExclusive\"]\n",
+                "policy.rules[0].waiter_modes: `AccessExclusive` is not a PostgreSQL lock mode",
+            ),
+            (
+                "[[policy.rules]]\nname = \"a\"\nterminate_after = \"500ms\"\n",
+                "policy.rules[0].terminate_after: 500ms is shorter than sampler.interval (1s)",
+            ),
+            (
+                "[[policy.rules]]\nname = \"a\"\nrelations = []\n",
+                "policy.rules[0].relations: an empty list matches nothing",
+            ),
+            ("[[policy.rules]]\nname = \"a\"\nmin_wait = \"soon\"\n", "policy.rules[0].min_wait: `soon`"),
             ("targets = []\n", "targets: no database to watch"),
             ("[[targets]]\nname = \"\"\ndsn = \"host=x user=u\"\n", "targets[0].name: every target needs a name"),
             (
@@ -545,6 +774,45 @@ mod tests {
             );
             assert!(message.contains(".toml"), "{text:?}: {message:?} names the file");
         }
+    }
+
+    #[test]
+    fn cancel_blockers_after_builds_the_one_rule_and_acts() {
+        let load_with = |flag: &str, env: &[(&str, &str)]| {
+            let file = file(ONE_TARGET);
+            load(&Sources {
+                file: Some(file.path().to_path_buf()),
+                cancel_blockers_after: Some(flag.into()),
+                env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+                ..Sources::default()
+            })
+        };
+        let policy = load_with("2s", &[]).unwrap().policy;
+        assert_eq!(
+            policy,
+            Policy {
+                enabled: true,
+                dry_run: false,
+                max_actions_per_minute: 30,
+                rules: vec![Rule::unblock_migrations(Duration::from_secs(2))],
+            }
+        );
+        assert!(
+            load_with("2s", &[("LOCKJAM__POLICY__DRY_RUN", "true")])
+                .unwrap()
+                .policy
+                .dry_run
+        );
+        let err = load_with("later", &[]).unwrap_err().to_string();
+        assert!(err.contains("--cancel-blockers-after: `later`"), "{err}");
+        let never = load_text(
+            &format!("{ONE_TARGET}[[policy.rules]]\nname = \"a\"\nterminate_after = \"0s\"\nmin_wait = \"0s\"\n"),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(never.policy.rules[0].terminate_after, None);
+        assert_eq!(never.policy.rules[0].min_wait, Duration::ZERO);
+        assert!(!never.policy.enabled && never.policy.dry_run);
     }
 
     #[test]

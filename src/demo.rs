@@ -16,6 +16,7 @@ use crate::analysis::LockGraph;
 use crate::cluster::{Cluster, ClusterError, ClusterOptions};
 use crate::config::{Config, LogConfig, LogFormat, SamplerConfig, ServerConfig, Target};
 use crate::dsn::Dsn;
+use crate::policy::Policy;
 use crate::service::{Service, ServiceError};
 
 #[derive(Debug, thiserror::Error)]
@@ -126,6 +127,7 @@ async fn start_service(dsn: &str, listen: SocketAddr) -> Result<Service, DemoErr
             format: LogFormat::Text,
             level: "warn".into(),
         },
+        policy: Policy::default(),
     };
     match Service::start(&config).await {
         Err(ServiceError::Bind { addr, .. }) => {

@@ -41,6 +41,11 @@ struct ConfigArgs {
     /// Address to serve HTTP on [default: 127.0.0.1:9863].
     #[arg(long, env = "LOCKJAM_LISTEN", value_name = "ADDR")]
     listen: Option<String>,
+    /// Enable the policy with one rule: cancel what blocks an ACCESS
+    /// EXCLUSIVE waiter that has waited this long (dry_run off unless the
+    /// configuration sets it).
+    #[arg(long, value_name = "DURATION")]
+    cancel_blockers_after: Option<String>,
 }
 
 #[derive(Args)]
@@ -117,6 +122,7 @@ fn load(args: &ConfigArgs) -> Result<Config, ExitCode> {
         file: args.config.clone(),
         dsn: args.dsn.clone(),
         listen: args.listen.clone(),
+        cancel_blockers_after: args.cancel_blockers_after.clone(),
         env: std::env::vars().collect::<HashMap<_, _>>(),
     };
     config::load(&sources).map_err(|e| fail(&e, EXIT_CONFIG))

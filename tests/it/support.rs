@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use lockjam::cluster::{Cluster, ClusterOptions};
 use lockjam::config::{Config, LogConfig, LogFormat, SamplerConfig, ServerConfig, Target};
 use lockjam::dsn::Dsn;
+use lockjam::policy::Policy;
 use lockjam::service::Service;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_postgres::{Client, NoTls};
@@ -48,6 +49,7 @@ pub fn config_for(targets: Vec<(&str, String)>) -> Config {
             format: LogFormat::Text,
             level: "warn".into(),
         },
+        policy: Policy::default(),
     }
 }
 
