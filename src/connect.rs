@@ -14,7 +14,7 @@ use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, RootCertStor
 use tokio_postgres::Client;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
-use crate::config::Target;
+use crate::config::{SamplerConfig, Target};
 use crate::dsn::{DsnError, TlsMode, TlsSettings};
 
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +43,16 @@ pub struct SessionSettings {
     pub statement_timeout: Duration,
     pub lock_timeout: Duration,
     pub connect_timeout: Duration,
+}
+
+impl SessionSettings {
+    pub fn of(sampler: &SamplerConfig) -> SessionSettings {
+        SessionSettings {
+            statement_timeout: sampler.statement_timeout,
+            lock_timeout: sampler.lock_timeout,
+            connect_timeout: sampler.connect_timeout,
+        }
+    }
 }
 
 /// Opens sessions to one target (and to its other databases).

@@ -22,6 +22,7 @@ pub fn router(state: Arc<SharedState>) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/api/v1/snapshot", get(snapshot))
+        .route("/api/v1/events", get(events))
         .fallback(not_found)
         .with_state(state)
 }
@@ -59,7 +60,7 @@ async fn readyz(State(state): State<Arc<SharedState>>) -> Response {
 async fn not_found() -> Response {
     (
         StatusCode::NOT_FOUND,
-        "not found: lockjam serves /metrics, /healthz, /readyz and /api/v1/snapshot\n",
+        "not found: lockjam serves /metrics, /healthz, /readyz, /api/v1/snapshot and /api/v1/events\n",
     )
         .into_response()
 }
@@ -220,6 +221,11 @@ fn target_view(name: &str, status: crate::state::TargetStatus) -> TargetView {
             .map(|g| g.queues.iter().map(queue_view).collect())
             .unwrap_or_default(),
     }
+}
+
+/// Policy decisions, newest first (the last 1000).
+async fn events(State(state): State<Arc<SharedState>>) -> Json<serde_json::Value> {
+    Json(serde_json::json!({ "events": state.events.newest_first() }))
 }
 
 async fn snapshot(State(state): State<Arc<SharedState>>) -> Json<serde_json::Value> {

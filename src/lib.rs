@@ -3,6 +3,8 @@
 
 /// Pure: snapshot to lock graph.
 pub mod analysis;
+/// Audit events of policy decisions.
+pub mod audit;
 /// Throwaway clusters for the demo, tests and benchmarks.
 pub mod cluster;
 /// Configuration: file, environment and flags, validated once.
@@ -13,6 +15,8 @@ pub mod connect;
 pub mod demo;
 /// Connection strings, libpq environment defaults, TLS modes.
 pub mod dsn;
+/// The only code that signals backends; leader election.
+pub mod enforcer;
 /// The only module that knows axum.
 pub mod http;
 /// The metrics contract; the only module that knows prometheus.

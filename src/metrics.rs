@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
-use prometheus::{Encoder, GaugeVec, HistogramOpts, HistogramVec, Opts, Registry, TextEncoder};
+use prometheus::{Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder};
 
 use crate::analysis::{EndedWait, LockGraph, Queue};
 
@@ -71,6 +71,8 @@ struct Families {
     chain_max_depth: Family,
     queue_depth: Family,
     queue_head_wait: Family,
+    policy_actions: IntCounterVec,
+    policy_leader: GaugeVec,
 }
 
 pub struct Metrics {
@@ -171,6 +173,15 @@ impl Metrics {
             histogram
         };
         let family = |name: &str, help: &str, labels: &[&str]| Family::new(&registry, name, help, labels);
+        let policy_actions = IntCounterVec::new(
+            Opts::new(
+                "lockjam_policy_actions_total",
+                "Policy decisions by rule, signal (cancel or terminate) and outcome.",
+            ),
+            &["target", "rule", "action", "outcome"],
+        )
+        .expect("valid");
+        registry.register(Box::new(policy_actions.clone())).expect("unique");
         let by_db = ["target", "datname"];
         let by_queue = ["target", "datname", "relation", "mode"];
         let families = Families {
@@ -239,6 +250,11 @@ impl Metrics {
                 "lockjam_lock_queue_head_wait_seconds",
                 "How long the queue head has waited.",
                 &by_queue,
+            ),
+            policy_actions,
+            policy_leader: gauge(
+                "lockjam_policy_leader",
+                "1 where this instance holds the target's leader lock and may enforce the policy.",
             ),
         };
         Metrics {
@@ -341,6 +357,21 @@ impl Metrics {
         ] {
             family.replace(target, std::iter::empty());
         }
+    }
+
+    /// Counts one policy decision.
+    pub fn record_policy_action(&self, target: &str, rule: &str, action: &str, outcome: &str) {
+        self.families()
+            .policy_actions
+            .with_label_values(&[target, rule, action, outcome])
+            .inc();
+    }
+
+    pub fn set_policy_leader(&self, target: &str, leader: bool) {
+        self.families()
+            .policy_leader
+            .with_label_values(&[target])
+            .set(if leader { 1.0 } else { 0.0 });
     }
 
     /// Declares a target before its first sample: `lockjam_up` is 0 until

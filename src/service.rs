@@ -12,8 +12,11 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::analysis::{analyze, ended_waits, LockGraph};
+use crate::audit;
 use crate::config::{Config, SamplerConfig, Target};
-use crate::connect::ConnectError;
+use crate::connect::{ConnectError, SessionSettings};
+use crate::enforcer::Enforcer;
+use crate::policy::{decide, Memory, Policy};
 use crate::sampler::{SampleError, Sampler};
 use crate::state::{SharedState, TargetState};
 
@@ -49,6 +52,18 @@ impl Service {
             .iter()
             .map(|target| Sampler::new(target, &config.sampler))
             .collect::<Result<Vec<_>, _>>()?;
+        let session_settings = SessionSettings::of(&config.sampler);
+        let enforcers = config
+            .targets
+            .iter()
+            .map(|target| {
+                config
+                    .policy
+                    .enabled
+                    .then(|| Enforcer::new(target, session_settings))
+                    .transpose()
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let listener = tokio::net::TcpListener::bind(config.server.listen)
             .await
             .map_err(|source| ServiceError::Bind {
@@ -68,11 +83,12 @@ impl Service {
         ));
         let (shutdown, _) = watch::channel(false);
         let mut tasks = JoinSet::new();
-        for (target, sampler) in config.targets.iter().zip(samplers) {
+        for ((target, sampler), enforcer) in config.targets.iter().zip(samplers).zip(enforcers) {
             tasks.spawn(watch_target(
                 target.clone(),
                 config.sampler.clone(),
                 sampler,
+                enforcer.map(|enforcer| (enforcer, config.policy.clone())),
                 shared.clone(),
                 shutdown.subscribe(),
             ));
@@ -133,9 +149,11 @@ async fn watch_target(
     target: Target,
     settings: SamplerConfig,
     mut sampler: Sampler,
+    mut policy: Option<(Enforcer, Policy)>,
     shared: Arc<SharedState>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let mut memory = Memory::default();
     let name = target.name.as_str();
     let state = shared.target(name).expect("every target has a state");
     let mut previous: Option<Arc<LockGraph>> = None;
@@ -163,6 +181,9 @@ async fn watch_target(
                     .metrics
                     .record_sample(name, &graph, &ended, took, settings.max_relations);
                 state.record_success(graph.clone(), sampler.server_version(), started.into_std());
+                if let Some((enforcer, policy)) = policy.as_mut() {
+                    enforce(name, policy, enforcer, &mut memory, &graph, started, &shared).await;
+                }
                 if failures > 0 || !ever_sampled {
                     tracing::info!(
                         target = name,
@@ -199,6 +220,39 @@ async fn watch_target(
             _ = tokio::time::sleep_until(started + next) => {}
             _ = shutdown.wait_for(|stopped| *stopped) => break,
         }
+    }
+}
+
+/// Runs the policy on a fresh graph: only the leader decides and signals,
+/// and every decision becomes a counter increment and an audit event.
+async fn enforce(
+    name: &str,
+    policy: &Policy,
+    enforcer: &mut Enforcer,
+    memory: &mut Memory,
+    graph: &LockGraph,
+    sampled: Instant,
+    shared: &SharedState,
+) {
+    let leader = enforcer.lead().await;
+    shared.metrics.set_policy_leader(name, leader);
+    if !leader {
+        return;
+    }
+    for decision in decide(graph, policy, memory, graph.taken_at + sampled.elapsed()) {
+        let (outcome, detail) = match decision.verdict {
+            Some(verdict) => (verdict, None),
+            None => enforcer.signal(&decision).await,
+        };
+        // Ages in the event and the memory are on the server's clock.
+        let now = graph.taken_at + sampled.elapsed();
+        memory.record(&decision, outcome, now);
+        shared
+            .metrics
+            .record_policy_action(name, &decision.rule, decision.signal.as_str(), outcome.as_str());
+        let event = audit::event(name, &decision, outcome, detail, now);
+        audit::log(&event);
+        shared.events.push(event);
     }
 }
 

@@ -5,11 +5,13 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use crate::analysis::LockGraph;
+use crate::audit::EventLog;
 use crate::metrics::Metrics;
 
 pub struct SharedState {
     pub metrics: Metrics,
     pub targets: Vec<TargetState>,
+    pub events: EventLog,
 }
 
 pub struct TargetState {
@@ -93,7 +95,11 @@ impl SharedState {
         for target in &targets {
             metrics.register_target(&target.name);
         }
-        SharedState { metrics, targets }
+        SharedState {
+            metrics,
+            targets,
+            events: EventLog::default(),
+        }
     }
 
     pub fn target(&self, name: &str) -> Option<&TargetState> {

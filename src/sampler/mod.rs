@@ -80,11 +80,7 @@ pub struct Sampler {
 
 impl Sampler {
     pub fn new(target: &Target, config: &SamplerConfig) -> Result<Sampler, ConnectError> {
-        let settings = SessionSettings {
-            statement_timeout: config.statement_timeout,
-            lock_timeout: config.lock_timeout,
-            connect_timeout: config.connect_timeout,
-        };
+        let settings = SessionSettings::of(config);
         Ok(Sampler {
             target: target.clone(),
             connector: Connector::new(target, settings)?,

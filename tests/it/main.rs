@@ -2,6 +2,7 @@
 //! started by the fixture in `support`.
 
 mod incidents;
+mod policy;
 mod service;
 mod support;
 mod tls;

@@ -32,6 +32,10 @@ pub fn sampler_config() -> SamplerConfig {
 }
 
 pub fn config_for(targets: Vec<(&str, String)>) -> Config {
+    config_with(targets, Policy::default())
+}
+
+pub fn config_with(targets: Vec<(&str, String)>, policy: Policy) -> Config {
     Config {
         server: ServerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -49,7 +53,7 @@ pub fn config_for(targets: Vec<(&str, String)>) -> Config {
             format: LogFormat::Text,
             level: "warn".into(),
         },
-        policy: Policy::default(),
+        policy,
     }
 }
 
@@ -73,11 +77,16 @@ impl TestEnv {
     }
 
     pub async fn start_with(options: ClusterOptions) -> TestEnv {
+        TestEnv::start_full(options, Policy::default()).await
+    }
+
+    /// A cluster with `options`, and lockjam with `policy`.
+    pub async fn start_full(options: ClusterOptions, policy: Policy) -> TestEnv {
         let cluster = start_cluster(options).await;
         let postgres = connect(&cluster.dsn("postgres"), "fixture").await;
         postgres.batch_execute("CREATE DATABASE app").await.unwrap();
         let admin = connect(&cluster.dsn("app"), "fixture").await;
-        let service = Service::start(&config_for(vec![("it", cluster.dsn("postgres"))]))
+        let service = Service::start(&config_with(vec![("it", cluster.dsn("postgres"))], policy))
             .await
             .expect("lockjam starts");
         TestEnv {
@@ -141,6 +150,27 @@ impl TestEnv {
                 .is_some()
         })
         .await;
+    }
+
+    /// The policy's audit events, newest first.
+    pub async fn events(&self) -> Vec<serde_json::Value> {
+        events(self.addr()).await
+    }
+
+    /// Waits until some audit event satisfies `check`, and returns it.
+    pub async fn wait_for_event(&self, what: &str, check: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Some(event) = self.events().await.into_iter().find(|e| check(e)) {
+                return event;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}: {:?}",
+                self.events().await
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Waits until `pid` waits for a heavyweight lock.
@@ -213,6 +243,13 @@ pub async fn connect(dsn: &str, application_name: &str) -> Client {
 
 pub async fn backend_pid(client: &Client) -> i32 {
     client.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0)
+}
+
+pub async fn events(addr: SocketAddr) -> Vec<serde_json::Value> {
+    let (status, body) = http_get(addr, "/api/v1/events").await;
+    assert_eq!(status, 200, "{body}");
+    let value: serde_json::Value = serde_json::from_str(&body).unwrap();
+    value["events"].as_array().unwrap().clone()
 }
 
 /// A plain HTTP/1.1 GET: status and body.

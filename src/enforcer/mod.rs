@@ -1,0 +1,151 @@
+//! The enforcer: the only code that signals backends. Per target it keeps
+//! one dedicated session that holds a session-level advisory lock while
+//! this instance is the leader, and sends each signal through that session
+//! with one statement that re-checks everything the decision assumed.
+
+use std::time::SystemTime;
+
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{Client, Statement};
+
+use crate::config::Target;
+use crate::connect::{error_chain, ConnectError, Connector, SessionSettings};
+use crate::policy::{Decision, Outcome};
+
+const SIGNAL_SQL: &str = include_str!("signal.sql");
+
+/// The advisory lock that elects one leader per target: the bytes of
+/// "lockjam" as a bigint, in the database of the target's DSN.
+pub const LEADER_LOCK_KEY: i64 = 0x006c_6f63_6b6a_616d;
+
+struct LeaderSession {
+    client: Client,
+    signal: Statement,
+    leader: bool,
+}
+
+pub struct Enforcer {
+    target: String,
+    connector: Connector,
+    session: Option<LeaderSession>,
+}
+
+impl Enforcer {
+    pub fn new(target: &Target, settings: SessionSettings) -> Result<Enforcer, ConnectError> {
+        Ok(Enforcer {
+            target: target.name.clone(),
+            connector: Connector::new(target, settings)?,
+            session: None,
+        })
+    }
+
+    /// Becomes or stays the leader: true while this instance holds the
+    /// leader lock. Another instance's lock, or an unreachable database,
+    /// makes it false; it is tried again on the next call.
+    pub async fn lead(&mut self) -> bool {
+        if self.session.as_ref().is_some_and(|s| s.client.is_closed()) {
+            tracing::warn!(target = %self.target, "lost the leader session; this instance no longer enforces");
+            self.session = None;
+        }
+        if self.session.is_none() {
+            match self.open().await {
+                Ok(session) => self.session = Some(session),
+                Err(e) => {
+                    tracing::debug!(target = %self.target, "cannot open the leader session: {e}");
+                    return false;
+                }
+            }
+        }
+        let session = self.session.as_mut().expect("opened above");
+        if !session.leader {
+            match session
+                .client
+                .query_one("SELECT pg_catalog.pg_try_advisory_lock($1)", &[&LEADER_LOCK_KEY])
+                .await
+            {
+                Ok(row) => {
+                    session.leader = row.get(0);
+                    if session.leader {
+                        tracing::info!(target = %self.target, "this instance is the policy leader");
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(target = %self.target, "leader lock attempt failed: {}", error_chain(&e));
+                    self.session = None;
+                    return false;
+                }
+            }
+        }
+        session.leader
+    }
+
+    async fn open(&self) -> Result<LeaderSession, String> {
+        let client = self.connector.connect(None).await.map_err(|e| e.to_string())?;
+        let signal = client.prepare(SIGNAL_SQL).await.map_err(|e| error_chain(&e))?;
+        Ok(LeaderSession {
+            client,
+            signal,
+            leader: false,
+        })
+    }
+
+    /// Sends the decision's signal, if everything it assumed still holds,
+    /// and says what became of it (with the server's words for errors).
+    pub async fn signal(&mut self, decision: &Decision) -> (Outcome, Option<String>) {
+        let Some(session) = self.session.as_ref().filter(|s| s.leader) else {
+            return (Outcome::Error, Some("not the leader".into()));
+        };
+        let target = &decision.target;
+        let waiter = &decision.waiter.session;
+        let signal: &str = decision.signal.as_str();
+        let backend_start: Option<SystemTime> = target.backend_start;
+        let row = session
+            .client
+            .query_one(
+                &session.signal,
+                &[
+                    &target.pid,
+                    &backend_start,
+                    &target.xact_start,
+                    &waiter.pid,
+                    &waiter.backend_start,
+                    &signal,
+                    &LEADER_LOCK_KEY,
+                ],
+            )
+            .await;
+        match row {
+            Ok(row) => {
+                let leader: bool = row.get("leader");
+                let found: bool = row.get("target_found");
+                let blocking: bool = row.get("still_blocking");
+                let signalled: Option<bool> = row.get("signalled");
+                match (leader, found, blocking, signalled) {
+                    (false, ..) => {
+                        self.session = None;
+                        (Outcome::Error, Some("the leader lock was lost; nothing signalled".into()))
+                    }
+                    (_, false, ..) => (Outcome::Gone, None),
+                    (_, _, false, _) => (Outcome::NotBlocking, None),
+                    (_, _, _, Some(true)) => (Outcome::Success, None),
+                    // pg_cancel_backend returns false when the process is
+                    // gone by the time the signal is sent.
+                    _ => (Outcome::Gone, Some("the server could not signal the process".into())),
+                }
+            }
+            Err(e) if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) => (
+                Outcome::PermissionDenied,
+                Some(format!(
+                    "{}; grant pg_signal_backend to lockjam's role (superusers' sessions can only be signalled by a superuser)",
+                    e.as_db_error().map_or(error_chain(&e), |d| d.message().to_string())
+                )),
+            ),
+            Err(e) => {
+                if session.client.is_closed() {
+                    self.session = None;
+                }
+                (Outcome::Error, Some(error_chain(&e)))
+            }
+        }
+    }
+}
