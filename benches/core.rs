@@ -4,16 +4,22 @@
 //!    many samples against a throwaway cluster: median, p90, min, max.
 //! 2. Resident memory of the `lockjam run` binary after a minute of
 //!    sampling those 20 waiters and being scraped every second.
+//! 3. Reaction time of the policy (`cancel_blockers`, `min_wait = 2s`, the
+//!    default cadence): from the waiter's `pg_locks.waitstart` to the
+//!    moment the blocker's cancel took effect (its `state_change`), both
+//!    on the server's clock, over several runs.
 //!
 //! Without `--bench` (that is, under `cargo test --benches`), it runs a
 //! smoke version of the same steps in seconds, so that CI keeps it working.
 
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use lockjam::cluster::{Cluster, ClusterOptions};
-use lockjam::config::{SamplerConfig, Target};
+use lockjam::config::{Config, LogConfig, LogFormat, SamplerConfig, ServerConfig, Target};
 use lockjam::dsn::Dsn;
+use lockjam::policy::{Policy, Rule};
 use lockjam::sampler::Sampler;
+use lockjam::service::Service;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_postgres::{Client, NoTls};
 
@@ -146,7 +152,96 @@ async fn run(quick: bool) {
         )
         .await
         .unwrap();
+
+    let runs = if quick { 1 } else { 10 };
+    let reactions = reaction_times(&dsn, &admin, runs).await;
+    println!(
+        "policy reaction, waiter's wait start to the blocker's cancel (min_wait 2s, interval 1s, fast_interval 250ms): {}",
+        summary(reactions)
+    );
     tokio::task::spawn_blocking(move || drop(cluster)).await.unwrap();
+}
+
+/// Runs lockjam in-process with the one-rule policy and stages `runs`
+/// incidents, each on its own table; returns each reaction time.
+async fn reaction_times(dsn: &str, admin: &Client, runs: usize) -> Vec<Duration> {
+    let config = Config {
+        server: ServerConfig {
+            listen: ([127, 0, 0, 1], 0).into(),
+        },
+        sampler: SamplerConfig::default(),
+        targets: vec![Target {
+            name: "bench".into(),
+            dsn: Dsn::parse(dsn).unwrap(),
+            default_user: None,
+        }],
+        log: LogConfig {
+            format: LogFormat::Text,
+            level: "warn".into(),
+        },
+        policy: Policy {
+            enabled: true,
+            dry_run: false,
+            max_actions_per_minute: 30,
+            rules: vec![Rule::unblock_migrations(Duration::from_secs(2))],
+        },
+    };
+    let service = Service::start(&config).await.unwrap();
+    let mut reactions = Vec::new();
+    for run in 0..runs {
+        let table = format!("reaction_{run}");
+        admin
+            .batch_execute(&format!(
+                "CREATE TABLE {table} (id int); INSERT INTO {table} VALUES (1)"
+            ))
+            .await
+            .unwrap();
+        let reader = connect(dsn, "analyst").await;
+        let reader_pid: i32 = reader.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
+        let read_sql = format!("SELECT pg_sleep(600), count(*) FROM {table}");
+        // The reader's client is kept, so that its session (and its
+        // state_change) outlive the cancelled statement.
+        let read = tokio::spawn(async move {
+            let result = reader.simple_query(&read_sql).await;
+            (reader, result)
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let migration = connect(dsn, "migrate").await;
+        let migration_pid: i32 = migration
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await
+            .unwrap()
+            .get(0);
+        let alter_sql = format!("ALTER TABLE {table} ADD COLUMN note text");
+        let alter = tokio::spawn(async move { migration.simple_query(&alter_sql).await });
+        let wait_start: SystemTime = loop {
+            let row = admin
+                .query_opt(
+                    "SELECT waitstart FROM pg_locks WHERE pid = $1 AND NOT granted AND waitstart IS NOT NULL",
+                    &[&migration_pid],
+                )
+                .await
+                .unwrap();
+            if let Some(row) = row {
+                break row.get(0);
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        alter.await.unwrap().expect("the policy unblocks the ALTER");
+        let (_reader, result) = read.await.unwrap();
+        assert!(result.is_err(), "the read was cancelled");
+        let cancelled: SystemTime = admin
+            .query_one(
+                "SELECT state_change FROM pg_stat_activity WHERE pid = $1",
+                &[&reader_pid],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        reactions.push(cancelled.duration_since(wait_start).unwrap());
+    }
+    service.stop().await;
+    reactions
 }
 
 /// Starts the `lockjam` binary, scrapes it every second for `duration`, and
