@@ -164,3 +164,57 @@ impl EventLog {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::analysis::{WaitedLock, Waiter};
+    use crate::policy::{Decision, Identity, Signal};
+
+    fn decision(pid: i32) -> Decision {
+        let session = Session {
+            pid,
+            query: Some("x".repeat(500)),
+            ..Session::default()
+        };
+        Decision {
+            rule: "r".into(),
+            signal: Signal::Cancel,
+            target: Identity::of(&session),
+            target_session: Some(session.clone()),
+            waiter: Waiter {
+                session,
+                lock: WaitedLock {
+                    locktype: "relation".into(),
+                    mode: "AccessExclusiveLock".into(),
+                    tag: "t".into(),
+                    relation: Some("public.t".into()),
+                },
+                wait_start: None,
+                wait: Duration::from_millis(2500),
+                blocked_by: Vec::new(),
+                chain_depth: 1,
+                leads_to_root: true,
+                behind: 3,
+            },
+            verdict: None,
+            reason: "because".into(),
+        }
+    }
+
+    #[test]
+    fn keeps_the_last_thousand_newest_first_with_queries_cut() {
+        let log = EventLog::default();
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        for pid in 0..1005 {
+            log.push(event("main", &decision(pid), Outcome::Success, None, now));
+        }
+        let events = log.newest_first();
+        assert_eq!(events.len(), EVENT_CAPACITY);
+        assert_eq!((events[0].blocker.pid, events[999].blocker.pid), (1004, 5));
+        assert_eq!(events[0].blocker.query.as_ref().unwrap().chars().count(), 200);
+        assert_eq!(events[0].waiter.wait_seconds, 2.5);
+        assert_eq!((events[0].action, events[0].outcome), ("cancel", "success"));
+        assert_eq!(events[0].time, "2023-11-14T22:13:20.000Z");
+    }
+}

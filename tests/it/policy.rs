@@ -79,6 +79,7 @@ async fn incident_000_cleared_by_cancel_blockers() {
         select.unwrap().unwrap().expect("every queued SELECT succeeds");
     }
 
+    env.wait_for_event("the signal", |e| e["outcome"] == "success").await;
     let events = env.events().await;
     assert_eq!(events.len(), 1, "{events:#?}");
     let event = &events[0];
@@ -207,6 +208,7 @@ async fn incident_001_unprotected_pg_dump_is_cancelled() {
         .await
         .unwrap()
         .expect("the DROP goes through");
+    env.wait_for_event("the signal", |e| e["outcome"] == "success").await;
     let events = env.events().await;
     let summary: Vec<(&str, &str, i64)> = events
         .iter()
@@ -295,7 +297,7 @@ async fn incident_002_cleared_by_a_share_row_exclusive_rule() {
     while let Some(write) = within("the writers", writers.join_next()).await {
         write.unwrap().unwrap().expect("every writer succeeds");
     }
-    let event = &env.events().await[0];
+    let event = &env.wait_for_event("the signal", |e| e["outcome"] == "success").await;
     assert_eq!(
         (
             &event["rule"],
@@ -332,6 +334,7 @@ async fn idle_in_transaction_blocker_is_terminated_after_terminate_after() {
     let (migration_pid, alter) = env.spawn_statement("migrate", DROP_CONSTRAINT).await;
     env.wait_until_waiting(migration_pid).await;
     within("the ALTER", alter).await.unwrap().expect("the ALTER succeeds");
+    env.wait_for_event("the signal", |e| e["outcome"] == "success").await;
     let events = env.events().await;
     assert_eq!(events.len(), 1, "no useless cancel first: {events:#?}");
     assert_eq!(events[0]["action"], "terminate");
@@ -387,6 +390,7 @@ async fn cancel_waiter_once_the_queue_reaches_min_queue() {
         Some("active"),
         "the long read is untouched"
     );
+    env.wait_for_event("the signal", |e| e["outcome"] == "success").await;
     let events = env.events().await;
     assert_eq!(events.len(), 1);
     assert_eq!(events[0]["blocker"]["pid"], migration_pid);
@@ -684,6 +688,10 @@ async fn two_replicas_only_the_leader_acts_and_the_other_takes_over() {
     env.wait_until_waiting(migration_pid).await;
     within("the ALTER", alter).await.unwrap().unwrap();
     assert!(within("the read", read).await.unwrap().is_err());
+    wait_until("the leader's event", || async {
+        env.events().await.len() + events(second_addr).await.len() >= 1
+    })
+    .await;
     let (first_events, second_events) = (env.events().await, events(second_addr).await);
     assert_eq!(
         first_events.len() + second_events.len(),
@@ -717,6 +725,59 @@ async fn two_replicas_only_the_leader_acts_and_the_other_takes_over() {
         .await;
     within("the second ALTER", alter).await.unwrap().unwrap();
     assert!(within("the second read", read).await.unwrap().is_err());
-    assert_eq!(events(survivor_addr).await.len(), before + 1);
+    wait_until("the survivor's event", || async {
+        events(survivor_addr).await.len() == before + 1
+    })
+    .await;
+    env.stop().await;
+}
+
+/// Two `lockjam run` processes on one database: exactly one reports
+/// `lockjam_policy_leader 1`; when it is killed (SIGKILL, no goodbye), the
+/// other takes over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_lockjam_run_processes_fail_over_when_the_leader_is_killed() {
+    let env = TestEnv::start().await;
+    let spawn = || {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let listen = format!("127.0.0.1:{port}");
+        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_lockjam"))
+            .args(["run", "--listen", &listen, "--cancel-blockers-after", "2s"])
+            .args(["--dsn", &env.cluster.dsn("postgres")])
+            .env_remove("LOCKJAM_CONFIG")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        (child, listen.parse::<std::net::SocketAddr>().unwrap())
+    };
+    let (mut first, first_addr) = spawn();
+    let (mut second, second_addr) = spawn();
+    let leader_of = |addr| async move {
+        match tokio::net::TcpStream::connect(addr).await {
+            Ok(_) => scrape(addr).await.value("lockjam_policy_leader", &[]),
+            Err(_) => None,
+        }
+    };
+    wait_until("exactly one leader", || async {
+        matches!((leader_of(first_addr).await, leader_of(second_addr).await), (Some(a), Some(b)) if a + b == 1.0)
+    })
+    .await;
+    let (survivor_addr, leader) = if leader_of(first_addr).await == Some(1.0) {
+        (second_addr, &mut first)
+    } else {
+        (first_addr, &mut second)
+    };
+    leader.start_kill().unwrap();
+    leader.wait().await.unwrap();
+    wait_until("the survivor to lead", || async {
+        leader_of(survivor_addr).await == Some(1.0)
+    })
+    .await;
     env.stop().await;
 }

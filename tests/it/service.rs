@@ -220,9 +220,24 @@ async fn least_privilege_role_with_pg_monitor() {
         .await
         .unwrap();
     let migration = connect(&shop_dsn, "migrate").await;
+    let waiting = |application: &'static str| {
+        let postgres = &postgres;
+        async move {
+            let row = postgres
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 AND wait_event_type = 'Lock'",
+                    &[&application],
+                )
+                .await
+                .unwrap();
+            row.get::<_, i64>(0) == 1
+        }
+    };
     let _alter = tokio::spawn(async move { migration.simple_query("ALTER TABLE t ADD COLUMN x int").await });
+    wait_until("the ALTER to wait", || waiting("migrate")).await;
     let reader = connect(&shop_dsn, "web").await;
     let _read = tokio::spawn(async move { reader.simple_query("SELECT * FROM t").await });
+    wait_until("the SELECT to queue", || waiting("web")).await;
 
     let dsn = format!(
         "host=127.0.0.1 port={} user=lockjam dbname=postgres sslmode=disable",
@@ -314,6 +329,36 @@ fn cli_check_config() {
     assert_eq!(output.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("unknown connection option `flavour`"), "{stderr}");
     assert!(!stderr.contains("s3cret"), "{stderr}");
+
+    let output = lockjam()
+        .args([
+            "check-config",
+            "--dsn",
+            "host=x user=u",
+            "--cancel-blockers-after",
+            "5s",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(0), "{stdout}");
+    assert!(stdout.contains("enabled = true\ndry_run = false"), "{stdout}");
+    assert!(
+        stdout.contains("name = \"unblock-migrations\"") && stdout.contains("min_wait = \"5s\""),
+        "{stdout}"
+    );
+    let output = lockjam()
+        .args([
+            "check-config",
+            "--dsn",
+            "host=x user=u",
+            "--cancel-blockers-after",
+            "soon",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("--cancel-blockers-after: `soon`"));
 
     let output = lockjam().arg("--version").output().unwrap();
     assert_eq!(
