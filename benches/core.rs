@@ -179,12 +179,7 @@ async fn reaction_times(dsn: &str, admin: &Client, runs: usize) -> Vec<Duration>
             format: LogFormat::Text,
             level: "warn".into(),
         },
-        policy: Policy {
-            enabled: true,
-            dry_run: false,
-            max_actions_per_minute: 30,
-            rules: vec![Rule::unblock_migrations(Duration::from_secs(2))],
-        },
+        policy: Policy::acting(vec![Rule::unblock_migrations(Duration::from_secs(2))]),
     };
     let service = Service::start(&config).await.unwrap();
     let mut reactions = Vec::new();
@@ -247,11 +242,7 @@ async fn reaction_times(dsn: &str, admin: &Client, runs: usize) -> Vec<Duration>
 /// Starts the `lockjam` binary, scrapes it every second for `duration`, and
 /// returns its VmRSS in kB.
 async fn lockjam_run_rss(dsn: &str, duration: Duration) -> u64 {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = lockjam::cluster::free_port().unwrap();
     let listen = format!("127.0.0.1:{port}");
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_lockjam"))
         .args(["run", "--dsn", dsn, "--listen", &listen])

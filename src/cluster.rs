@@ -128,7 +128,9 @@ fn unprivileged_user() -> Result<OsUser, ClusterError> {
     Err(ClusterError::NoUnprivilegedUser)
 }
 
-fn free_port() -> Result<u16, ClusterError> {
+/// A loopback port free at the moment of asking (another process may take
+/// it before it is bound: callers retry or accept the rare failure).
+pub fn free_port() -> std::io::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 

@@ -790,12 +790,7 @@ mod tests {
         let policy = load_with("2s", &[]).unwrap().policy;
         assert_eq!(
             policy,
-            Policy {
-                enabled: true,
-                dry_run: false,
-                max_actions_per_minute: 30,
-                rules: vec![Rule::unblock_migrations(Duration::from_secs(2))],
-            }
+            Policy::acting(vec![Rule::unblock_migrations(Duration::from_secs(2))])
         );
         assert!(
             load_with("2s", &[("LOCKJAM__POLICY__DRY_RUN", "true")])

@@ -168,6 +168,18 @@ pub struct Policy {
     pub rules: Vec<Rule>,
 }
 
+impl Policy {
+    /// An enabled policy that signals (no dry run), with these rules.
+    pub fn acting(rules: Vec<Rule>) -> Policy {
+        Policy {
+            enabled: true,
+            dry_run: false,
+            rules,
+            ..Policy::default()
+        }
+    }
+}
+
 impl Default for Policy {
     fn default() -> Self {
         Policy {
@@ -526,12 +538,7 @@ mod tests {
     }
 
     fn policy(rule: Rule) -> Policy {
-        Policy {
-            enabled: true,
-            dry_run: false,
-            max_actions_per_minute: 30,
-            rules: vec![rule],
-        }
+        Policy::acting(vec![rule])
     }
 
     fn rule(min_wait: f64) -> Rule {

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use lockjam::cluster::ClusterOptions;
 use tokio::task::JoinSet;
 
+use crate::scenes::{foreign_key_behind_mailer, migration_behind_long_read};
 use crate::support::{backend_pid, http_get, within, TestEnv, INTERVAL};
 
 const APP: (&str, &str) = ("datname", "app");
@@ -46,25 +47,7 @@ async fn assert_drained_within_two_intervals(env: &TestEnv, ended: Instant) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn incident_000_drop_constraint_behind_a_long_read() {
     let env = TestEnv::start().await;
-    env.admin
-        .batch_execute(
-            "CREATE TABLE customers (id bigint PRIMARY KEY);
-             CREATE TABLE orders (id bigint PRIMARY KEY,
-                 customer_id bigint CONSTRAINT orders_customer_id_fkey REFERENCES customers);
-             INSERT INTO customers SELECT generate_series(1, 100);
-             INSERT INTO orders SELECT g, 1 + g % 100 FROM generate_series(1, 1000) AS g;",
-        )
-        .await
-        .unwrap();
-
-    let (reader_pid, read) = env
-        .spawn_statement("analyst", "SELECT pg_sleep(600), count(*) FROM orders")
-        .await;
-    env.wait_until_holding(reader_pid, "orders", None).await;
-    let (migration_pid, alter) = env
-        .spawn_statement("migrate", "ALTER TABLE orders DROP CONSTRAINT orders_customer_id_fkey")
-        .await;
-    env.wait_until_waiting(migration_pid).await;
+    let (reader_pid, read, migration_pid, alter) = migration_behind_long_read(&env).await;
 
     let mut selects = JoinSet::new();
     for i in 0..20i64 {
@@ -283,30 +266,7 @@ async fn incident_002_add_foreign_key_queues_writers_not_readers() {
         ..ClusterOptions::default()
     })
     .await;
-    env.admin
-        .batch_execute(
-            "CREATE TABLE users (id bigint PRIMARY KEY, email text, last_mailed_at timestamptz);
-             INSERT INTO users SELECT g, 'user' || g || '@example.com' FROM generate_series(1, 1000) AS g;
-             CREATE TABLE user_messages (id bigint PRIMARY KEY, user_id bigint);",
-        )
-        .await
-        .unwrap();
-
-    let (mailer_pid, mail) = env
-        .spawn_statement(
-            "mailer",
-            "BEGIN; UPDATE users SET last_mailed_at = now() WHERE id > 900; SELECT pg_sleep(600); COMMIT",
-        )
-        .await;
-    env.wait_until_holding(mailer_pid, "users", Some("RowExclusiveLock"))
-        .await;
-    let (migration_pid, add_fk) = env
-        .spawn_statement(
-            "migrate",
-            "ALTER TABLE user_messages ADD CONSTRAINT user_messages_user_id_fkey FOREIGN KEY (user_id) REFERENCES users",
-        )
-        .await;
-    env.wait_until_waiting(migration_pid).await;
+    let (mailer_pid, mail, migration_pid, add_fk) = foreign_key_behind_mailer(&env).await;
     let mut writers = JoinSet::new();
     for i in 1..=WRITERS as i64 {
         let client = env.session("web-write").await;

@@ -16,30 +16,18 @@ use serde_json::Value;
 use tokio::task::JoinSet;
 use tokio_postgres::error::SqlState;
 
+use crate::scenes::{foreign_key_behind_mailer, migration_behind_long_read, DROP_CONSTRAINT, LONG_READ, ORDERS};
 use crate::support::{
     backend_pid, config_with, connect, events, sampler_config, scrape, start_cluster, wait_until, within, TestEnv,
 };
 
 fn acting(rule: Rule) -> Policy {
-    Policy {
-        enabled: true,
-        dry_run: false,
-        max_actions_per_minute: 30,
-        rules: vec![rule],
-    }
+    Policy::acting(vec![rule])
 }
 
 fn unblock(min_wait_seconds: u64) -> Rule {
     Rule::unblock_migrations(Duration::from_secs(min_wait_seconds))
 }
-
-const ORDERS: &str = "CREATE TABLE customers (id bigint PRIMARY KEY);
-     CREATE TABLE orders (id bigint PRIMARY KEY,
-         customer_id bigint CONSTRAINT orders_customer_id_fkey REFERENCES customers);
-     INSERT INTO customers SELECT generate_series(1, 100);
-     INSERT INTO orders SELECT g, 1 + g % 100 FROM generate_series(1, 1000) AS g;";
-const LONG_READ: &str = "SELECT pg_sleep(600), count(*) FROM orders";
-const DROP_CONSTRAINT: &str = "ALTER TABLE orders DROP CONSTRAINT orders_customer_id_fkey";
 
 /// Counter value of `lockjam_policy_actions_total` for these labels.
 async fn actions(env: &TestEnv, action: &str, outcome: &str) -> Option<f64> {
@@ -62,11 +50,7 @@ async fn state_of(env: &TestEnv, pid: i32) -> Option<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn incident_000_cleared_by_cancel_blockers() {
     let env = TestEnv::start_full(ClusterOptions::default(), acting(unblock(2))).await;
-    env.admin.batch_execute(ORDERS).await.unwrap();
-    let (reader_pid, read) = env.spawn_statement("analyst", LONG_READ).await;
-    env.wait_until_holding(reader_pid, "orders", None).await;
-    let (migration_pid, alter) = env.spawn_statement("migrate", DROP_CONSTRAINT).await;
-    env.wait_until_waiting(migration_pid).await;
+    let (reader_pid, read, migration_pid, alter) = migration_behind_long_read(&env).await;
     let mut selects = JoinSet::new();
     for _ in 0..20 {
         let (_, select) = env.spawn_statement("web", "SELECT count(*) FROM orders").await;
@@ -258,29 +242,7 @@ async fn incident_002_cleared_by_a_share_row_exclusive_rule() {
         ..unblock(1)
     };
     let env = TestEnv::start_full(ClusterOptions::default(), acting(rule)).await;
-    env.admin
-        .batch_execute(
-            "CREATE TABLE users (id bigint PRIMARY KEY, email text, last_mailed_at timestamptz);
-             INSERT INTO users SELECT g, 'user' || g || '@example.com' FROM generate_series(1, 1000) AS g;
-             CREATE TABLE user_messages (id bigint PRIMARY KEY, user_id bigint);",
-        )
-        .await
-        .unwrap();
-    let (mailer_pid, mail) = env
-        .spawn_statement(
-            "mailer",
-            "BEGIN; UPDATE users SET last_mailed_at = now() WHERE id > 900; SELECT pg_sleep(600); COMMIT",
-        )
-        .await;
-    env.wait_until_holding(mailer_pid, "users", Some("RowExclusiveLock"))
-        .await;
-    let (migration_pid, add_fk) = env
-        .spawn_statement(
-            "migrate",
-            "ALTER TABLE user_messages ADD CONSTRAINT user_messages_user_id_fkey FOREIGN KEY (user_id) REFERENCES users",
-        )
-        .await;
-    env.wait_until_waiting(migration_pid).await;
+    let (mailer_pid, mail, _, add_fk) = foreign_key_behind_mailer(&env).await;
     let mut writers = JoinSet::new();
     for i in 1..=20 {
         let (_, write) = env
@@ -366,11 +328,7 @@ async fn cancel_waiter_once_the_queue_reaches_min_queue() {
         ..unblock(0)
     };
     let env = TestEnv::start_full(ClusterOptions::default(), acting(rule)).await;
-    env.admin.batch_execute(ORDERS).await.unwrap();
-    let (reader_pid, _read) = env.spawn_statement("analyst", LONG_READ).await;
-    env.wait_until_holding(reader_pid, "orders", None).await;
-    let (migration_pid, alter) = env.spawn_statement("migrate", DROP_CONSTRAINT).await;
-    env.wait_until_waiting(migration_pid).await;
+    let (reader_pid, _read, migration_pid, alter) = migration_behind_long_read(&env).await;
     let mut selects = JoinSet::new();
     for _ in 0..4 {
         selects.spawn(env.spawn_statement("web", "SELECT count(*) FROM orders").await.1);
@@ -408,11 +366,7 @@ async fn dry_run_signals_nothing_and_counts_dry_run() {
     let mut policy = acting(unblock(1));
     policy.dry_run = true;
     let env = TestEnv::start_full(ClusterOptions::default(), policy).await;
-    env.admin.batch_execute(ORDERS).await.unwrap();
-    let (reader_pid, _read) = env.spawn_statement("analyst", LONG_READ).await;
-    env.wait_until_holding(reader_pid, "orders", None).await;
-    let (migration_pid, alter) = env.spawn_statement("migrate", DROP_CONSTRAINT).await;
-    env.wait_until_waiting(migration_pid).await;
+    let (reader_pid, _read, _, alter) = migration_behind_long_read(&env).await;
     let event = env
         .wait_for_event("a dry-run decision", |e| e["outcome"] == "dry_run")
         .await;
@@ -681,11 +635,7 @@ async fn two_replicas_only_the_leader_acts_and_the_other_takes_over() {
         matches!(leaders().await, (Some(a), Some(b)) if a + b == 1.0)
     })
     .await;
-    env.admin.batch_execute(ORDERS).await.unwrap();
-    let (reader_pid, read) = env.spawn_statement("analyst", LONG_READ).await;
-    env.wait_until_holding(reader_pid, "orders", None).await;
-    let (migration_pid, alter) = env.spawn_statement("migrate", DROP_CONSTRAINT).await;
-    env.wait_until_waiting(migration_pid).await;
+    let (_, read, _, alter) = migration_behind_long_read(&env).await;
     within("the ALTER", alter).await.unwrap().unwrap();
     assert!(within("the read", read).await.unwrap().is_err());
     wait_until("the leader's event", || async {
@@ -739,11 +689,7 @@ async fn two_replicas_only_the_leader_acts_and_the_other_takes_over() {
 async fn two_lockjam_run_processes_fail_over_when_the_leader_is_killed() {
     let env = TestEnv::start().await;
     let spawn = || {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = lockjam::cluster::free_port().unwrap();
         let listen = format!("127.0.0.1:{port}");
         let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_lockjam"))
             .args(["run", "--listen", &listen, "--cancel-blockers-after", "2s"])

@@ -41,11 +41,7 @@ async fn http_routes_status_codes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn unreachable_database_serves_up_zero_and_not_ready() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = lockjam::cluster::free_port().unwrap();
     let dsn = format!("host=127.0.0.1 port={port} user=postgres password=hunter2 dbname=postgres sslmode=disable");
     let service = Service::start(&config_for(vec![("dead", dsn)])).await.unwrap();
     let addr = service.local_addr();
@@ -371,11 +367,7 @@ fn cli_check_config() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_run_stops_on_sigterm() {
     let env = TestEnv::start().await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = lockjam::cluster::free_port().unwrap();
     let listen = format!("127.0.0.1:{port}");
     let mut child = lockjam()
         .args(["run", "--listen", &listen])
