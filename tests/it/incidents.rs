@@ -91,8 +91,10 @@ async fn incident_000_drop_constraint_behind_a_long_read() {
     );
     let head_wait = scrape.value("lockjam_lock_queue_head_wait_seconds", &orders).unwrap();
     let root_age = scrape.value("lockjam_root_blocker_max_age_seconds", &[APP]).unwrap();
+    // Before PostgreSQL 14 a wait first seen in this very sample shows 0 s
+    // (see versions::wait_start_is_waitstart_from_14_and_first_seen_before).
     assert!(
-        head_wait > 0.0 && root_age > head_wait,
+        head_wait >= 0.0 && root_age > head_wait,
         "head {head_wait}s, root {root_age}s"
     );
 

@@ -7,3 +7,4 @@ mod scenes;
 mod service;
 mod support;
 mod tls;
+mod versions;

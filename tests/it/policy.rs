@@ -18,7 +18,8 @@ use tokio_postgres::error::SqlState;
 
 use crate::scenes::{foreign_key_behind_mailer, migration_behind_long_read, DROP_CONSTRAINT, LONG_READ, ORDERS};
 use crate::support::{
-    backend_pid, config_with, connect, events, sampler_config, scrape, start_cluster, wait_until, within, TestEnv,
+    backend_pid, config_with, connect, events, pg_dump_for, sampler_config, scrape, start_cluster, wait_until, within,
+    TestEnv,
 };
 
 fn acting(rule: Rule) -> Policy {
@@ -98,12 +99,7 @@ async fn stalled_pg_dump(env: &TestEnv) -> (tokio::process::Child, i32, crate::s
         )
         .await
         .unwrap();
-    let beside_server = env.cluster.bindir().join("pg_dump");
-    let pg_dump = if beside_server.is_file() {
-        beside_server
-    } else {
-        "pg_dump".into()
-    };
+    let pg_dump = pg_dump_for(&env.cluster);
     let dump = tokio::process::Command::new(&pg_dump)
         .args([
             "-h",

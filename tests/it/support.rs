@@ -57,6 +57,46 @@ pub fn config_with(targets: Vec<(&str, String)>, policy: Policy) -> Config {
     }
 }
 
+/// The major version in a `--version` line such as "pg_dump (PostgreSQL) 18.6".
+fn major_version(version_line: &str) -> u32 {
+    version_line
+        .split_whitespace()
+        .find_map(|word| word.split('.').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no version in {version_line:?}"))
+}
+
+/// A `pg_dump` able to dump `cluster`'s server: `LOCKJAM_PG_DUMP`, else the
+/// one beside the server, else the one on PATH. pg_dump refuses servers
+/// newer than itself, so an older one fails the test with what to do.
+pub fn pg_dump_for(cluster: &Cluster) -> std::path::PathBuf {
+    let beside_server = cluster.bindir().join("pg_dump");
+    let pg_dump = match std::env::var_os("LOCKJAM_PG_DUMP") {
+        Some(path) => path.into(),
+        None if beside_server.is_file() => beside_server,
+        None => "pg_dump".into(),
+    };
+    let output = std::process::Command::new(&pg_dump)
+        .arg("--version")
+        .output()
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot run {}: {e}; install postgresql-client or set LOCKJAM_PG_DUMP",
+                pg_dump.display()
+            )
+        });
+    let (client, server) = (
+        major_version(&String::from_utf8_lossy(&output.stdout)),
+        major_version(cluster.version()),
+    );
+    assert!(
+        client >= server,
+        "{} is pg_dump {client}, which cannot dump a PostgreSQL {server} server: \
+         run scripts/pg-versions.sh and set LOCKJAM_PG_DUMP to the pg_dump it prints",
+        pg_dump.display()
+    );
+    pg_dump
+}
+
 pub async fn start_cluster(options: ClusterOptions) -> Cluster {
     tokio::task::spawn_blocking(move || Cluster::start(&options))
         .await
