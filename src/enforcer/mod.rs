@@ -3,14 +3,14 @@
 //! this instance is the leader, and sends each signal through that session
 //! with one statement that re-checks everything the decision assumed.
 
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, Statement};
 
 use crate::config::Target;
 use crate::connect::{error_chain, ConnectError, Connector, SessionSettings};
-use crate::policy::{Decision, Outcome};
+use crate::policy::{Decision, Outcome, Signal};
 
 const SIGNAL_SQL: &str = include_str!("signal.sql");
 
@@ -22,11 +22,15 @@ struct LeaderSession {
     client: Client,
     signal: Statement,
     leader: bool,
+    /// How long `pg_terminate_backend` waits for the backend to exit
+    /// (PostgreSQL 14+); `None` before 14.
+    terminate_wait: Option<Duration>,
 }
 
 pub struct Enforcer {
     target: String,
     connector: Connector,
+    settings: SessionSettings,
     session: Option<LeaderSession>,
 }
 
@@ -35,6 +39,7 @@ impl Enforcer {
         Ok(Enforcer {
             target: target.name.clone(),
             connector: Connector::new(target, settings)?,
+            settings,
             session: None,
         })
     }
@@ -81,11 +86,30 @@ impl Enforcer {
 
     async fn open(&self) -> Result<LeaderSession, String> {
         let client = self.connector.connect(None).await.map_err(|e| e.to_string())?;
-        let signal = client.prepare(SIGNAL_SQL).await.map_err(|e| error_chain(&e))?;
+        let version: i32 = client
+            .query_one(
+                "SELECT pg_catalog.current_setting('server_version_num')::pg_catalog.int4",
+                &[],
+            )
+            .await
+            .map_err(|e| error_chain(&e))?
+            .get(0);
+        // Waiting for the exit must fit well inside the statement timeout.
+        let terminate_wait =
+            (version >= 140_000).then(|| (self.settings.statement_timeout / 2).min(Duration::from_secs(1)));
+        let terminate = match terminate_wait {
+            Some(wait) => format!("pg_catalog.pg_terminate_backend($1, {})", wait.as_millis().max(1)),
+            None => "pg_catalog.pg_terminate_backend($1)".to_string(),
+        };
+        let signal = client
+            .prepare(&SIGNAL_SQL.replace("{terminate}", &terminate))
+            .await
+            .map_err(|e| error_chain(&e))?;
         Ok(LeaderSession {
             client,
             signal,
             leader: false,
+            terminate_wait,
         })
     }
 
@@ -95,6 +119,7 @@ impl Enforcer {
         let Some(session) = self.session.as_ref().filter(|s| s.leader) else {
             return (Outcome::Error, Some("not the leader".into()));
         };
+        let terminate_wait = session.terminate_wait;
         let target = &decision.target;
         let waiter = &decision.waiter.session;
         let signal: &str = decision.signal.as_str();
@@ -128,8 +153,17 @@ impl Enforcer {
                     (_, false, ..) => (Outcome::Gone, None),
                     (_, _, false, _) => (Outcome::NotBlocking, None),
                     (_, _, _, Some(true)) => (Outcome::Success, None),
-                    // pg_cancel_backend returns false when the process is
-                    // gone by the time the signal is sent.
+                    // From PostgreSQL 14, terminate returns false when the
+                    // backend has not exited within the wait.
+                    (_, _, _, Some(false)) if decision.signal == Signal::Terminate && terminate_wait.is_some() => (
+                        Outcome::Error,
+                        Some(format!(
+                            "terminated, but the backend had not exited after {} ms",
+                            terminate_wait.unwrap_or_default().as_millis()
+                        )),
+                    ),
+                    // Otherwise false means the process was gone by the
+                    // time the signal was sent.
                     _ => (Outcome::Gone, Some("the server could not signal the process".into())),
                 }
             }

@@ -9,6 +9,9 @@
 -- must not take other signals down with it.
 -- $1 pid, $2 its backend_start, $3 its xact_start, $4 waiter pid,
 -- $5 waiter backend_start, $6 'cancel' or 'terminate', $7 leader lock key.
+-- {terminate} is pg_terminate_backend($1, <ms>) from PostgreSQL 14, which
+-- returns once the backend has exited (and its locks are released), and
+-- pg_terminate_backend($1) before 14.
 WITH target AS (
     SELECT 1 FROM pg_catalog.pg_stat_activity AS a
     WHERE a.pid = $1 AND a.backend_start = $2 AND a.xact_start IS NOT DISTINCT FROM $3
@@ -28,7 +31,7 @@ SELECT EXISTS (SELECT 1 FROM leader) AS leader,
        EXISTS (SELECT 1 FROM waiting) AS still_blocking,
        CASE WHEN EXISTS (SELECT 1 FROM leader) AND EXISTS (SELECT 1 FROM target) AND EXISTS (SELECT 1 FROM waiting)
             THEN CASE $6::pg_catalog.text
-                     WHEN 'terminate' THEN pg_catalog.pg_terminate_backend($1)
+                     WHEN 'terminate' THEN {terminate}
                      ELSE pg_catalog.pg_cancel_backend($1)
                  END
        END AS signalled

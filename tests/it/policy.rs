@@ -5,21 +5,18 @@
 use std::process::Stdio;
 use std::time::Duration;
 
-use lockjam::analysis::analyze;
 use lockjam::cluster::ClusterOptions;
-use lockjam::connect::SessionSettings;
-use lockjam::enforcer::Enforcer;
-use lockjam::policy::{decide, Action, Decision, Glob, Memory, Outcome, Policy, Rule};
-use lockjam::sampler::Sampler;
+use lockjam::policy::{Action, Glob, Outcome, Policy, Rule};
 use lockjam::service::Service;
 use serde_json::Value;
 use tokio::task::JoinSet;
 use tokio_postgres::error::SqlState;
 
-use crate::scenes::{foreign_key_behind_mailer, migration_behind_long_read, DROP_CONSTRAINT, LONG_READ, ORDERS};
+use crate::scenes::{
+    foreign_key_behind_mailer, migration_behind_long_read, staged, DROP_CONSTRAINT, LONG_READ, ORDERS,
+};
 use crate::support::{
-    backend_pid, config_with, connect, events, pg_dump_for, sampler_config, scrape, start_cluster, wait_until, within,
-    TestEnv,
+    backend_pid, config_with, connect, events, pg_dump_for, scrape, start_cluster, wait_until, within, TestEnv,
 };
 
 fn acting(rule: Rule) -> Policy {
@@ -383,60 +380,6 @@ async fn dry_run_signals_nothing_and_counts_dry_run() {
         .unwrap();
     within("the ALTER", alter).await.unwrap().unwrap();
     env.stop().await;
-}
-
-/// The enforcer on its own, against a decision made on a real sample, so
-/// that the world can change between decision and signal.
-struct Staged {
-    env: TestEnv,
-    enforcer: Enforcer,
-    decision: Decision,
-    reader: tokio_postgres::Client,
-    reader_pid: i32,
-    alter: crate::support::Statement,
-}
-
-/// Incident 000 staged with the read in an open transaction (the reader's
-/// client stays in the test's hands), and one decision to cancel it.
-async fn staged(migration_sql: &str) -> Staged {
-    let env = TestEnv::start().await;
-    env.admin.batch_execute(ORDERS).await.unwrap();
-    let reader = env.session("analyst").await;
-    let reader_pid = backend_pid(&reader).await;
-    reader
-        .batch_execute("BEGIN; SELECT count(*) FROM orders")
-        .await
-        .unwrap();
-    let (migration_pid, alter) = env.spawn_statement("migrate", migration_sql).await;
-    env.wait_until_waiting(migration_pid).await;
-    let target = lockjam::config::Target {
-        name: "it".into(),
-        dsn: lockjam::dsn::Dsn::parse(&env.cluster.dsn("postgres")).unwrap(),
-        default_user: None,
-    };
-    let mut sampler = Sampler::new(&target, &sampler_config()).unwrap();
-    let graph = analyze(&sampler.sample().await.unwrap());
-    let rule = Rule {
-        terminate_after: Some(Duration::ZERO),
-        ..unblock(0)
-    };
-    // The read is idle in transaction: the policy terminates it; the races
-    // are the same for a cancel, which leaves the session to look at.
-    let mut decisions = decide(&graph, &acting(rule), &Memory::default(), graph.taken_at);
-    assert_eq!(decisions.len(), 1, "{decisions:?}");
-    let mut decision = decisions.remove(0);
-    decision.signal = lockjam::policy::Signal::Cancel;
-    assert_eq!(decision.target.pid, reader_pid);
-    let mut enforcer = Enforcer::new(&target, SessionSettings::of(&sampler_config())).unwrap();
-    assert!(enforcer.lead().await, "the only instance leads");
-    Staged {
-        env,
-        enforcer,
-        decision,
-        reader,
-        reader_pid,
-        alter,
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -1,7 +1,15 @@
 //! Incident scenes staged with real sessions, shared by the tests that
 //! watch them (`incidents`) and those that clear them (`policy`).
 
-use crate::support::{Statement, TestEnv};
+use std::time::Duration;
+
+use lockjam::analysis::analyze;
+use lockjam::connect::SessionSettings;
+use lockjam::enforcer::Enforcer;
+use lockjam::policy::{decide, Decision, Memory, Policy, Rule, Signal};
+use lockjam::sampler::Sampler;
+
+use crate::support::{backend_pid, sampler_config, Statement, TestEnv};
 
 /// `orders` with the foreign key incident 000's migration drops.
 pub const ORDERS: &str = "CREATE TABLE customers (id bigint PRIMARY KEY);
@@ -55,4 +63,58 @@ pub async fn foreign_key_behind_mailer(env: &TestEnv) -> (i32, Statement, i32, S
         .await;
     env.wait_until_waiting(migration_pid).await;
     (mailer_pid, mail, migration_pid, add_fk)
+}
+
+/// The enforcer on its own, against a decision made on a real sample, so
+/// that the world can change between decision and signal.
+pub struct Staged {
+    pub env: TestEnv,
+    pub enforcer: Enforcer,
+    pub decision: Decision,
+    pub reader: tokio_postgres::Client,
+    pub reader_pid: i32,
+    pub alter: Statement,
+}
+
+/// Incident 000 staged with the read in an open transaction (the reader's
+/// client stays in the test's hands), and one decision to cancel it.
+pub async fn staged(migration_sql: &str) -> Staged {
+    let env = TestEnv::start().await;
+    env.admin.batch_execute(ORDERS).await.unwrap();
+    let reader = env.session("analyst").await;
+    let reader_pid = backend_pid(&reader).await;
+    reader
+        .batch_execute("BEGIN; SELECT count(*) FROM orders")
+        .await
+        .unwrap();
+    let (migration_pid, alter) = env.spawn_statement("migrate", migration_sql).await;
+    env.wait_until_waiting(migration_pid).await;
+    let target = lockjam::config::Target {
+        name: "it".into(),
+        dsn: lockjam::dsn::Dsn::parse(&env.cluster.dsn("postgres")).unwrap(),
+        default_user: None,
+    };
+    let mut sampler = Sampler::new(&target, &sampler_config()).unwrap();
+    let graph = analyze(&sampler.sample().await.unwrap());
+    let rule = Rule {
+        terminate_after: Some(Duration::ZERO),
+        ..Rule::unblock_migrations(Duration::ZERO)
+    };
+    // The read is idle in transaction: the policy terminates it; the races
+    // are the same for a cancel, which leaves the session to look at.
+    let mut decisions = decide(&graph, &Policy::acting(vec![rule]), &Memory::default(), graph.taken_at);
+    assert_eq!(decisions.len(), 1, "{decisions:?}");
+    let mut decision = decisions.remove(0);
+    decision.signal = Signal::Cancel;
+    assert_eq!(decision.target.pid, reader_pid);
+    let mut enforcer = Enforcer::new(&target, SessionSettings::of(&sampler_config())).unwrap();
+    assert!(enforcer.lead().await, "the only instance leads");
+    Staged {
+        env,
+        enforcer,
+        decision,
+        reader,
+        reader_pid,
+        alter,
+    }
 }

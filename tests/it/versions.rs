@@ -8,7 +8,10 @@ use lockjam::config::Target;
 use lockjam::dsn::Dsn;
 use lockjam::sampler::Sampler;
 
-use crate::support::{sampler_config, TestEnv};
+use lockjam::policy::{Outcome, Signal};
+
+use crate::scenes::{staged, DROP_CONSTRAINT};
+use crate::support::{sampler_config, within, TestEnv};
 
 /// `pg_locks.waitstart` exists from PostgreSQL 14: lockjam reports it as the
 /// wait start. Before 14 the wait start is the first sample that saw the
@@ -74,4 +77,51 @@ async fn wait_start_is_waitstart_from_14_and_first_seen_before() {
     }
     drop(holder);
     env.stop().await;
+}
+
+/// From PostgreSQL 14, `pg_terminate_backend(pid, timeout)` returns once
+/// the backend has exited, and lockjam passes a timeout: `success` then
+/// means its locks are released. A backend that cannot exit in time (here,
+/// stopped with SIGSTOP) is an `error`, not a success. Before 14 the signal
+/// is only sent, and that is all `success` can mean.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn terminate_waits_for_the_backend_to_exit_from_14() {
+    let mut s = staged(DROP_CONSTRAINT).await;
+    let mut terminate = s.decision.clone();
+    terminate.signal = Signal::Terminate;
+    let server_version: i32 = s
+        .env
+        .admin
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let signal = |name: &str| {
+        let status = std::process::Command::new("kill")
+            .args([name, &s.reader_pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill {name}");
+    };
+    signal("-STOP");
+    let (outcome, detail) = s.enforcer.signal(&terminate).await;
+    signal("-CONT");
+    if server_version >= 140_000 {
+        assert_eq!(outcome, Outcome::Error, "PostgreSQL {server_version}");
+        let detail = detail.unwrap();
+        assert!(detail.contains("had not exited after 1000 ms"), "{detail}");
+    } else {
+        assert_eq!(
+            (outcome, detail),
+            (Outcome::Success, None),
+            "PostgreSQL {server_version}"
+        );
+    }
+    // Resumed, the backend acts on the pending terminate.
+    within("the ALTER", s.alter).await.unwrap().unwrap();
+    assert!(
+        s.reader.simple_query("SELECT 1").await.is_err(),
+        "the reader was terminated"
+    );
+    s.env.stop().await;
 }
