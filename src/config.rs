@@ -810,6 +810,27 @@ mod tests {
         assert!(!never.policy.enabled && never.policy.dry_run);
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config::with_cases(64))]
+
+        /// Any duration text is parsed or refused with a message, never a panic.
+        #[test]
+        fn any_duration_parses_or_errs(text in ".*") {
+            if let Err(message) = parse_duration(&text) {
+                let quoted = format!("`{}`", text);
+                proptest::prop_assert!(message.contains(&quoted));
+            }
+        }
+
+        /// Any file, TOML or not, loads or is refused naming the file.
+        #[test]
+        fn any_file_loads_or_names_itself(text in "(\\[[a-z]{1,8}\\]\n|[a-z_]{1,12} = (\"[ -~]{0,12}\"|[0-9]{1,4}|true)\n|[ -~]{0,20}\n){0,8}") {
+            if let Err(error) = load_text(&text, &[]) {
+                proptest::prop_assert!(error.to_string().contains(".toml"), "{}", error);
+            }
+        }
+    }
+
     #[test]
     fn dsn_file_is_read_and_never_shown() {
         let secret = file("postgres://lockjam:s3cret@db.internal/app\n");

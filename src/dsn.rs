@@ -457,6 +457,39 @@ mod tests {
         assert_eq!(Dsn::from_env(&env(&[("HOME", "/root")])).unwrap(), None);
     }
 
+    proptest::proptest! {
+        /// Any text is parsed or refused with an error, never a panic.
+        #[test]
+        fn any_text_parses_or_errs(text in ".*") {
+            let _ = Dsn::parse(&text);
+        }
+
+        /// Whatever the password, no rendering of a DSN shows it.
+        #[test]
+        fn passwords_never_show(password in "[^\\s'\\\\]{6,20}", host in "[a-z]{1,10}") {
+            for text in [
+                format!("host={host} user=u password={password}"),
+                format!("host={host} user=u password='{password}'"),
+            ] {
+                let dsn = Dsn::parse(&text).unwrap();
+                proptest::prop_assert!(!dsn.redacted().contains(&password));
+                let debug = format!("{:?}", dsn);
+                proptest::prop_assert!(!debug.contains(&password));
+            }
+        }
+
+        /// Key=value strings made of keys lockjam knows round-trip through
+        /// parsing: every value comes back as written.
+        #[test]
+        fn key_values_round_trip(values in proptest::collection::vec("[ -~&&[^'\\\\]]{0,12}", 3)) {
+            let text = format!("host='{}' user='{}' dbname='{}'", values[0], values[1], values[2]);
+            let dsn = Dsn::parse(&text).unwrap();
+            proptest::prop_assert_eq!(dsn.get("host"), Some(values[0].as_str()));
+            proptest::prop_assert_eq!(dsn.get("user"), Some(values[1].as_str()));
+            proptest::prop_assert_eq!(dsn.get("dbname"), Some(values[2].as_str()));
+        }
+    }
+
     #[test]
     fn pg_config_sets_lockjam_name_and_tls() {
         let dsn = Dsn::parse("host=a,b port=1,2 user=u application_name=psql sslmode=verify-ca").unwrap();

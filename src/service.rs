@@ -173,7 +173,10 @@ async fn watch_target(
                 limit: sampler.deadline(),
             })
         });
-        let next = match result {
+        // A tick starts one cadence after the previous one started; a retry
+        // starts one backoff step after the failure, however long the failed
+        // sample took.
+        let wake = match result {
             Ok(snapshot) => {
                 let graph = Arc::new(analyze(&snapshot));
                 let ended = previous.as_deref().map(|p| ended_waits(p, &graph)).unwrap_or_default();
@@ -196,11 +199,12 @@ async fn watch_target(
                 ever_sampled = true;
                 let waiting = !graph.waiters.is_empty();
                 previous = Some(graph);
-                if waiting {
-                    settings.fast_interval
-                } else {
-                    settings.interval
-                }
+                started
+                    + if waiting {
+                        settings.fast_interval
+                    } else {
+                        settings.interval
+                    }
             }
             Err(error) => {
                 failures += 1;
@@ -213,11 +217,11 @@ async fn watch_target(
                 );
                 shared.metrics.record_failure(name, took);
                 state.record_failure(error.to_string());
-                delay
+                Instant::now() + delay
             }
         };
         tokio::select! {
-            _ = tokio::time::sleep_until(started + next) => {}
+            _ = tokio::time::sleep_until(wake) => {}
             _ = shutdown.wait_for(|stopped| *stopped) => break,
         }
     }

@@ -3,6 +3,7 @@
 
 mod incidents;
 mod policy;
+mod robustness;
 mod scenes;
 mod service;
 mod support;

@@ -1,0 +1,198 @@
+//! Faults and hostile input: names that break naive label writers, HTTP
+//! abuse, a sample whose backend hangs.
+
+use tokio::io::AsyncWriteExt;
+use tokio::task::JoinSet;
+
+use crate::support::{backend_pid, http_get, http_request, scrape, wait_until, within, TestEnv};
+
+/// Relation, user and application names are data: quotes, backslashes,
+/// newlines and UTF-8 come out escaped in `/metrics` and intact in JSON.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hostile_names_are_escaped_in_metrics_and_json() {
+    let env = TestEnv::start().await;
+    let table = "we\"ird\\ta\nble ü";
+    let quoted = format!("\"{}\"", table.replace('"', "\"\""));
+    env.admin
+        .batch_execute(&format!("CREATE TABLE {quoted} (id int)"))
+        .await
+        .unwrap();
+    // PostgreSQL keeps application_name to printable ASCII (it turns
+    // anything else into '?'), so quotes and backslashes are what it can carry.
+    let application = "app \"quoted\" \\ 'x'";
+    let reader = env.session("reader").await;
+    reader
+        .batch_execute(&format!("BEGIN; LOCK TABLE {quoted} IN ACCESS SHARE MODE"))
+        .await
+        .unwrap();
+    let migration = crate::support::connect(&env.cluster.dsn("app"), "migrate").await;
+    let migration_pid = backend_pid(&migration).await;
+    migration
+        .batch_execute(&format!("SET application_name = '{}'", application.replace('\'', "''")))
+        .await
+        .unwrap();
+    let alter_sql = format!("ALTER TABLE {quoted} ADD COLUMN x int");
+    let _alter = tokio::spawn(async move { migration.simple_query(&alter_sql).await });
+    env.wait_until_waiting(migration_pid).await;
+    let (_, _queued) = env.spawn_statement("web", &format!("SELECT * FROM {quoted}")).await;
+    env.wait_until_waiting_count("web", 1).await;
+
+    let relation = format!("public.{table}");
+    let scrape = env
+        .wait_for_metrics("the queue on the oddly named table", |m| {
+            m.value("lockjam_lock_queue_depth", &[("relation", &relation)]) == Some(1.0)
+        })
+        .await;
+    let escaped = "relation=\"public.we\\\"ird\\\\ta\\nble ü\"";
+    assert!(
+        scrape.text.contains(escaped),
+        "label escaped as the text format requires:\n{}",
+        scrape.text
+    );
+    assert!(
+        scrape
+            .text
+            .lines()
+            .all(|l| l.starts_with('#') || l.starts_with("lockjam_") || l.is_empty()),
+        "no line broken by a newline in a name:\n{}",
+        scrape.text
+    );
+    let (_, body) = http_get(env.addr(), "/api/v1/snapshot").await;
+    let snapshot: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let waiter = snapshot["targets"][0]["waiters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["pid"] == migration_pid)
+        .unwrap()
+        .clone();
+    assert_eq!(waiter["relation"], relation);
+    assert_eq!(waiter["application_name"], application);
+    env.stop().await;
+}
+
+/// Unknown paths, wrong methods, an oversized header, idle connections and
+/// 200 concurrent scrapes: right status codes, and correct answers after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn http_under_abuse_keeps_answering_correctly() {
+    let env = TestEnv::start().await;
+    env.wait_for_metrics("a first sample", |m| m.value("lockjam_up", &[]) == Some(1.0))
+        .await;
+    let addr = env.addr();
+    for (request, status) in [
+        ("GET /metrics/extra HTTP/1.1", 404),
+        ("GET /api/v1 HTTP/1.1", 404),
+        ("DELETE /api/v1/events HTTP/1.1", 405),
+        ("PUT /healthz HTTP/1.1", 405),
+    ] {
+        let (got, _) = http_request(
+            addr,
+            &format!("{request}\r\nHost: lockjam\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"),
+        )
+        .await;
+        assert_eq!(got, status, "{request}");
+    }
+    let (status, _) = http_request(
+        addr,
+        &format!(
+            "GET /metrics HTTP/1.1\r\nHost: lockjam\r\nX-Big: {}\r\nConnection: close\r\n\r\n",
+            "a".repeat(1 << 20)
+        ),
+    )
+    .await;
+    assert_eq!(status, 431, "an oversized header is refused");
+
+    // Slow clients: connections that send half a request and stall.
+    let mut idle = Vec::new();
+    for _ in 0..50 {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        stream.write_all(b"GET /metr").await.unwrap();
+        idle.push(stream);
+    }
+    let mut scrapes = JoinSet::new();
+    for _ in 0..200 {
+        scrapes.spawn(async move { scrape(addr).await });
+    }
+    let mut answered = 0;
+    while let Some(result) = within("200 concurrent scrapes", scrapes.join_next()).await {
+        let metrics = result.unwrap();
+        assert_eq!(metrics.value("lockjam_up", &[]), Some(1.0));
+        answered += 1;
+    }
+    assert_eq!(answered, 200);
+    drop(idle);
+    assert_eq!(http_get(addr, "/healthz").await, (200, "ok\n".to_string()));
+    env.stop().await;
+}
+
+/// A sample whose backend stops (SIGSTOP) cannot be ended by
+/// statement_timeout; the client-side deadline abandons it, the next sample
+/// runs on a fresh session, and lockjam holds no more sessions than before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hung_sample_is_abandoned_and_sampling_resumes_on_a_fresh_session() {
+    let env = TestEnv::start().await;
+    env.wait_for_metrics("a first sample", |m| m.value("lockjam_up", &[]) == Some(1.0))
+        .await;
+    let lockjam_sessions = || async {
+        let rows = env
+            .admin
+            .query(
+                "SELECT pid FROM pg_stat_activity WHERE application_name = 'lockjam'",
+                &[],
+            )
+            .await
+            .unwrap();
+        rows.iter().map(|r| r.get::<_, i32>(0)).collect::<Vec<i32>>()
+    };
+    let before = lockjam_sessions().await;
+    assert_eq!(before.len(), 1, "one sampling session: {before:?}");
+    let stopped = before[0];
+    let signal = |name: &str| {
+        let status = std::process::Command::new("kill")
+            .args([name, &stopped.to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    };
+    signal("-STOP");
+    // The abandoned sample is the one that took longer than any bucket
+    // below its deadline; lockjam is down for one backoff step after it.
+    let slow_samples = |m: &crate::support::Scrape| {
+        let bucket = |le: &str| {
+            m.value("lockjam_sample_duration_seconds_bucket", &[("le", le)])
+                .unwrap_or(0.0)
+        };
+        bucket("+Inf") - bucket("2.5")
+    };
+    let down = env
+        .wait_for_metrics("the hung sample to be abandoned", |m| slow_samples(m) == 1.0)
+        .await;
+    assert_eq!(down.value("lockjam_up", &[]), Some(0.0), "{}", down.text);
+    let (status, readyz) = http_get(env.addr(), "/readyz").await;
+    assert_eq!(status, 503);
+    assert!(
+        readyz.contains("the sample took longer than 12s and was abandoned"),
+        "{readyz}"
+    );
+    env.wait_for_metrics("sampling on a fresh session", |m| {
+        m.value("lockjam_up", &[]) == Some(1.0)
+    })
+    .await;
+    let during = lockjam_sessions().await;
+    assert_eq!(
+        during.len(),
+        2,
+        "the stopped session and one fresh one, no more: {during:?}"
+    );
+    assert!(during.contains(&stopped));
+    signal("-CONT");
+    // The abandoned session's client is gone: resumed, its backend sees the
+    // closed socket and exits, leaving the one fresh session.
+    wait_until("the stopped session to go", || async {
+        let now = lockjam_sessions().await;
+        now.len() == 1 && !now.contains(&stopped)
+    })
+    .await;
+    assert_eq!(scrape(env.addr()).await.value("lockjam_up", &[]), Some(1.0));
+    env.stop().await;
+}
