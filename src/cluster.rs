@@ -36,6 +36,8 @@ pub struct ServerTls {
 
 #[derive(Debug, Clone)]
 pub struct ClusterOptions {
+    /// A fixed port; `None` picks a free one.
+    pub port: Option<u16>,
     pub max_connections: u32,
     pub tls: Option<ServerTls>,
     /// Extra `postgresql.conf` lines as (name, value); values are quoted.
@@ -45,6 +47,7 @@ pub struct ClusterOptions {
 impl Default for ClusterOptions {
     fn default() -> Self {
         ClusterOptions {
+            port: None,
             max_connections: 100,
             tls: None,
             settings: Vec::new(),
@@ -194,8 +197,12 @@ impl Cluster {
         // Another process may take the port between choosing and binding
         // it: try a few.
         let mut last_error = None;
-        for _ in 0..5 {
-            cluster.port = free_port()?;
+        let attempts = if options.port.is_some() { 1 } else { 5 };
+        for _ in 0..attempts {
+            cluster.port = match options.port {
+                Some(port) => port,
+                None => free_port()?,
+            };
             cluster.write_port()?;
             match cluster.start_server() {
                 Ok(()) => return Ok(cluster),

@@ -78,6 +78,7 @@ struct TargetView {
     /// RFC 3339 time of the sample, by the server's clock.
     taken_at: Option<String>,
     error: Option<String>,
+    warnings: Vec<String>,
     waiters: Vec<WaiterView>,
     blockers: Vec<BlockerView>,
     queues: Vec<QueueView>,
@@ -211,6 +212,7 @@ fn target_view(name: &str, status: crate::state::TargetStatus) -> TargetView {
         server_version: status.server_version,
         taken_at: graph.map(|g| humantime::format_rfc3339_millis(g.taken_at).to_string()),
         error: status.last_error.clone(),
+        warnings: status.warnings.clone(),
         waiters: graph
             .map(|g| g.waiters.iter().map(|w| waiter_view(w, g.taken_at)).collect())
             .unwrap_or_default(),

@@ -183,7 +183,12 @@ async fn watch_target(
                 shared
                     .metrics
                     .record_sample(name, &graph, &ended, took, settings.max_relations);
-                state.record_success(graph.clone(), sampler.server_version(), started.into_std());
+                state.record_success(
+                    graph.clone(),
+                    sampler.server_version(),
+                    sampler.warnings(),
+                    started.into_std(),
+                );
                 if let Some((enforcer, policy)) = policy.as_mut() {
                     enforce(name, policy, enforcer, &mut memory, &graph, started, &shared).await;
                 }

@@ -28,6 +28,8 @@ pub struct TargetStatus {
     /// Why the last sample failed, while the target is down.
     pub last_error: Option<String>,
     pub server_version: Option<i32>,
+    /// What keeps the figures from being complete (a missing grant).
+    pub warnings: Vec<String>,
 }
 
 impl TargetStatus {
@@ -49,12 +51,13 @@ impl TargetState {
         self.status.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    pub fn record_success(&self, graph: Arc<LockGraph>, server_version: Option<i32>, at: Instant) {
+    pub fn record_success(&self, graph: Arc<LockGraph>, server_version: Option<i32>, warnings: &[String], at: Instant) {
         let mut status = self.status.write().unwrap_or_else(|p| p.into_inner());
         status.last_good = Some(at);
         status.graph = Some(graph);
         status.last_error = None;
         status.server_version = server_version;
+        status.warnings = warnings.to_vec();
     }
 
     /// A failed sample: the graph is dropped so that nothing downstream

@@ -18,6 +18,8 @@ LEFT JOIN (
            pg_catalog.count(*) AS sessions,
            pg_catalog.min(xact_start) AS oldest_xact_start
     FROM activity
-    WHERE backend_type = 'client backend'
+    -- Without pg_read_all_stats, other roles' sessions show a NULL
+    -- backend_type and state: counted as client sessions in state unknown.
+    WHERE backend_type = 'client backend' OR backend_type IS NULL
     GROUP BY 1, 2
 ) AS g ON true

@@ -76,6 +76,8 @@ pub struct Sampler {
     databases: HashMap<String, DatabaseSession>,
     relation_names: HashMap<(u32, u32), String>,
     first_seen: HashMap<WaitKey, SystemTime>,
+    /// What the target's role may not see, said once.
+    warnings: Vec<String>,
 }
 
 impl Sampler {
@@ -89,6 +91,7 @@ impl Sampler {
             databases: HashMap::new(),
             relation_names: HashMap::new(),
             first_seen: HashMap::new(),
+            warnings: Vec::new(),
         })
     }
 
@@ -102,6 +105,11 @@ impl Sampler {
     /// The server version (`server_version_num`) of the open session.
     pub fn server_version(&self) -> Option<i32> {
         self.main.as_ref().map(|m| m.server_version)
+    }
+
+    /// Problems of privilege that make the figures incomplete.
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
     }
 
     /// Drops every session, so that the next sample starts on fresh ones.
@@ -122,7 +130,14 @@ impl Sampler {
 
     async fn read(&mut self) -> Result<Snapshot, SampleError> {
         if self.main.is_none() {
-            self.main = Some(self.open_main().await?);
+            let (main, warning) = self.open_main().await?;
+            self.main = Some(main);
+            if self.warnings.is_empty() {
+                if let Some(warning) = warning {
+                    tracing::warn!(target = %self.target.name, "{warning}");
+                    self.warnings.push(warning);
+                }
+            }
         }
         let own_pids = self.own_pids();
         let main = self.main.as_ref().expect("opened above");
@@ -205,7 +220,9 @@ impl Sampler {
         }
     }
 
-    async fn open_main(&self) -> Result<MainSession, SampleError> {
+    /// Opens the main session; the second value says what grant the role
+    /// lacks, if it lacks one.
+    async fn open_main(&self) -> Result<(MainSession, Option<String>), SampleError> {
         let client = self.connector.connect(None).await?;
         let row = client
             .query_one(SESSION_SQL, &[])
@@ -229,7 +246,13 @@ impl Sampler {
         )
         .await?;
         let relations = prepare(RELATIONS_SQL.into(), "preparing the relation-name query").await?;
-        Ok(MainSession {
+        let role: String = row.get("role");
+        let warning = (!row.get::<_, bool>("reads_all_stats")).then(|| {
+            format!(
+                "role `{role}` may not read other roles' activity: their sessions count as state \"unknown\" and show no query; GRANT pg_monitor TO \"{role}\""
+            )
+        });
+        let main = MainSession {
             pid: row.get("pid"),
             dbname: row.get("dbname"),
             server_version,
@@ -238,7 +261,8 @@ impl Sampler {
             waiters,
             locks,
             relations,
-        })
+        };
+        Ok((main, warning))
     }
 
     /// Fills `relation` of every ungranted lock on a relation with its

@@ -196,3 +196,100 @@ async fn hung_sample_is_abandoned_and_sampling_resumes_on_a_fresh_session() {
     assert_eq!(scrape(env.addr()).await.value("lockjam_up", &[]), Some(1.0));
     env.stop().await;
 }
+
+/// Unreachable at start (nothing listens, or the name does not resolve):
+/// lockjam serves `lockjam_up 0` and says why; when the database appears on
+/// the port, it picks it up at its next attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn database_appearing_after_start_is_picked_up() {
+    let port = lockjam::cluster::free_port().unwrap();
+    let service = lockjam::service::Service::start(&crate::support::config_for(vec![
+        (
+            "late",
+            format!("host=127.0.0.1 port={port} user=postgres dbname=postgres sslmode=disable"),
+        ),
+        (
+            "nxdomain",
+            "host=lockjam-test.invalid user=postgres dbname=postgres sslmode=disable".into(),
+        ),
+    ]))
+    .await
+    .unwrap();
+    let addr = service.local_addr();
+    wait_until("a failed attempt on each target", || async {
+        let metrics = scrape(addr).await;
+        ["late", "nxdomain"].iter().all(|t| {
+            metrics
+                .value("lockjam_sample_duration_seconds_count", &[("target", t)])
+                .unwrap_or(0.0)
+                >= 1.0
+        })
+    })
+    .await;
+    let metrics = scrape(addr).await;
+    assert_eq!(metrics.value("lockjam_up", &[("target", "late")]), Some(0.0));
+    assert_eq!(metrics.value("lockjam_up", &[("target", "nxdomain")]), Some(0.0));
+    let (status, readyz) = http_get(addr, "/readyz").await;
+    assert_eq!(status, 503);
+    assert!(
+        readyz.contains("target `late`") && readyz.contains("target `nxdomain`"),
+        "{readyz}"
+    );
+    assert!(
+        readyz.contains("lockjam-test.invalid"),
+        "the error names the host: {readyz}"
+    );
+
+    let cluster = crate::support::start_cluster(lockjam::cluster::ClusterOptions {
+        port: Some(port),
+        ..Default::default()
+    })
+    .await;
+    wait_until("the late database to be picked up", || async {
+        scrape(addr).await.value("lockjam_up", &[("target", "late")]) == Some(1.0)
+    })
+    .await;
+    assert_eq!(
+        scrape(addr).await.value("lockjam_up", &[("target", "nxdomain")]),
+        Some(0.0)
+    );
+    service.stop().await;
+    tokio::task::spawn_blocking(move || drop(cluster)).await.unwrap();
+}
+
+/// A role without pg_monitor sees no state or query text of other roles'
+/// sessions: lockjam says which grant is missing, once, and exports what
+/// it can.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn missing_pg_monitor_is_named_once_and_lockjam_exports_what_it_can() {
+    let env = TestEnv::start().await;
+    env.admin.batch_execute("CREATE ROLE watcher LOGIN").await.unwrap();
+    let dsn = format!(
+        "host=127.0.0.1 port={} user=watcher dbname=postgres sslmode=disable",
+        env.cluster.port()
+    );
+    let service = lockjam::service::Service::start(&crate::support::config_for(vec![("limited", dsn)]))
+        .await
+        .unwrap();
+    let addr = service.local_addr();
+    // The fixture's own session (user postgres, idle in database app) is
+    // another role's: its state is hidden.
+    wait_until("a sample", || async {
+        scrape(addr)
+            .await
+            .value("lockjam_sessions", &[("datname", "app"), ("state", "unknown")])
+            == Some(1.0)
+    })
+    .await;
+    assert_eq!(scrape(addr).await.value("lockjam_up", &[]), Some(1.0));
+    let (_, body) = http_get(addr, "/api/v1/snapshot").await;
+    let snapshot: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        snapshot["targets"][0]["warnings"],
+        serde_json::json!([
+            "role `watcher` may not read other roles' activity: their sessions count as state \"unknown\" and show no query; GRANT pg_monitor TO \"watcher\""
+        ])
+    );
+    service.stop().await;
+    env.stop().await;
+}
