@@ -97,11 +97,19 @@ pub struct Target {
     pub default_user: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
     Text,
     Json,
+}
+
+impl LogFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -587,10 +595,7 @@ pub fn render_effective(config: &Config) -> String {
             max_relations: config.sampler.max_relations,
         },
         log: RawLog {
-            format: serde_json::to_value(config.log.format)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_string))
-                .unwrap_or_default(),
+            format: config.log.format.as_str().to_string(),
             level: config.log.level.clone(),
         },
         policy: raw_policy(&config.policy),

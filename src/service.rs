@@ -158,7 +158,6 @@ async fn watch_target(
     let state = shared.target(name).expect("every target has a state");
     let mut previous: Option<Arc<LockGraph>> = None;
     let mut failures = 0u32;
-    let mut ever_sampled = false;
     loop {
         let started = Instant::now();
         let outcome = tokio::select! {
@@ -192,7 +191,7 @@ async fn watch_target(
                 if let Some((enforcer, policy)) = policy.as_mut() {
                     enforce(name, policy, enforcer, &mut memory, &graph, started, &shared).await;
                 }
-                if failures > 0 || !ever_sampled {
+                if failures > 0 || previous.is_none() {
                     tracing::info!(
                         target = name,
                         server_version = sampler.server_version(),
@@ -201,7 +200,6 @@ async fn watch_target(
                     );
                 }
                 failures = 0;
-                ever_sampled = true;
                 let waiting = !graph.waiters.is_empty();
                 previous = Some(graph);
                 started

@@ -1,12 +1,18 @@
--- Run only when some backend waits for a heavyweight lock. pg_blocking_pids
--- takes the lock manager's shared state, so it is called for the waiting
--- pids only, never for every backend. Returns the waiters and every session
--- that blocks one of them.
+-- Run only when some backend waits for a heavyweight lock. Waiters are the
+-- pids with an ungranted pg_locks row: pg_stat_activity's wait_event is not
+-- enough, as a waiting backend shows none for an instant between turns of
+-- its wait loop (after deadlock_timeout, for one). pg_blocking_pids takes
+-- the lock manager's shared state, so it is called for these pids only,
+-- never for every backend. Returns the waiters and every session that
+-- blocks one of them.
 -- $1: lockjam's own pids; $2: how many characters of query text to keep.
-WITH waiters AS (
-    SELECT a.pid, pg_catalog.pg_blocking_pids(a.pid) AS blocked_by
-    FROM pg_catalog.pg_stat_activity AS a
-    WHERE a.wait_event_type = 'Lock' AND a.pid <> ALL ($1::pg_catalog.int4[])
+WITH waiting AS MATERIALIZED (
+    SELECT DISTINCT l.pid
+    FROM pg_catalog.pg_locks AS l
+    WHERE NOT l.granted AND l.pid <> ALL ($1::pg_catalog.int4[])
+), waiters AS (
+    SELECT w.pid, pg_catalog.pg_blocking_pids(w.pid) AS blocked_by
+    FROM waiting AS w
 ), involved AS (
     SELECT pid FROM waiters
     UNION
