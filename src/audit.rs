@@ -21,6 +21,7 @@ pub struct SessionEvent {
     pub usename: Option<String>,
     pub application_name: Option<String>,
     pub client_addr: Option<String>,
+    pub backend_type: Option<String>,
     pub state: Option<String>,
     pub transaction_age_seconds: Option<f64>,
     pub query: Option<String>,
@@ -65,6 +66,7 @@ fn session_event(pid: i32, session: Option<&Session>, now: SystemTime) -> Sessio
         usename: session.and_then(|s| s.usename.clone()),
         application_name: session.and_then(|s| s.application_name.clone()),
         client_addr: session.and_then(|s| s.client_addr.clone()),
+        backend_type: session.and_then(|s| s.backend_type.clone()),
         state: session.and_then(|s| s.state.clone()),
         transaction_age_seconds: session
             .and_then(|s| s.xact_start)

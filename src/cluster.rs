@@ -42,6 +42,9 @@ pub struct ClusterOptions {
     pub tls: Option<ServerTls>,
     /// Extra `postgresql.conf` lines as (name, value); values are quoted.
     pub settings: Vec<(String, String)>,
+    /// `pg_hba.conf` lines put before initdb's (which trust every local
+    /// connection), e.g. to make one role log in with a password.
+    pub hba: Vec<String>,
 }
 
 impl Default for ClusterOptions {
@@ -51,6 +54,7 @@ impl Default for ClusterOptions {
             max_connections: 100,
             tls: None,
             settings: Vec::new(),
+            hba: Vec::new(),
         }
     }
 }
@@ -299,6 +303,10 @@ impl Cluster {
             conf.push_str(&format!("{name} = {}\n", quote(&value)));
         }
         std::fs::write(data.join("postgresql.conf"), conf)?;
+        if !options.hba.is_empty() {
+            let hba = std::fs::read_to_string(data.join("pg_hba.conf"))?;
+            std::fs::write(data.join("pg_hba.conf"), format!("{}\n{hba}", options.hba.join("\n")))?;
+        }
         Ok(())
     }
 

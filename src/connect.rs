@@ -100,7 +100,7 @@ impl Connector {
         let (client, connection) = tokio::time::timeout(self.settings.connect_timeout, connecting)
             .await
             .map_err(|_| connect_error(format!("no answer within {:?}", self.settings.connect_timeout)))?
-            .map_err(|e| connect_error(error_chain(&e)))?;
+            .map_err(|e| connect_error(refusal(&e, &config)))?;
         let target = self.target.name.clone();
         tokio::spawn(async move {
             if let Err(e) = connection.await {
@@ -120,6 +120,33 @@ impl Connector {
         })?;
         Ok(client)
     }
+}
+
+/// Why the server refused a session, with what to change when the server
+/// names the cause: retrying alone never fixes a password or a role.
+fn refusal(error: &tokio_postgres::Error, config: &tokio_postgres::Config) -> String {
+    use tokio_postgres::error::SqlState;
+    let user = config.get_user().unwrap_or("?");
+    let dbname = config.get_dbname().unwrap_or(user);
+    let message = error_chain(error);
+    let hint = match error.code() {
+        Some(code) if *code == SqlState::INVALID_PASSWORD => format!(
+            "authentication failed for user `{user}`: check the password (the DSN's `password`, `dsn_file` or \
+             PGPASSWORD) and the server's pg_hba.conf"
+        ),
+        Some(code) if *code == SqlState::INVALID_AUTHORIZATION_SPECIFICATION => format!(
+            "the server refused user `{user}`: check that the role exists, has LOGIN, and that pg_hba.conf \
+             has an entry for it"
+        ),
+        Some(code) if *code == SqlState::INVALID_CATALOG_NAME => {
+            format!("database `{dbname}` does not exist: check the DSN's `dbname`")
+        }
+        Some(code) if *code == SqlState::TOO_MANY_CONNECTIONS => {
+            "the server has no connection slot left: raise max_connections or the role's CONNECTION LIMIT".into()
+        }
+        _ => return message,
+    };
+    format!("{hint} ({message})")
 }
 
 /// An error and its causes on one line: tokio-postgres puts the useful part

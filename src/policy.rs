@@ -306,8 +306,17 @@ fn protection(session: Option<&Session>, pid: i32, rule: &Rule) -> Option<String
     let user = session.usename.as_deref().unwrap_or("");
     let database = session.datname.as_deref().unwrap_or("");
     let backend_type = session.backend_type.as_deref().unwrap_or("unknown");
+    if backend_type == "autovacuum worker" {
+        // pg_signal_autovacuum_worker (PostgreSQL 18) would let lockjam's
+        // role cancel one; lockjam never does, on any version.
+        return Some(
+            "an autovacuum worker: lockjam never signals one; PostgreSQL itself cancels an autovacuum that blocks \
+             a lock request after deadlock_timeout, unless it runs to prevent wraparound and must finish"
+                .into(),
+        );
+    }
     if backend_type != "client backend" {
-        return Some(format!("a {backend_type}, not a client backend"));
+        return Some(format!("backend type `{backend_type}`, not a client backend"));
     }
     if application == LOCKJAM_APPLICATION {
         return Some("one of lockjam's own sessions".into());
@@ -686,7 +695,12 @@ mod tests {
             (
                 "backend_type",
                 "autovacuum worker",
-                "a autovacuum worker, not a client backend",
+                "an autovacuum worker: lockjam never signals one",
+            ),
+            (
+                "backend_type",
+                "background worker",
+                "backend type `background worker`, not a client backend",
             ),
         ] {
             let read = snapshot.sessions.iter_mut().find(|s| s.pid == 10).unwrap();

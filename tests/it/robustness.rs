@@ -1,10 +1,12 @@
 //! Faults and hostile input: names that break naive label writers, HTTP
 //! abuse, a sample whose backend hangs.
 
+use std::time::Duration;
+
 use tokio::io::AsyncWriteExt;
 use tokio::task::JoinSet;
 
-use crate::support::{backend_pid, http_get, http_request, scrape, wait_until, within, TestEnv};
+use crate::support::{backend_pid, http_get, http_request, scrape, wait_until, within, LockjamRun, TestEnv};
 
 /// Relation, user and application names are data: quotes, backslashes,
 /// newlines and UTF-8 come out escaped in `/metrics` and intact in JSON.
@@ -291,5 +293,80 @@ async fn missing_pg_monitor_is_named_once_and_lockjam_exports_what_it_can() {
         ])
     );
     service.stop().await;
+    env.stop().await;
+}
+
+/// A wrong password: `lockjam run` keeps serving with `lockjam_up 0`, logs
+/// one line per backoff step that says to check the password (never
+/// showing it), and picks the target up once the password is right.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn authentication_failure_is_named_once_per_backoff_step_and_recovers() {
+    let env = TestEnv::start_with(lockjam::cluster::ClusterOptions {
+        settings: vec![("password_encryption".into(), "scram-sha-256".into())],
+        hba: vec!["host all watcher 127.0.0.1/32 scram-sha-256".into()],
+        ..Default::default()
+    })
+    .await;
+    env.admin
+        .batch_execute("CREATE ROLE watcher LOGIN PASSWORD 'right-horse'; GRANT pg_monitor TO watcher")
+        .await
+        .unwrap();
+    let dsn = format!(
+        "host=127.0.0.1 port={} user=watcher password=wrong-battery dbname=postgres sslmode=disable",
+        env.cluster.port()
+    );
+    let run = LockjamRun::spawn(&["--dsn", &dsn]);
+    let failed = |n: f64| {
+        let addr = run.addr;
+        move || async move {
+            tokio::net::TcpStream::connect(addr).await.is_ok()
+                && scrape(addr)
+                    .await
+                    .value("lockjam_sample_duration_seconds_count", &[])
+                    .unwrap_or(0.0)
+                    >= n
+        }
+    };
+    wait_until("three failed attempts (1 s and 2 s apart)", failed(3.0)).await;
+    assert_eq!(scrape(run.addr).await.value("lockjam_up", &[]), Some(0.0));
+    let (status, readyz) = http_get(run.addr, "/readyz").await;
+    assert_eq!(status, 503);
+    assert!(
+        readyz.contains("authentication failed for user `watcher`: check the password"),
+        "{readyz}"
+    );
+    assert!(readyz.contains("password=********"), "{readyz}");
+    assert!(!readyz.contains("wrong-battery"), "{readyz}");
+
+    env.admin
+        .batch_execute("ALTER ROLE watcher PASSWORD 'wrong-battery'")
+        .await
+        .unwrap();
+    wait_until("lockjam to log in with the password now right", || async {
+        scrape(run.addr).await.value("lockjam_up", &[]) == Some(1.0)
+    })
+    .await;
+    let (_, stderr) = run.terminate();
+    assert!(!stderr.contains("wrong-battery"), "{stderr}");
+    let failures: Vec<&str> = stderr.lines().filter(|l| l.contains("sample failed")).collect();
+    assert!(failures.len() >= 3, "{stderr}");
+    for (step, line) in failures.iter().enumerate() {
+        let retry = lockjam::service::backoff(step as u32 + 1, Duration::from_secs(1));
+        assert!(
+            line.contains(" WARN ")
+                && line.contains(&format!("attempt={} ", step + 1))
+                && line.contains(&format!("retry_in={}", humantime::format_duration(retry)))
+                && line.contains("authentication failed for user `watcher`: check the password")
+                && line.contains("password authentication failed for user \"watcher\""),
+            "step {}: {line}",
+            step + 1
+        );
+    }
+    let recovered: Vec<&str> = stderr.lines().filter(|l| l.contains(" sampling")).collect();
+    assert_eq!(recovered.len(), 1, "{stderr}");
+    assert!(
+        recovered[0].contains(&format!("failed_attempts={}", failures.len())),
+        "{stderr}"
+    );
     env.stop().await;
 }

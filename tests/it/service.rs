@@ -2,13 +2,12 @@
 //! under lockjam, the golden `/metrics` file, and the `lockjam` binary.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 use lockjam::service::Service;
 
 use crate::support::{
-    backend_pid, config_for, connect, http_get, http_request, scrape, start_cluster, wait_until, TestEnv, PATIENCE,
+    backend_pid, config_for, connect, http_get, http_request, lockjam, scrape, start_cluster, wait_until, LockjamRun,
+    TestEnv,
 };
 
 const GOLDEN: &str = "tests/it/golden/metrics.txt";
@@ -278,15 +277,6 @@ async fn least_privilege_role_with_pg_monitor() {
     tokio::task::spawn_blocking(move || drop(cluster)).await.unwrap();
 }
 
-fn lockjam() -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_lockjam"));
-    command
-        .env_remove("LOCKJAM_CONFIG")
-        .env_remove("LOCKJAM_DSN")
-        .env_remove("LOCKJAM_LISTEN");
-    command
-}
-
 #[test]
 fn cli_check_config() {
     let dir = tempfile::tempdir().unwrap();
@@ -367,35 +357,17 @@ fn cli_check_config() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_run_stops_on_sigterm() {
     let env = TestEnv::start().await;
-    let port = lockjam::cluster::free_port().unwrap();
-    let listen = format!("127.0.0.1:{port}");
-    let mut child = lockjam()
-        .args(["run", "--listen", &listen])
-        .env("LOCKJAM_DSN", env.cluster.dsn("postgres"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let addr = listen.parse().unwrap();
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        if tokio::net::TcpStream::connect(addr).await.is_ok()
-            && scrape(addr).await.value("lockjam_up", &[]) == Some(1.0)
-        {
-            break;
-        }
-        assert!(Instant::now() < deadline, "lockjam run never reported up");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let killed = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
-    let status = tokio::task::block_in_place(|| child.wait()).unwrap();
-    assert_eq!(status.code(), Some(0));
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    let run = LockjamRun::spawn(&["--dsn", &env.cluster.dsn("postgres")]);
+    wait_until("lockjam run to report up", || async {
+        run.serving().await && scrape(run.addr).await.value("lockjam_up", &[]) == Some(1.0)
+    })
+    .await;
+    let (status, stderr) = run.terminate();
+    assert_eq!(status.code(), Some(0), "{stderr}");
     assert!(stderr.contains("shutting down"), "{stderr}");
+    assert!(
+        !stderr.contains('\x1b'),
+        "no colour codes in a log that is not a terminal: {stderr}"
+    );
     env.stop().await;
 }

@@ -413,3 +413,52 @@ fn parse_labels(text: &str) -> BTreeMap<String, String> {
         chars.next_if_eq(&',');
     }
 }
+
+/// The `lockjam` binary, free of the caller's `LOCKJAM_*` environment.
+pub fn lockjam() -> std::process::Command {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_lockjam"));
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("LOCKJAM_") && name != "LOCKJAM_PG_BINDIR" {
+            command.env_remove(name);
+        }
+    }
+    command
+}
+
+/// `lockjam run` as its own process, on a free port, its log captured.
+pub struct LockjamRun {
+    pub addr: SocketAddr,
+    child: std::process::Child,
+}
+
+impl LockjamRun {
+    /// Starts `lockjam run --listen <free port>` with `args`.
+    pub fn spawn(args: &[&str]) -> LockjamRun {
+        let port = lockjam::cluster::free_port().unwrap();
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let child = lockjam()
+            .args(["run", "--listen", &addr.to_string()])
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("the lockjam binary runs");
+        LockjamRun { addr, child }
+    }
+
+    /// Whether the HTTP port accepts connections yet.
+    pub async fn serving(&self) -> bool {
+        tokio::net::TcpStream::connect(self.addr).await.is_ok()
+    }
+
+    /// SIGTERM, then the exit status and everything it logged.
+    pub fn terminate(self) -> (std::process::ExitStatus, String) {
+        let killed = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(killed.success());
+        let output = tokio::task::block_in_place(|| self.child.wait_with_output()).unwrap();
+        (output.status, String::from_utf8_lossy(&output.stderr).into_owned())
+    }
+}

@@ -8,7 +8,8 @@ use lockjam::config::Target;
 use lockjam::dsn::Dsn;
 use lockjam::sampler::Sampler;
 
-use lockjam::policy::{Outcome, Signal};
+use lockjam::cluster::ClusterOptions;
+use lockjam::policy::{Outcome, Policy, Rule, Signal};
 
 use crate::scenes::{staged, DROP_CONSTRAINT};
 use crate::support::{sampler_config, within, TestEnv};
@@ -124,4 +125,109 @@ async fn terminate_waits_for_the_backend_to_exit_from_14() {
         "the reader was terminated"
     );
     s.env.stop().await;
+}
+
+/// An autovacuum worker that blocks a migration is never signalled: a
+/// superuser (as here) could cancel one on every version, and from
+/// PostgreSQL 18 so could any role granted `pg_signal_autovacuum_worker`;
+/// lockjam reports it `protected`, once, and leaves it to PostgreSQL, which
+/// cancels an ordinary autovacuum after `deadlock_timeout` (set to an hour
+/// here, so that the worker keeps blocking).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn autovacuum_worker_blocking_a_migration_is_never_signalled() {
+    let settings = [
+        ("autovacuum", "on"),
+        ("autovacuum_naptime", "1s"),
+        ("deadlock_timeout", "1h"),
+    ];
+    let env = TestEnv::start_full(
+        ClusterOptions {
+            settings: settings.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            ..Default::default()
+        },
+        Policy::acting(vec![Rule::unblock_migrations(Duration::from_secs(1))]),
+    )
+    .await;
+    // Every dead row is worth a vacuum, and the vacuum sleeps 100 ms per
+    // page or so: it holds its SHARE UPDATE EXCLUSIVE lock for minutes.
+    env.admin
+        .batch_execute(
+            "CREATE TABLE vac (id int, pad text) WITH (autovacuum_vacuum_threshold = 0, \
+             autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_cost_delay = 100, \
+             autovacuum_vacuum_cost_limit = 1);
+             INSERT INTO vac SELECT i, repeat('x', 100) FROM generate_series(1, 50000) AS i;
+             DELETE FROM vac WHERE id % 2 = 0",
+        )
+        .await
+        .unwrap();
+    let worker_pid: i32 = within("an autovacuum worker on table vac", async {
+        loop {
+            let row = env
+                .admin
+                .query_opt(
+                    "SELECT a.pid FROM pg_stat_activity AS a JOIN pg_locks AS l ON l.pid = a.pid \
+                     WHERE a.backend_type = 'autovacuum worker' AND l.granted AND l.relation = 'vac'::regclass",
+                    &[],
+                )
+                .await
+                .unwrap();
+            if let Some(row) = row {
+                return row.get(0);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    let (migration_pid, alter) = env
+        .spawn_statement("migrate", "ALTER TABLE vac ADD COLUMN note text")
+        .await;
+    env.wait_until_waiting(migration_pid).await;
+
+    let event = env
+        .wait_for_event("the autovacuum worker reported", |e| e["outcome"] == "protected")
+        .await;
+    assert_eq!(event["blocker"]["pid"], worker_pid);
+    assert_eq!(event["blocker"]["backend_type"], "autovacuum worker");
+    assert_eq!(event["waiter"]["pid"], migration_pid);
+    assert!(
+        event["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("an autovacuum worker: lockjam never signals one"),
+        "{event}"
+    );
+    // Several fast samples later: reported once, and still at work.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(env.events().await.len(), 1, "{:#?}", env.events().await);
+    let still: Option<String> = env
+        .admin
+        .query_opt(
+            "SELECT wait_event_type FROM pg_stat_activity WHERE pid = $1",
+            &[&migration_pid],
+        )
+        .await
+        .unwrap()
+        .and_then(|r| r.get(0));
+    assert_eq!(still.as_deref(), Some("Lock"), "the migration still waits");
+    let alive = env
+        .admin
+        .query_opt("SELECT 1 FROM pg_stat_activity WHERE pid = $1", &[&worker_pid])
+        .await
+        .unwrap();
+    assert!(alive.is_some(), "the autovacuum worker was left alone");
+    assert_eq!(
+        env.scrape().await.value(
+            "lockjam_policy_actions_total",
+            &[("action", "cancel"), ("outcome", "protected")]
+        ),
+        Some(1.0)
+    );
+
+    // The operator's move, by hand: the migration then goes through.
+    env.admin
+        .execute("SELECT pg_cancel_backend($1)", &[&worker_pid])
+        .await
+        .unwrap();
+    within("the ALTER", alter).await.unwrap().expect("the ALTER succeeds");
+    env.stop().await;
 }
