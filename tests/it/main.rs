@@ -4,6 +4,7 @@
 mod incidents;
 mod policy;
 mod robustness;
+mod scale;
 mod scenes;
 mod service;
 mod support;

@@ -85,6 +85,48 @@ async fn incident_000_cleared_by_cancel_blockers() {
     env.stop().await;
 }
 
+/// The database stops (`-m immediate`) while a migration waits, short of
+/// `min_wait`, and stays down past it: the last graph is stale, and the
+/// policy acts on none. Restarted, a new queue is acted on only once its
+/// own waiter has waited `min_wait`, and nothing from before is signalled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn no_action_on_stale_data_across_a_database_restart() {
+    let mut env = TestEnv::start_full(ClusterOptions::default(), acting(unblock(3))).await;
+    let (old_reader, _read, old_migration, _alter) = migration_behind_long_read(&env).await;
+    env.wait_for_metrics("the waiter sampled", |m| {
+        m.value("lockjam_lock_waiters", &[("datname", "app")]) == Some(1.0)
+    })
+    .await;
+    tokio::task::block_in_place(|| env.cluster.stop("immediate")).unwrap();
+    env.wait_for_metrics("up to drop to 0", |m| m.value("lockjam_up", &[]) == Some(0.0))
+        .await;
+    // The stale graph's waiter would have waited past min_wait by now.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(env.events().await, Vec::<Value>::new());
+
+    tokio::task::block_in_place(|| env.cluster.restart()).unwrap();
+    env.admin = connect(&env.cluster.dsn("app"), "fixture").await;
+    let (reader_pid, read) = env.spawn_statement("analyst", LONG_READ).await;
+    env.wait_until_holding(reader_pid, "orders", None).await;
+    let (migration_pid, alter) = env.spawn_statement("migrate", DROP_CONSTRAINT).await;
+    within("the ALTER after the restart", alter)
+        .await
+        .unwrap()
+        .expect("the ALTER succeeds");
+    let read_error = within("the read", read).await.unwrap().unwrap_err();
+    assert_eq!(read_error.code(), Some(&SqlState::QUERY_CANCELED));
+    env.wait_for_event("the signal", |e| e["outcome"] == "success").await;
+    let events = env.events().await;
+    assert_eq!(events.len(), 1, "{events:#?}");
+    assert_eq!(events[0]["blocker"]["pid"], reader_pid);
+    assert_eq!(events[0]["waiter"]["pid"], migration_pid);
+    assert_ne!(reader_pid, old_reader);
+    assert_ne!(migration_pid, old_migration);
+    let waited = events[0]["waiter"]["wait_seconds"].as_f64().unwrap();
+    assert!(waited >= 3.0, "acted after the new waiter's own min_wait: {waited}");
+    env.stop().await;
+}
+
 /// Incident 001 with a real `pg_dump` whose output is never read: its
 /// backend waits on ClientWrite holding ACCESS SHARE, and `DROP TABLE`
 /// queues behind it. Returns the running pg_dump and the DROP.

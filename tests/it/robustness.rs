@@ -362,11 +362,100 @@ async fn authentication_failure_is_named_once_per_backoff_step_and_recovers() {
             step + 1
         );
     }
+    // A role or a database that does not exist: what to check, named.
+    let port = env.cluster.port();
+    let service = lockjam::service::Service::start(&crate::support::config_for(vec![
+        (
+            "no-role",
+            format!("host=127.0.0.1 port={port} user=ghost dbname=postgres sslmode=disable"),
+        ),
+        (
+            "no-db",
+            format!("host=127.0.0.1 port={port} user=postgres dbname=ghost sslmode=disable"),
+        ),
+    ]))
+    .await
+    .unwrap();
+    wait_until("both targets refused", || async {
+        let (_, readyz) = http_get(service.local_addr(), "/readyz").await;
+        readyz.contains("the server refused user `ghost`: check that the role exists, has LOGIN")
+            && readyz.contains("database `ghost` does not exist: check the DSN's `dbname`")
+    })
+    .await;
+    service.stop().await;
+
     let recovered: Vec<&str> = stderr.lines().filter(|l| l.contains(" sampling")).collect();
     assert_eq!(recovered.len(), 1, "{stderr}");
     assert!(
         recovered[0].contains(&format!("failed_attempts={}", failures.len())),
         "{stderr}"
     );
+    env.stop().await;
+}
+
+/// Ten targets in one process, one of them dead in the worst way (it
+/// accepts the TCP connection and never answers, so each attempt lasts the
+/// whole connect timeout): every other target keeps its one-second cadence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_dead_target_of_ten_delays_no_other() {
+    let env = TestEnv::start().await;
+    let tarpit = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let tarpit_port = tarpit.local_addr().unwrap().port();
+    let held = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = tarpit.accept().await {
+            held.push(socket);
+        }
+    });
+    let live: Vec<String> = (1..=9).map(|n| format!("db{n}")).collect();
+    let mut targets: Vec<(&str, String)> = live
+        .iter()
+        .map(|name| (name.as_str(), env.cluster.dsn("app")))
+        .collect();
+    targets.push((
+        "dead",
+        format!("host=127.0.0.1 port={tarpit_port} user=postgres dbname=postgres sslmode=disable"),
+    ));
+    let service = lockjam::service::Service::start(&crate::support::config_for(targets))
+        .await
+        .unwrap();
+    let addr = service.local_addr();
+    let samples = |metrics: &crate::support::Scrape, target: &str| {
+        metrics
+            .value("lockjam_sample_duration_seconds_count", &[("target", target)])
+            .unwrap_or(0.0)
+    };
+    wait_until("every live target up", || async {
+        let metrics = scrape(addr).await;
+        live.iter()
+            .all(|t| metrics.value("lockjam_up", &[("target", t)]) == Some(1.0))
+    })
+    .await;
+    let before = scrape(addr).await;
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let after = scrape(addr).await;
+    for target in &live {
+        let taken = samples(&after, target) - samples(&before, target);
+        assert!(
+            taken >= 7.0,
+            "target {target} took {taken} samples in 8 s at a 1 s interval:\n{}",
+            after.text
+        );
+        assert_eq!(after.value("lockjam_up", &[("target", target)]), Some(1.0));
+    }
+    // The dead one: attempts that each last the 2 s connect timeout.
+    assert_eq!(after.value("lockjam_up", &[("target", "dead")]), Some(0.0));
+    assert!(
+        samples(&after, "dead") - samples(&before, "dead") >= 1.0,
+        "{}",
+        after.text
+    );
+    let (_, readyz) = http_get(addr, "/readyz").await;
+    assert!(
+        readyz.contains("target `dead`") && readyz.contains("no answer within 2s"),
+        "{readyz}"
+    );
+    service.stop().await;
+    held.abort();
     env.stop().await;
 }

@@ -1,0 +1,214 @@
+//! Scale: a thousand client sessions and two hundred lock waiters on one
+//! table. A sample completes, every figure is exact, and what lockjam keeps
+//! (its sessions on the server, its series) does not grow with sessions.
+
+use futures_util::future::join_all;
+use serde_json::Value;
+
+use lockjam::cluster::ClusterOptions;
+
+use crate::scenes::{DROP_CONSTRAINT, ORDERS};
+use crate::support::{connect, http_get, Scrape, TestEnv};
+
+/// Client sessions in the big scene, the fixture's own included.
+const SESSIONS: usize = 1000;
+/// Lock waiters in it: the migration and the reads queued behind it.
+const WAITERS: usize = 200;
+
+/// Lets this process open a socket per session: CI machines often start
+/// tests with a soft limit of 1024 descriptors.
+fn raise_open_files_limit(wanted: u64) {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write the struct given.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0);
+        if limit.rlim_cur < wanted {
+            assert!(
+                limit.rlim_max >= wanted,
+                "this test opens {wanted} sockets but the hard limit on open files is {}: raise it (ulimit -Hn)",
+                limit.rlim_max
+            );
+            limit.rlim_cur = wanted;
+            assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &limit), 0);
+        }
+    }
+}
+
+/// Series in a scrape, histogram buckets left out (their number is fixed).
+fn series_count(scrape: &Scrape) -> usize {
+    scrape
+        .series
+        .iter()
+        .filter(|(name, _, _)| !name.ends_with("_bucket"))
+        .count()
+}
+
+/// lockjam's own sessions on the server.
+async fn lockjam_sessions(env: &TestEnv) -> Vec<(String, String)> {
+    env.admin
+        .query(
+            "SELECT datname::text, state FROM pg_stat_activity WHERE application_name = 'lockjam' ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect()
+}
+
+async fn snapshot(env: &TestEnv) -> Value {
+    let (status, body) = http_get(env.addr(), "/api/v1/snapshot").await;
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+/// The exact figures of the scene: one holder idle in transaction, the
+/// migration waiting behind it, `readers` reads queued behind the
+/// migration, and `idle` idle sessions (the fixture's among them).
+fn assert_figures(m: &Scrape, readers: usize, idle: usize) {
+    let app = [("datname", "app")];
+    let expect = [
+        ("lockjam_sessions", vec![("state", "idle")], idle),
+        ("lockjam_sessions", vec![("state", "idle in transaction")], 1),
+        ("lockjam_sessions", vec![("state", "active")], readers + 1),
+        ("lockjam_lock_waiters", vec![("mode", "AccessExclusiveLock")], 1),
+        ("lockjam_lock_waiters", vec![("mode", "AccessShareLock")], readers),
+        ("lockjam_blocked_sessions", vec![], readers + 1),
+        ("lockjam_root_blockers", vec![], 1),
+        ("lockjam_blocking_chain_max_depth", vec![], 2),
+        (
+            "lockjam_lock_queue_depth",
+            vec![("relation", "public.orders"), ("mode", "AccessExclusiveLock")],
+            readers,
+        ),
+    ];
+    for (name, labels, value) in expect {
+        let labels: Vec<(&str, &str)> = app.iter().copied().chain(labels).collect();
+        assert_eq!(
+            m.value(name, &labels),
+            Some(value as f64),
+            "{name} {labels:?}\n{}",
+            m.text
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_thousand_sessions_and_two_hundred_waiters_are_counted_exactly() {
+    raise_open_files_limit(4096);
+    let env = TestEnv::start_with(ClusterOptions {
+        max_connections: SESSIONS as u32 + 50,
+        ..Default::default()
+    })
+    .await;
+    env.admin.batch_execute(ORDERS).await.unwrap();
+    let holder = env.session("holder").await;
+    holder
+        .batch_execute("BEGIN; LOCK TABLE orders IN ACCESS SHARE MODE")
+        .await
+        .unwrap();
+    let (migration_pid, _alter) = env.spawn_statement("migrate", DROP_CONSTRAINT).await;
+    env.wait_until_waiting(migration_pid).await;
+    let mut reads = Vec::new();
+    let stage = |count: usize| {
+        let env = &env;
+        async move { join_all((0..count).map(|_| env.spawn_statement("web", "SELECT count(*) FROM orders"))).await }
+    };
+
+    // Small: 3 reads queued, the fixture idle.
+    reads.extend(stage(3).await);
+    env.wait_until_waiting_count("web", 3).await;
+    let small = env
+        .wait_for_metrics("the small queue", |m| {
+            m.value("lockjam_lock_queue_depth", &[]) == Some(3.0)
+                && m.value("lockjam_sessions", &[("datname", "app"), ("state", "active")]) == Some(4.0)
+        })
+        .await;
+    assert_figures(&small, 3, 1);
+    let small_sessions = lockjam_sessions(&env).await;
+
+    // Big: 199 reads queued, idle sessions up to 1000 client sessions.
+    let readers = WAITERS - 1;
+    reads.extend(stage(readers - 3).await);
+    let idle_count = SESSIONS - readers - 3; // the holder, the migration, the fixture
+    let dsn = env.cluster.dsn("app");
+    let mut idle = Vec::new();
+    for chunk in 0..idle_count.div_ceil(50) {
+        let n = 50.min(idle_count - chunk * 50);
+        idle.extend(join_all((0..n).map(|_| connect(&dsn, "idle"))).await);
+    }
+    env.wait_until_waiting_count("web", readers as i64).await;
+    let total: i64 = env
+        .admin
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' \
+             AND application_name <> 'lockjam'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        total, SESSIONS as i64,
+        "the scene has exactly {SESSIONS} client sessions"
+    );
+    let big = env
+        .wait_for_metrics("the big queue", |m| {
+            m.value("lockjam_lock_queue_depth", &[]) == Some(readers as f64)
+                && m.value("lockjam_sessions", &[("datname", "app"), ("state", "idle")])
+                    == Some((idle_count + 1) as f64)
+        })
+        .await;
+    assert_figures(&big, readers, idle_count + 1);
+    assert_eq!(big.value("lockjam_up", &[]), Some(1.0));
+
+    let snapshot = snapshot(&env).await;
+    let target = &snapshot["targets"][0];
+    assert_eq!(target["waiters"].as_array().unwrap().len(), WAITERS);
+    let blockers = target["blockers"].as_array().unwrap();
+    assert_eq!(blockers.len(), 2, "the holder and the migration");
+    let migration = blockers.iter().find(|b| b["pid"] == migration_pid).unwrap();
+    assert_eq!(migration["blocking"].as_array().unwrap().len(), readers);
+    assert_eq!(target["queues"][0]["depth"], readers as u64);
+
+    // What lockjam keeps does not grow with sessions: the same series and
+    // the same sessions on the server (one per database it reads) as with
+    // four waiters.
+    assert_eq!(series_count(&big), series_count(&small), "{}", big.text);
+    assert_eq!(lockjam_sessions(&env).await, small_sessions);
+    assert_eq!(
+        small_sessions,
+        vec![
+            ("app".to_string(), "idle".to_string()),
+            ("postgres".into(), "idle".into())
+        ]
+    );
+
+    // Drained: the holder commits, the migration and every read finish.
+    holder.batch_execute("COMMIT").await.unwrap();
+    for (_, read) in reads {
+        crate::support::within("a queued read", read).await.unwrap().unwrap();
+    }
+    // The waiters' sessions close with their statements; every other is
+    // idle, the holder too; each of the 200 waits observed exactly once.
+    let calm = env
+        .wait_for_metrics("the queue to drain", |m| {
+            !m.has("lockjam_lock_waiters")
+                && m.value("lockjam_sessions", &[("datname", "app"), ("state", "idle")])
+                    == Some((SESSIONS - WAITERS) as f64)
+        })
+        .await;
+    assert_eq!(calm.value("lockjam_blocked_sessions", &[("datname", "app")]), Some(0.0));
+    assert_eq!(
+        calm.value("lockjam_lock_wait_seconds_count", &[("datname", "app")]),
+        Some(WAITERS as f64),
+        "{}",
+        calm.text
+    );
+    drop(idle);
+    env.stop().await;
+}
