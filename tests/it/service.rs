@@ -353,6 +353,63 @@ fn cli_check_config() {
     );
 }
 
+/// Every kind of bad file, through the binary: `run` and `check-config`
+/// exit 2 with the file and key named, and the password in the file's DSN
+/// never shows.
+#[test]
+fn cli_bad_files_exit_2_naming_file_and_key_without_the_password() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = "[[targets]]\nname = \"main\"\ndsn = \"postgres://lockjam:s3cret@db.internal/app\"\n";
+    let cases = [
+        ("bad TOML", format!("{target}[sampler\n"), "lockjam.toml"),
+        (
+            "unknown key",
+            format!("{target}[sampler]\nintervall = \"1s\"\n"),
+            "sampler.intervall",
+        ),
+        (
+            "wrong type",
+            format!("{target}[sampler]\nmax_relations = \"many\"\n"),
+            "sampler.max_relations",
+        ),
+        (
+            "bad duration",
+            format!("{target}[sampler]\ninterval = \"1 fortnight\"\n"),
+            "sampler.interval",
+        ),
+        (
+            "bad DSN",
+            "[[targets]]\nname = \"main\"\ndsn = \"host=x password=s3cret colour=red\"\n".into(),
+            "targets[0].dsn: unknown connection option `colour`",
+        ),
+        (
+            "unreadable dsn_file",
+            format!("{target}[[targets]]\nname = \"b\"\ndsn_file = \"/nonexistent/lockjam-dsn\"\n"),
+            "targets[1].dsn_file: cannot read /nonexistent/lockjam-dsn",
+        ),
+        (
+            "duplicate targets",
+            format!("{target}{target}"),
+            "targets[1].name: duplicate target name `main`",
+        ),
+    ];
+    let file = dir.path().join("lockjam.toml");
+    for (what, text, expected) in cases {
+        std::fs::write(&file, text).unwrap();
+        for command in ["check-config", "run"] {
+            let output = lockjam().args([command, "--config"]).arg(&file).output().unwrap();
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            assert_eq!(output.status.code(), Some(2), "{what}, {command}: {stderr}");
+            assert!(
+                stderr.contains("lockjam.toml") && stderr.contains(expected),
+                "{what}, {command}: {stderr}"
+            );
+            assert!(!stderr.contains("s3cret"), "{what}, {command}: {stderr}");
+            assert!(output.stdout.is_empty(), "{what}, {command}");
+        }
+    }
+}
+
 /// `lockjam run` serves, then exits 0 on SIGTERM.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_run_stops_on_sigterm() {
