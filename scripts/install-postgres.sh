@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Installs PostgreSQL server binaries (initdb, pg_ctl, postgres) when none
 # are found where lockjam looks for them: LOCKJAM_PG_BINDIR, PATH,
-# `pg_config --bindir`, /usr/lib/postgresql/*/bin. Debian and Ubuntu only;
-# elsewhere it says what to install. Idempotent.
+# `pg_config --bindir`, /usr/lib/postgresql/*/bin. With --bench-tools, also
+# pgbench and wrk, which the benchmark (and its smoke mode in the tests)
+# runs. Debian and Ubuntu only; elsewhere it says what to install.
+# Idempotent.
 set -euo pipefail
 
 has_server() {
@@ -14,13 +16,19 @@ has_server() {
   return 1
 }
 
-if has_server; then
+packages=()
+has_server || packages+=(postgresql postgresql-client)
+if [ "${1:-}" = "--bench-tools" ]; then
+  command -v pgbench >/dev/null 2>&1 || packages+=(postgresql)
+  command -v wrk >/dev/null 2>&1 || packages+=(wrk)
+fi
+if [ ${#packages[@]} -eq 0 ]; then
   exit 0
 fi
 
 if ! command -v apt-get >/dev/null 2>&1; then
-  echo "PostgreSQL server binaries not found and this is not a Debian/Ubuntu machine:" >&2
-  echo "install your distribution's PostgreSQL server package, or set LOCKJAM_PG_BINDIR" >&2
+  echo "missing ${packages[*]} and this is not a Debian/Ubuntu machine: install your" >&2
+  echo "distribution's packages for them (or set LOCKJAM_PG_BINDIR for the server)" >&2
   exit 1
 fi
 
@@ -29,12 +37,12 @@ if [ "$(id -u)" -ne 0 ]; then
   if command -v sudo >/dev/null 2>&1; then
     sudo="sudo"
   else
-    echo "PostgreSQL server binaries not found; run as root: apt-get install postgresql" >&2
+    echo "missing ${packages[*]}; run as root: apt-get install ${packages[*]}" >&2
     exit 1
   fi
 fi
 
-echo "installing PostgreSQL server binaries (apt-get install postgresql)" >&2
+echo "installing ${packages[*]} (apt-get install)" >&2
 export DEBIAN_FRONTEND=noninteractive
 # The package would start a system cluster of its own; lockjam's clusters
 # are throwaway ones, so keep the service from starting where possible.
@@ -44,5 +52,5 @@ if [ ! -e /usr/sbin/policy-rc.d ]; then
   trap '$sudo rm -f /usr/sbin/policy-rc.d' EXIT
 fi
 $sudo apt-get update -qq
-$sudo apt-get install -y -qq --no-install-recommends postgresql postgresql-client >/dev/null
+$sudo apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
 has_server || { echo "installed postgresql, but its server binaries are still not found" >&2; exit 1; }

@@ -68,6 +68,22 @@ struct DatabaseSession {
 /// start, lock tag and mode.
 type WaitKey = (i32, Option<SystemTime>, String, String);
 
+/// The statements of a sample on a server of `server_version`
+/// (`server_version_num`): the activity read of every tick, then the
+/// waiters and their `pg_locks` rows, read only while someone waits.
+pub fn sample_statements(server_version: i32) -> [String; 3] {
+    let waitstart = if server_version >= 140_000 {
+        "l.waitstart"
+    } else {
+        "NULL::pg_catalog.timestamptz"
+    };
+    [
+        ACTIVITY_SQL.into(),
+        WAITERS_SQL.into(),
+        LOCKS_SQL.replace("{waitstart}", waitstart),
+    ]
+}
+
 pub struct Sampler {
     target: Target,
     connector: Connector,
@@ -229,22 +245,14 @@ impl Sampler {
             .await
             .map_err(|e| self.query_error("reading the session's identity", &e))?;
         let server_version: i32 = row.get("server_version");
-        let waitstart = if server_version >= 140_000 {
-            "l.waitstart"
-        } else {
-            "NULL::pg_catalog.timestamptz"
-        };
         let prepare = |sql: String, what: &'static str| {
             let client = &client;
             async move { client.prepare(&sql).await.map_err(|e| self.query_error(what, &e)) }
         };
-        let activity = prepare(ACTIVITY_SQL.into(), "preparing the activity query").await?;
-        let waiters = prepare(WAITERS_SQL.into(), "preparing the waiters query").await?;
-        let locks = prepare(
-            LOCKS_SQL.replace("{waitstart}", waitstart),
-            "preparing the pg_locks query",
-        )
-        .await?;
+        let [activity, waiters, locks] = sample_statements(server_version);
+        let activity = prepare(activity, "preparing the activity query").await?;
+        let waiters = prepare(waiters, "preparing the waiters query").await?;
+        let locks = prepare(locks, "preparing the pg_locks query").await?;
         let relations = prepare(RELATIONS_SQL.into(), "preparing the relation-name query").await?;
         let role: String = row.get("role");
         let warning = (!row.get::<_, bool>("reads_all_stats")).then(|| {

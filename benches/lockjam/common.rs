@@ -1,0 +1,134 @@
+//! What every part of the bench shares: clusters, sessions, lockjam
+//! configurations, statistics and Markdown tables.
+
+use std::time::Duration;
+
+use lockjam::cluster::{Cluster, ClusterOptions};
+use lockjam::config::{Config, LogConfig, LogFormat, SamplerConfig, ServerConfig, Target};
+use lockjam::dsn::Dsn;
+use lockjam::policy::Policy;
+use tokio_postgres::{Client, NoTls};
+
+/// The scale of a run: `full` for BENCHMARKS.md, `smoke` (seconds) for CI.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scale {
+    Full,
+    Smoke,
+}
+
+impl Scale {
+    pub fn pick<T>(self, full: T, smoke: T) -> T {
+        match self {
+            Scale::Full => full,
+            Scale::Smoke => smoke,
+        }
+    }
+}
+
+pub async fn start_cluster(options: ClusterOptions) -> Cluster {
+    tokio::task::spawn_blocking(move || Cluster::start(&options))
+        .await
+        .unwrap()
+        .unwrap_or_else(|e| panic!("cannot start a throwaway PostgreSQL cluster: {e}"))
+}
+
+pub async fn connect(dsn: &str, application_name: &str) -> Client {
+    let (client, connection) = tokio_postgres::connect(&format!("{dsn} application_name={application_name}"), NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("cannot connect to {dsn}: {e}"));
+    tokio::spawn(connection);
+    client
+}
+
+pub async fn backend_pid(client: &Client) -> i32 {
+    client.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0)
+}
+
+/// Waits until `count` backends wait for a heavyweight lock.
+pub async fn wait_for_waiters(admin: &Client, count: usize) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{count} lock waiters never showed up"
+        );
+        let waiting: i64 = admin
+            .query_one("SELECT count(DISTINCT pid) FROM pg_locks WHERE NOT granted", &[])
+            .await
+            .unwrap()
+            .get(0);
+        if waiting as usize >= count {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// lockjam's configuration for one target, with its default cadence.
+pub fn lockjam_config(dsn: &str, policy: Policy) -> Config {
+    Config {
+        server: ServerConfig {
+            listen: ([127, 0, 0, 1], 0).into(),
+        },
+        sampler: SamplerConfig::default(),
+        targets: vec![Target {
+            name: "bench".into(),
+            dsn: Dsn::parse(dsn).unwrap(),
+            default_user: None,
+        }],
+        log: LogConfig {
+            format: LogFormat::Text,
+            level: "warn".into(),
+        },
+        policy,
+    }
+}
+
+/// Order statistics of a set of measurements.
+#[derive(Debug, Clone, Copy)]
+pub struct Stats {
+    pub n: usize,
+    pub median: f64,
+    pub p10: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+impl Stats {
+    pub fn of(values: &[f64]) -> Stats {
+        assert!(!values.is_empty(), "statistics of nothing");
+        let mut sorted = values.to_vec();
+        sorted.sort_by(f64::total_cmp);
+        let at = |q: f64| sorted[((sorted.len() - 1) as f64 * q).round() as usize];
+        Stats {
+            n: sorted.len(),
+            median: at(0.5),
+            p10: at(0.1),
+            p90: at(0.9),
+            p99: at(0.99),
+            min: sorted[0],
+            max: sorted[sorted.len() - 1],
+        }
+    }
+}
+
+/// "median (min–max)" of repeated runs, with `unit` and `digits` decimals.
+pub fn spread(values: &[f64], digits: usize, unit: &str) -> String {
+    let s = Stats::of(values);
+    if values.len() == 1 || (s.min - s.max).abs() < f64::EPSILON {
+        format!("{:.digits$}{unit}", s.median)
+    } else {
+        format!("{:.digits$}{unit} ({:.digits$}–{:.digits$})", s.median, s.min, s.max)
+    }
+}
+
+/// A Markdown table.
+pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut text = format!("| {} |\n|{}\n", header.join(" | "), "---|".repeat(header.len()));
+    for row in rows {
+        text.push_str(&format!("| {} |\n", row.join(" | ")));
+    }
+    text
+}
