@@ -309,62 +309,21 @@ pub async fn pgbench_tps(dsn: &str, port: u16, admin: &Client, scale: Scale, pgb
     let seconds = scale.pick(15, 2);
     let rounds = scale.pick(3, 1);
     admin.batch_execute("CREATE DATABASE pgbench").await.unwrap();
-    let init = tokio::process::Command::new(pgbench)
-        .args([
-            "-i",
-            "-q",
-            "-s",
-            "10",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "-U",
-            "postgres",
-            "pgbench",
-        ])
-        .output()
-        .await
-        .expect("pgbench runs");
-    assert!(
-        init.status.success(),
-        "pgbench -i: {}",
-        String::from_utf8_lossy(&init.stderr)
-    );
+    pgbench_run(pgbench, port, &["-i", "-q", "-s", "10"]).await;
     let mut scene = Scene::new(dsn);
     // pgbench's 4 clients, lockjam's session and the bench's own.
     scene.set(admin, sessions, waiters, 4 + 2).await;
     let mut watchers = vec![Watcher::Nothing, Watcher::Lockjam];
     watchers.extend((0..PEERS.len()).map(Watcher::Peer));
     let mut tps: Vec<Vec<f64>> = vec![Vec::new(); watchers.len()];
+    let select_only = ["-n", "-S", "-c", "4", "-j", "2", "-T", &seconds.to_string()];
     // A first run, not counted, warms the caches for every later one.
-    let warm = tokio::process::Command::new(pgbench)
-        .args(["-n", "-S", "-c", "4", "-j", "2", "-T", &seconds.to_string()])
-        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres", "pgbench"])
-        .output()
-        .await
-        .expect("pgbench runs");
-    assert!(
-        warm.status.success(),
-        "pgbench: {}",
-        String::from_utf8_lossy(&warm.stderr)
-    );
+    pgbench_run(pgbench, port, &select_only).await;
     for _ in 0..rounds {
         for (i, watcher) in watchers.iter().enumerate() {
             let running = start_watcher(*watcher, dsn).await;
             tokio::time::sleep(Duration::from_secs(1)).await;
-            let output = tokio::process::Command::new(pgbench)
-                .args(["-n", "-S", "-c", "4", "-j", "2", "-T", &seconds.to_string()])
-                .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres", "pgbench"])
-                .output()
-                .await
-                .expect("pgbench runs");
-            let stdout = String::from_utf8_lossy(&output.stdout);
-            assert!(
-                output.status.success(),
-                "pgbench: {}",
-                String::from_utf8_lossy(&output.stderr)
-            );
+            let stdout = pgbench_run(pgbench, port, &select_only).await;
             let value = stdout
                 .lines()
                 .find_map(|l| l.strip_prefix("tps = "))
@@ -394,6 +353,23 @@ pub async fn pgbench_tps(dsn: &str, port: u16, admin: &Client, scale: Scale, pgb
          interleaved, after one uncounted warm-up run; median (min–max).\n\n{}",
         table(&["watcher", "TPS", "vs no watcher"], &rows)
     )
+}
+
+/// Runs pgbench with `args` against database `pgbench`; its stdout.
+async fn pgbench_run(pgbench: &Path, port: u16, args: &[&str]) -> String {
+    let output = tokio::process::Command::new(pgbench)
+        .args(args)
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres", "pgbench"])
+        .output()
+        .await
+        .expect("pgbench runs");
+    assert!(
+        output.status.success(),
+        "pgbench {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
 enum Running {
