@@ -51,8 +51,11 @@ impl LockjamRun {
         let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
         ticks as f64 / per_second
     }
+}
 
-    fn stop(mut self) {
+impl Drop for LockjamRun {
+    /// Never left running, even when the bench panics.
+    fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -90,7 +93,7 @@ async fn startup(dsn: &str) -> f64 {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     let took = started.elapsed().as_secs_f64();
-    run.stop();
+    drop(run);
     took
 }
 
@@ -211,7 +214,7 @@ pub async fn all(dsn: &str, admin: &Client, scale: Scale) -> String {
     let (connections, seconds) = scale.pick((200, 10), (20, 1));
     let (rate, p50, p99) = wrk(run.addr, connections, seconds);
     let rss_after_wrk = run.status("VmRSS:");
-    run.stop();
+    drop(run);
     drop(scene);
 
     let startup = Stats::of(&startups);

@@ -149,6 +149,11 @@ pub async fn run(dsn: &str, strategy: Strategy, workload: Workload, sessions: us
                 let result = client.execute(&statement, &[&id]).await;
                 seen.push((at, sent.elapsed().as_secs_f64()));
                 if let Err(e) = result {
+                    if client.is_closed() {
+                        // Nothing more to measure, and no busy loop on a
+                        // dead session (as when the bench itself panics).
+                        break;
+                    }
                     failed += 1;
                     if e.code() == Some(&SqlState::QUERY_CANCELED) {
                         cancelled += 1;
