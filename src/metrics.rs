@@ -10,6 +10,7 @@ use std::time::{Duration, SystemTime};
 use prometheus::{Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder};
 
 use crate::analysis::{EndedWait, LockGraph, Queue};
+use crate::policy::{Outcome, Policy, Signal};
 
 /// Label value that collects the relation series past `max_relations`.
 pub const OTHER_RELATIONS: &str = "_other";
@@ -285,6 +286,12 @@ impl Metrics {
             .with_label_values(&[target])
             .set(unix_seconds(graph.taken_at));
         f.sample_duration.with_label_values(&[target]).observe(seconds(took));
+        // A database's wait histogram exists, at 0, from the first sample
+        // that sees it, so that Prometheus' `increase()` counts its first
+        // waits instead of taking them as the series' starting value.
+        for group in &graph.activity {
+            f.lock_wait.with_label_values(&[target, &group.datname]);
+        }
         for wait in ended {
             f.lock_wait
                 .with_label_values(&[target, &wait.datname])
@@ -365,6 +372,23 @@ impl Metrics {
             .policy_actions
             .with_label_values(&[target, rule, action, outcome])
             .inc();
+    }
+
+    /// Declares every counter the policy can increment on `target` at 0,
+    /// as Prometheus advises for label values known in advance: a counter
+    /// born at 1 would hide its first increment from `increase()`, and an
+    /// alert on the first `permission_denied` would never fire.
+    pub fn register_policy(&self, target: &str, policy: &Policy) {
+        let families = self.families();
+        for rule in &policy.rules {
+            for signal in Signal::ALL {
+                for outcome in Outcome::ALL {
+                    families
+                        .policy_actions
+                        .with_label_values(&[target, &rule.name, signal.as_str(), outcome.as_str()]);
+                }
+            }
+        }
     }
 
     pub fn set_policy_leader(&self, target: &str, leader: bool) {
@@ -451,6 +475,10 @@ mod tests {
             text.contains("lockjam_transaction_max_age_seconds{datname=\"app\",state=\"active\",target=\"db1\"} 10")
         );
         assert!(text.contains("lockjam_blocked_sessions{datname=\"app\",target=\"db1\"} 0"));
+        assert!(
+            text.contains("lockjam_lock_wait_seconds_count{datname=\"app\",target=\"db1\"} 0"),
+            "a database's wait histogram starts at 0: {text}"
+        );
         let second = analyze(&Snapshot::calm(taken_at, activity("idle")));
         metrics.record_sample("db1", &second, &[], Duration::from_millis(2), 20);
         let text = metrics.render();
@@ -464,5 +492,30 @@ mod tests {
             "no stale figures while down: {text}"
         );
         assert!(text.contains("lockjam_last_sample_timestamp_seconds{target=\"db1\"} 1000"));
+    }
+
+    #[test]
+    fn policy_counters_start_at_zero_for_every_rule_signal_and_outcome() {
+        let metrics = Metrics::new();
+        let mut two_rules = Policy::acting(vec![crate::policy::Rule::unblock_migrations(Duration::from_secs(2))]);
+        two_rules.rules.push(crate::policy::Rule {
+            name: "second".into(),
+            ..two_rules.rules[0].clone()
+        });
+        metrics.register_policy("db1", &two_rules);
+        metrics.record_policy_action("db1", "second", "cancel", "success");
+        let text = metrics.render();
+        let counters: Vec<&str> = text
+            .lines()
+            .filter(|line| line.starts_with("lockjam_policy_actions_total{"))
+            .collect();
+        assert_eq!(counters.len(), 2 * 2 * 8, "{text}");
+        assert_eq!(counters.iter().filter(|line| line.ends_with(" 0")).count(), 31);
+        assert!(text.contains(
+            "lockjam_policy_actions_total{action=\"cancel\",outcome=\"success\",rule=\"second\",target=\"db1\"} 1"
+        ));
+        assert!(text.contains(
+            "lockjam_policy_actions_total{action=\"terminate\",outcome=\"permission_denied\",rule=\"unblock-migrations\",target=\"db1\"} 0"
+        ));
     }
 }

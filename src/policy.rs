@@ -48,6 +48,8 @@ pub enum Signal {
 }
 
 impl Signal {
+    pub const ALL: [Signal; 2] = [Signal::Cancel, Signal::Terminate];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Signal::Cancel => "cancel",
@@ -70,6 +72,17 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    pub const ALL: [Outcome; 8] = [
+        Outcome::Success,
+        Outcome::DryRun,
+        Outcome::Gone,
+        Outcome::NotBlocking,
+        Outcome::Protected,
+        Outcome::PermissionDenied,
+        Outcome::RateLimited,
+        Outcome::Error,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Outcome::Success => "success",

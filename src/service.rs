@@ -81,6 +81,11 @@ impl Service {
                 .map(|t| TargetState::new(&t.name, config.sampler.interval))
                 .collect(),
         ));
+        if config.policy.enabled {
+            for target in &config.targets {
+                shared.metrics.register_policy(&target.name, &config.policy);
+            }
+        }
         let (shutdown, _) = watch::channel(false);
         let mut tasks = JoinSet::new();
         for ((target, sampler), enforcer) in config.targets.iter().zip(samplers).zip(enforcers) {

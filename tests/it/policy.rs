@@ -415,7 +415,11 @@ async fn dry_run_signals_nothing_and_counts_dry_run() {
     assert!(!alter.is_finished(), "the ALTER still waits");
     assert_eq!(env.events().await.len(), 1, "decided once per blocker");
     assert_eq!(actions(&env, "cancel", "dry_run").await, Some(1.0));
-    assert_eq!(actions(&env, "cancel", "success").await, None);
+    assert_eq!(
+        actions(&env, "cancel", "success").await,
+        Some(0.0),
+        "declared at 0, never counted"
+    );
     env.admin
         .query_one("SELECT pg_terminate_backend($1)", &[&reader_pid])
         .await
@@ -576,7 +580,10 @@ async fn least_privilege_role_cancels_ordinary_blockers_not_superusers() {
     );
     let metrics = scrape(addr).await;
     assert_eq!(
-        metrics.value("lockjam_policy_actions_total", &[("outcome", "permission_denied")]),
+        metrics.value(
+            "lockjam_policy_actions_total",
+            &[("action", "cancel"), ("outcome", "permission_denied")]
+        ),
         Some(1.0)
     );
     assert_eq!(
