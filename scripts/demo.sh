@@ -3,5 +3,5 @@
 # then runs `lockjam demo` (incident 000 on a throwaway local cluster).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/install-postgres.sh
+scripts/install-deps.sh
 exec cargo run --release --quiet -- demo "$@"

@@ -13,7 +13,7 @@ use std::process::{Command, Output};
 pub enum ClusterError {
     #[error(
         "PostgreSQL server binaries (initdb, pg_ctl, postgres) not found in LOCKJAM_PG_BINDIR, on PATH, \
-         in `pg_config --bindir` or in /usr/lib/postgresql/*/bin: run scripts/install-postgres.sh \
+         in `pg_config --bindir` or in /usr/lib/postgresql/*/bin: run scripts/install-deps.sh \
          (Debian/Ubuntu: apt-get install postgresql), or set LOCKJAM_PG_BINDIR to the directory that holds them"
     )]
     NoBinaries,

@@ -148,7 +148,7 @@ fn wrk(addr: SocketAddr, connections: usize, seconds: u64) -> (f64, f64, f64) {
         ])
         .arg(format!("http://{addr}/metrics"))
         .output()
-        .unwrap_or_else(|e| panic!("cannot run wrk ({e}): run scripts/install-postgres.sh --bench-tools"));
+        .unwrap_or_else(|e| panic!("cannot run wrk ({e}): run scripts/install-deps.sh --test-tools"));
     let text = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "wrk: {text}");
     let ms = |label: &str| {

@@ -84,7 +84,7 @@ fn pgbench() -> PathBuf {
     let runs = std::process::Command::new(&pgbench).arg("--version").output();
     assert!(
         runs.is_ok_and(|o| o.status.success()),
-        "cannot run {}: run scripts/install-postgres.sh --bench-tools",
+        "cannot run {}: run scripts/install-deps.sh --test-tools",
         pgbench.display()
     );
     pgbench

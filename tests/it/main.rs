@@ -2,6 +2,7 @@
 //! started by the fixture in `support`.
 
 mod incidents;
+mod monitoring;
 mod policy;
 mod robustness;
 mod scale;

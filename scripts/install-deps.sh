@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Installs PostgreSQL server binaries (initdb, pg_ctl, postgres) when none
-# are found where lockjam looks for them: LOCKJAM_PG_BINDIR, PATH,
-# `pg_config --bindir`, /usr/lib/postgresql/*/bin. With --bench-tools, also
-# pgbench and wrk, which the benchmark (and its smoke mode in the tests)
-# runs. Debian and Ubuntu only; elsewhere it says what to install.
-# Idempotent.
+# Installs what lockjam's demo and tests run, when it is missing.
+# Always: PostgreSQL server binaries (initdb, pg_ctl, postgres), looked for
+# where lockjam looks: LOCKJAM_PG_BINDIR, PATH, `pg_config --bindir`,
+# /usr/lib/postgresql/*/bin. With --test-tools, also pgbench and wrk (the
+# benchmark and its smoke mode in the tests), and Prometheus with promtool
+# and Alertmanager's amtool (the monitoring tests). Debian and Ubuntu only;
+# elsewhere it says what to install. Idempotent.
 set -euo pipefail
 
 has_server() {
@@ -18,9 +19,11 @@ has_server() {
 
 packages=()
 has_server || packages+=(postgresql postgresql-client)
-if [ "${1:-}" = "--bench-tools" ]; then
+if [ "${1:-}" = "--test-tools" ]; then
   command -v pgbench >/dev/null 2>&1 || packages+=(postgresql)
   command -v wrk >/dev/null 2>&1 || packages+=(wrk)
+  { command -v prometheus && command -v promtool; } >/dev/null 2>&1 || packages+=(prometheus)
+  command -v amtool >/dev/null 2>&1 || packages+=(prometheus-alertmanager)
 fi
 if [ ${#packages[@]} -eq 0 ]; then
   exit 0
@@ -44,8 +47,9 @@ fi
 
 echo "installing ${packages[*]} (apt-get install)" >&2
 export DEBIAN_FRONTEND=noninteractive
-# The package would start a system cluster of its own; lockjam's clusters
-# are throwaway ones, so keep the service from starting where possible.
+# The packages would start a system cluster, a Prometheus and an
+# Alertmanager of their own; lockjam's tests start throwaway ones, so keep
+# the services from starting where possible.
 if [ ! -e /usr/sbin/policy-rc.d ]; then
   printf '#!/bin/sh\nexit 101\n' | $sudo tee /usr/sbin/policy-rc.d >/dev/null
   $sudo chmod +x /usr/sbin/policy-rc.d
