@@ -16,7 +16,8 @@ use crate::scenes::{
     foreign_key_behind_mailer, migration_behind_long_read, staged, DROP_CONSTRAINT, LONG_READ, ORDERS,
 };
 use crate::support::{
-    backend_pid, config_with, connect, events, pg_dump_for, scrape, start_cluster, wait_until, within, TestEnv,
+    apply_lockjam_role_sql, backend_pid, config_with, connect, events, pg_dump_for, scrape, start_cluster, wait_until,
+    within, TestEnv,
 };
 
 fn acting(rule: Rule) -> Policy {
@@ -506,13 +507,10 @@ async fn stale_backend_start_on_a_live_pid_signals_nothing() {
 async fn least_privilege_role_cancels_ordinary_blockers_not_superusers() {
     let cluster = start_cluster(ClusterOptions::default()).await;
     let postgres = connect(&cluster.dsn("postgres"), "fixture").await;
-    postgres
-        .batch_execute(
-            "CREATE ROLE lockjam LOGIN; GRANT pg_monitor, pg_signal_backend TO lockjam;
-             CREATE ROLE shop LOGIN;",
-        )
-        .await
-        .unwrap();
+    // The shipped role script, run twice: it is idempotent.
+    apply_lockjam_role_sql(&cluster, true);
+    apply_lockjam_role_sql(&cluster, true);
+    postgres.batch_execute("CREATE ROLE shop LOGIN").await.unwrap();
     postgres.batch_execute("CREATE DATABASE shop OWNER shop").await.unwrap();
     let shop = |user: &str| {
         format!(

@@ -6,8 +6,8 @@ use std::path::Path;
 use lockjam::service::Service;
 
 use crate::support::{
-    backend_pid, config_for, connect, http_get, http_request, lockjam, scrape, start_cluster, wait_until, LockjamRun,
-    TestEnv,
+    apply_lockjam_role_sql, backend_pid, config_for, connect, http_get, http_request, lockjam, scrape, start_cluster,
+    wait_until, LockjamRun, TestEnv,
 };
 
 const GOLDEN: &str = "tests/it/golden/metrics.txt";
@@ -194,10 +194,30 @@ fn diff_lines(expected: &str, actual: &str) -> Vec<String> {
 async fn least_privilege_role_with_pg_monitor() {
     let cluster = start_cluster(Default::default()).await;
     let postgres = connect(&cluster.dsn("postgres"), "fixture").await;
-    postgres
-        .batch_execute("CREATE ROLE lockjam LOGIN; GRANT pg_monitor TO lockjam; CREATE ROLE shop LOGIN")
+    // The shipped role script, idempotent: with the policy's grant, then
+    // again without it, which takes the grant back.
+    apply_lockjam_role_sql(&cluster, true);
+    apply_lockjam_role_sql(&cluster, false);
+    apply_lockjam_role_sql(&cluster, false);
+    let role = postgres
+        .query_one(
+            "SELECT rolsuper, rolcanlogin, pg_has_role('lockjam', 'pg_monitor', 'MEMBER'),
+                    pg_has_role('lockjam', 'pg_signal_backend', 'MEMBER')
+             FROM pg_roles WHERE rolname = 'lockjam'",
+            &[],
+        )
         .await
         .unwrap();
+    assert_eq!(
+        (
+            role.get::<_, bool>(0),
+            role.get::<_, bool>(1),
+            role.get::<_, bool>(2),
+            role.get::<_, bool>(3)
+        ),
+        (false, true, true, false)
+    );
+    postgres.batch_execute("CREATE ROLE shop LOGIN").await.unwrap();
     postgres.batch_execute("CREATE DATABASE shop OWNER shop").await.unwrap();
     let shop_dsn = format!(
         "host=127.0.0.1 port={} user=shop dbname=shop sslmode=disable",

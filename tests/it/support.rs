@@ -97,6 +97,31 @@ pub fn pg_dump_for(cluster: &Cluster) -> std::path::PathBuf {
     pg_dump
 }
 
+/// Creates or updates the role `lockjam` with the shipped
+/// `deploy/sql/lockjam-role.sql`, as a user would: through psql, with
+/// `-v policy=on` when `policy`.
+pub fn apply_lockjam_role_sql(cluster: &Cluster, policy: bool) {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/sql/lockjam-role.sql");
+    let mut psql = std::process::Command::new("psql");
+    psql.args(["-X", "-q", "-v", "ON_ERROR_STOP=1"]);
+    if policy {
+        psql.args(["-v", "policy=on"]);
+    }
+    let output = psql
+        .arg("-f")
+        .arg(&script)
+        .arg(cluster.dsn("postgres"))
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run psql ({e}): install postgresql-client"));
+    assert!(
+        output.status.success(),
+        "{} failed: {}{}",
+        script.display(),
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
 pub async fn start_cluster(options: ClusterOptions) -> Cluster {
     tokio::task::spawn_blocking(move || Cluster::start(&options))
         .await
