@@ -3,8 +3,9 @@
 # Always: PostgreSQL server binaries (initdb, pg_ctl, postgres), looked for
 # where lockjam looks: LOCKJAM_PG_BINDIR, PATH, `pg_config --bindir`,
 # /usr/lib/postgresql/*/bin. With --test-tools, also pgbench and wrk (the
-# benchmark and its smoke mode in the tests), and Prometheus with promtool
-# and Alertmanager's amtool (the monitoring tests). Debian and Ubuntu only;
+# benchmark and its smoke mode in the tests), Prometheus with promtool and
+# Alertmanager's amtool (the monitoring tests), psql (the role script's
+# tests) and curl (the HTTPS tests). Debian and Ubuntu only;
 # elsewhere it says what to install. Idempotent.
 set -euo pipefail
 
@@ -24,6 +25,8 @@ if [ "${1:-}" = "--test-tools" ]; then
   command -v wrk >/dev/null 2>&1 || packages+=(wrk)
   { command -v prometheus && command -v promtool; } >/dev/null 2>&1 || packages+=(prometheus)
   command -v amtool >/dev/null 2>&1 || packages+=(prometheus-alertmanager)
+  command -v psql >/dev/null 2>&1 || packages+=(postgresql-client)
+  command -v curl >/dev/null 2>&1 || packages+=(curl)
 fi
 if [ ${#packages[@]} -eq 0 ]; then
   exit 0

@@ -61,6 +61,65 @@ pub struct Config {
 #[derive(Debug, Clone, PartialEq)]
 pub struct ServerConfig {
     pub listen: SocketAddr,
+    /// HTTPS instead of HTTP, with this certificate chain and key.
+    pub tls: Option<TlsFiles>,
+    /// Credentials `/metrics` and `/api/*` require; none when empty.
+    pub auth: HttpAuth,
+}
+
+impl ServerConfig {
+    /// Plain HTTP on `listen`, open to all.
+    pub fn plain(listen: SocketAddr) -> ServerConfig {
+        ServerConfig {
+            listen,
+            tls: None,
+            auth: HttpAuth::default(),
+        }
+    }
+}
+
+/// PEM files of the HTTPS certificate chain and its private key.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TlsFiles {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+}
+
+/// A secret read from a file; its `Debug` never shows it.
+#[derive(Clone, PartialEq)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+/// What a request to `/metrics` or `/api/*` must carry: HTTP basic auth,
+/// a bearer token, or either when both are set.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct HttpAuth {
+    pub basic: Option<BasicAuth>,
+    pub bearer_token: Option<FileSecret>,
+}
+
+impl HttpAuth {
+    pub fn is_required(&self) -> bool {
+        self.basic.is_some() || self.bearer_token.is_some()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct BasicAuth {
+    pub user: String,
+    pub password: FileSecret,
+}
+
+/// A secret and the file it was read from (shown instead of the secret).
+#[derive(Debug, Clone, PartialEq)]
+pub struct FileSecret {
+    pub file: PathBuf,
+    pub secret: Secret,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -137,12 +196,22 @@ struct RawConfig {
 #[serde(deny_unknown_fields, default)]
 struct RawServer {
     listen: String,
+    tls_cert_file: String,
+    tls_key_file: String,
+    basic_auth_user: String,
+    basic_auth_password_file: String,
+    bearer_token_file: String,
 }
 
 impl Default for RawServer {
     fn default() -> Self {
         RawServer {
             listen: DEFAULT_LISTEN.into(),
+            tls_cert_file: String::new(),
+            tls_key_file: String::new(),
+            basic_auth_user: String::new(),
+            basic_auth_password_file: String::new(),
+            bearer_token_file: String::new(),
         }
     }
 }
@@ -308,6 +377,8 @@ fn validate(raw: RawConfig, sources: &Sources, origin: &str) -> Result<Config, C
         )
     })?;
 
+    let server = validate_server(&raw.server, listen, &invalid)?;
+
     let sampler = SamplerConfig {
         interval: duration("interval", &raw.sampler.interval)?,
         fast_interval: duration("fast_interval", &raw.sampler.fast_interval)?,
@@ -371,7 +442,7 @@ fn validate(raw: RawConfig, sources: &Sources, origin: &str) -> Result<Config, C
     }
 
     Ok(Config {
-        server: ServerConfig { listen },
+        server,
         sampler,
         targets,
         log: LogConfig {
@@ -379,6 +450,81 @@ fn validate(raw: RawConfig, sources: &Sources, origin: &str) -> Result<Config, C
             level: raw.log.level,
         },
         policy,
+    })
+}
+
+fn validate_server(
+    raw: &RawServer,
+    listen: SocketAddr,
+    invalid: &dyn Fn(&str, String) -> ConfigError,
+) -> Result<ServerConfig, ConfigError> {
+    let path = |text: &str| (!text.trim().is_empty()).then(|| PathBuf::from(text.trim()));
+    let readable = |key: &str, file: &Path| {
+        std::fs::File::open(file).map(drop).map_err(|e| {
+            invalid(
+                key,
+                format!(
+                    "cannot read {}: {e}; check the path and that lockjam may read it",
+                    file.display()
+                ),
+            )
+        })
+    };
+    let tls = match (path(&raw.tls_cert_file), path(&raw.tls_key_file)) {
+        (None, None) => None,
+        (Some(cert_file), Some(key_file)) => {
+            readable("server.tls_cert_file", &cert_file)?;
+            readable("server.tls_key_file", &key_file)?;
+            Some(TlsFiles { cert_file, key_file })
+        }
+        (Some(_), None) => {
+            return Err(invalid(
+                "server.tls_key_file",
+                "set it with tls_cert_file: HTTPS needs both".into(),
+            ))
+        }
+        (None, Some(_)) => {
+            return Err(invalid(
+                "server.tls_cert_file",
+                "set it with tls_key_file: HTTPS needs both".into(),
+            ))
+        }
+    };
+    let file_secret = |key: &str, file: PathBuf| {
+        read_secret(&file)
+            .map(|secret| FileSecret {
+                file,
+                secret: Secret(secret),
+            })
+            .map_err(|message| invalid(key, message))
+    };
+    let basic = match (raw.basic_auth_user.trim(), path(&raw.basic_auth_password_file)) {
+        ("", None) => None,
+        ("", Some(_)) => {
+            return Err(invalid(
+                "server.basic_auth_user",
+                "basic_auth_password_file is set: name the user too".into(),
+            ))
+        }
+        (_, None) => {
+            return Err(invalid(
+                "server.basic_auth_password_file",
+                "basic_auth_user is set: name a file that holds the password".into(),
+            ))
+        }
+        (user, Some(file)) if !user.contains(':') => Some(BasicAuth {
+            user: user.to_string(),
+            password: file_secret("server.basic_auth_password_file", file)?,
+        }),
+        (_, Some(_)) => return Err(invalid("server.basic_auth_user", "may not contain `:`".into())),
+    };
+    let bearer_token = path(&raw.bearer_token_file)
+        .map(|file| file_secret("server.bearer_token_file", file))
+        .transpose()?;
+    Ok(ServerConfig {
+        listen,
+        tls,
+        auth: HttpAuth { basic, bearer_token },
     })
 }
 
@@ -583,9 +729,7 @@ pub fn render_effective(config: &Config) -> String {
     }
     let human = |d: Duration| humantime::format_duration(d).to_string();
     let view = View {
-        server: RawServer {
-            listen: config.server.listen.to_string(),
-        },
+        server: raw_server(&config.server),
         sampler: RawSampler {
             interval: human(config.sampler.interval),
             fast_interval: human(config.sampler.fast_interval),
@@ -609,6 +753,30 @@ pub fn render_effective(config: &Config) -> String {
             .collect(),
     };
     toml::to_string_pretty(&view).unwrap_or_else(|e| format!("# cannot render configuration: {e}\n"))
+}
+
+/// The server section back in its configuration form: file names, never
+/// the secrets in them.
+fn raw_server(server: &ServerConfig) -> RawServer {
+    let path = |p: &Path| p.display().to_string();
+    RawServer {
+        listen: server.listen.to_string(),
+        tls_cert_file: server.tls.as_ref().map(|t| path(&t.cert_file)).unwrap_or_default(),
+        tls_key_file: server.tls.as_ref().map(|t| path(&t.key_file)).unwrap_or_default(),
+        basic_auth_user: server.auth.basic.as_ref().map(|b| b.user.clone()).unwrap_or_default(),
+        basic_auth_password_file: server
+            .auth
+            .basic
+            .as_ref()
+            .map(|b| path(&b.password.file))
+            .unwrap_or_default(),
+        bearer_token_file: server
+            .auth
+            .bearer_token
+            .as_ref()
+            .map(|t| path(&t.file))
+            .unwrap_or_default(),
+    }
 }
 
 /// The policy back in its configuration form, for display.
@@ -770,6 +938,27 @@ mod tests {
                 "targets[0].dsn_file: cannot read /nonexistent/lockjam-dsn",
             ),
             ("[sampler\n", "cannot load configuration from"),
+            (
+                "[server]\ntls_cert_file = \"/etc/hostname\"\n",
+                "server.tls_key_file: set it with tls_cert_file",
+            ),
+            (
+                "[server]\ntls_cert_file = \"/nonexistent/cert.pem\"\ntls_key_file = \"/etc/hostname\"\n",
+                "server.tls_cert_file: cannot read /nonexistent/cert.pem",
+            ),
+            (
+                "[server]\nbasic_auth_user = \"prometheus\"\n",
+                "server.basic_auth_password_file: basic_auth_user is set",
+            ),
+            (
+                "[server]\nbasic_auth_password_file = \"/etc/hostname\"\n",
+                "server.basic_auth_user: basic_auth_password_file is set",
+            ),
+            (
+                "[server]\nbearer_token_file = \"/nonexistent/token\"\n",
+                "server.bearer_token_file: cannot read /nonexistent/token",
+            ),
+            ("[server]\nbasic_auth = \"x\"\n", "server.basic_auth: unknown field"),
         ];
         for (text, expected) in cases {
             let message = error_of(text);
@@ -834,6 +1023,29 @@ mod tests {
                 proptest::prop_assert!(error.to_string().contains(".toml"), "{}", error);
             }
         }
+    }
+
+    #[test]
+    fn server_credentials_are_read_from_files_and_never_shown() {
+        let password = file("  hunter2-of-the-scrape\n");
+        let token = file("t0ken-of-the-bearer\n");
+        let text = format!(
+            "[server]\nbasic_auth_user = \"prometheus\"\nbasic_auth_password_file = \"{}\"\nbearer_token_file = \"{}\"\n{ONE_TARGET}",
+            password.path().display(),
+            token.path().display()
+        );
+        let config = load_text(&text, &[]).unwrap();
+        let basic = config.server.auth.basic.as_ref().unwrap();
+        assert_eq!(basic.user, "prometheus");
+        assert_eq!(basic.password.secret, Secret("hunter2-of-the-scrape".into()));
+        assert_eq!(
+            config.server.auth.bearer_token.as_ref().unwrap().secret,
+            Secret("t0ken-of-the-bearer".into())
+        );
+        assert!(config.server.auth.is_required());
+        let shown = format!("{}\n{config:?}", render_effective(&config));
+        assert!(!shown.contains("hunter2") && !shown.contains("t0ken"), "{shown}");
+        assert!(shown.contains(&password.path().display().to_string()), "{shown}");
     }
 
     #[test]

@@ -116,7 +116,7 @@ async fn scenario(cluster: &Cluster, options: &DemoOptions) -> Result<(), DemoEr
 
 async fn start_service(dsn: &str, listen: SocketAddr) -> Result<Service, DemoError> {
     let mut config = Config {
-        server: ServerConfig { listen },
+        server: ServerConfig::plain(listen),
         sampler: SamplerConfig::default(),
         targets: vec![Target {
             name: "demo".into(),

@@ -1,30 +1,185 @@
 //! HTTP: `/metrics`, `/healthz`, `/readyz` and `/api/v1/snapshot`, served
-//! from shared state only; no handler ever runs SQL. The only module that
-//! knows axum.
+//! from shared state only; no handler ever runs SQL. Optional HTTPS and
+//! credentials. The only module that knows axum.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use axum::extract::State;
-use axum::http::{header, StatusCode};
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use base64::Engine;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde::Serialize;
+use subtle::ConstantTimeEq;
 
 use crate::analysis::{Blocker, LockGraph, Queue, Waiter};
+use crate::config::{HttpAuth, TlsFiles};
 use crate::snapshot::Session;
 use crate::state::SharedState;
 
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    #[error("cannot use {file} for HTTPS: {message}")]
+    Tls { file: String, message: String },
+}
+
+/// The routes. `/metrics` and `/api/*` require the configured credentials;
+/// `/healthz` never does, and `/readyz` gives its status code to anyone
+/// and its reasons only with credentials, so that probes need none.
 pub fn router(state: Arc<SharedState>) -> Router {
-    Router::new()
+    let protected = Router::new()
         .route("/metrics", get(metrics))
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
         .route("/api/v1/snapshot", get(snapshot))
         .route("/api/v1/events", get(events))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_auth));
+    Router::new()
+        .merge(protected)
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
         .fallback(not_found)
         .with_state(state)
+}
+
+/// The HTTPS settings in force; [`TlsReloader::reload`] swaps in a renewed
+/// certificate for the connections that follow.
+#[derive(Clone)]
+pub struct TlsReloader(axum_server::tls_rustls::RustlsConfig);
+
+impl TlsReloader {
+    pub fn load(files: &TlsFiles) -> Result<TlsReloader, HttpError> {
+        Ok(TlsReloader(axum_server::tls_rustls::RustlsConfig::from_config(
+            tls_server_config(files)?,
+        )))
+    }
+
+    /// Re-reads the files; on error the certificate in force stays.
+    pub fn reload(&self, files: &TlsFiles) -> Result<(), HttpError> {
+        self.0.reload_from_config(tls_server_config(files)?);
+        Ok(())
+    }
+}
+
+fn tls_server_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, HttpError> {
+    let failed = |file: &std::path::Path, message: String| HttpError::Tls {
+        file: file.display().to_string(),
+        message,
+    };
+    let certs = CertificateDer::pem_file_iter(&files.cert_file)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| failed(&files.cert_file, format!("{e}; it must hold PEM certificates")))?;
+    if certs.is_empty() {
+        return Err(failed(&files.cert_file, "no PEM certificate in it".into()));
+    }
+    let key = PrivateKeyDer::from_pem_file(&files.key_file)
+        .map_err(|e| failed(&files.key_file, format!("{e}; it must hold a PEM private key")))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| failed(&files.cert_file, e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| failed(&files.key_file, format!("{e}; does the key belong to the certificate?")))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Serves the routes on `listener`, over HTTPS when `tls` is given, until
+/// `shutdown` completes; requests in flight then finish.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: Arc<SharedState>,
+    tls: Option<TlsReloader>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) {
+    let app = router(state);
+    let result = match tls {
+        None => axum::serve(listener, app).with_graceful_shutdown(shutdown).await,
+        Some(TlsReloader(config)) => {
+            let handle = axum_server::Handle::new();
+            let stopper = handle.clone();
+            tokio::spawn(async move {
+                shutdown.await;
+                stopper.graceful_shutdown(Some(Duration::from_secs(5)));
+            });
+            match listener
+                .into_std()
+                .and_then(|listener| axum_server::tls_rustls::from_tcp_rustls(listener, config))
+            {
+                Ok(server) => server.http1_only().handle(handle).serve(app.into_make_service()).await,
+                Err(e) => Err(e),
+            }
+        }
+    };
+    if let Err(e) = result {
+        tracing::error!("HTTP server failed: {e}");
+    }
+}
+
+async fn require_auth(State(state): State<Arc<SharedState>>, request: Request, next: Next) -> Response {
+    let auth = state.auth();
+    if !auth.is_required() || authorized(&auth, request.headers()) {
+        return next.run(request).await;
+    }
+    let challenge = if auth.basic.is_some() {
+        "Basic realm=\"lockjam\", charset=\"UTF-8\""
+    } else {
+        "Bearer realm=\"lockjam\""
+    };
+    (
+        StatusCode::UNAUTHORIZED,
+        [(header::WWW_AUTHENTICATE, challenge)],
+        "unauthorized: lockjam's /metrics and /api/* need the credentials of its [server] configuration\n",
+    )
+        .into_response()
+}
+
+/// Whether the request carries the configured basic credentials or bearer
+/// token. Secrets are compared by their SHA-256 digests in constant time,
+/// so that neither a secret's content nor its length shows in timing.
+fn authorized(auth: &HttpAuth, headers: &HeaderMap) -> bool {
+    let Some((scheme, credentials)) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.trim().split_once(' '))
+    else {
+        return false;
+    };
+    let credentials = credentials.trim();
+    if scheme.eq_ignore_ascii_case("bearer") {
+        return auth
+            .bearer_token
+            .as_ref()
+            .is_some_and(|token| secrets_equal(credentials, &token.secret.0));
+    }
+    if scheme.eq_ignore_ascii_case("basic") {
+        let Some(basic) = &auth.basic else {
+            return false;
+        };
+        let Some(decoded) = base64::engine::general_purpose::STANDARD
+            .decode(credentials)
+            .ok()
+            .and_then(|bytes| String::from_utf8(bytes).ok())
+        else {
+            return false;
+        };
+        let (user, password) = decoded.split_once(':').unwrap_or((&decoded, ""));
+        // Both comparisons run whichever fails, so that timing does not
+        // tell a right user name from a wrong one.
+        let user_ok = secrets_equal(user, &basic.user);
+        let password_ok = secrets_equal(password, &basic.password.secret.0);
+        return user_ok & password_ok;
+    }
+    false
+}
+
+fn secrets_equal(presented: &str, expected: &str) -> bool {
+    let digest = |text: &str| ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
+    digest(presented).as_ref().ct_eq(digest(expected).as_ref()).into()
 }
 
 async fn metrics(State(state): State<Arc<SharedState>>) -> Response {
@@ -39,21 +194,25 @@ async fn healthz() -> &'static str {
     "ok\n"
 }
 
-async fn readyz(State(state): State<Arc<SharedState>>) -> Response {
+async fn readyz(State(state): State<Arc<SharedState>>, headers: HeaderMap) -> Response {
     let now = Instant::now();
     let reasons: Vec<String> = state
-        .targets
+        .targets()
         .iter()
         .filter_map(|t| t.not_ready_reason(now).map(|r| format!("target `{}`: {r}", t.name)))
         .collect();
+    let auth = state.auth();
+    let may_see_reasons = !auth.is_required() || authorized(&auth, &headers);
     if reasons.is_empty() {
         (StatusCode::OK, "ready\n").into_response()
-    } else {
+    } else if may_see_reasons {
         (
             StatusCode::SERVICE_UNAVAILABLE,
             format!("not ready\n{}\n", reasons.join("\n")),
         )
             .into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n").into_response()
     }
 }
 
@@ -232,7 +391,77 @@ async fn events(State(state): State<Arc<SharedState>>) -> Json<serde_json::Value
 
 async fn snapshot(State(state): State<Arc<SharedState>>) -> Json<serde_json::Value> {
     let view = SnapshotView {
-        targets: state.targets.iter().map(|t| target_view(&t.name, t.status())).collect(),
+        targets: state
+            .targets()
+            .iter()
+            .map(|t| target_view(&t.name, t.status()))
+            .collect(),
     };
     Json(serde_json::to_value(view).unwrap_or_default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{BasicAuth, FileSecret, Secret};
+
+    fn secret(text: &str) -> FileSecret {
+        FileSecret {
+            file: "/run/secrets/x".into(),
+            secret: Secret(text.into()),
+        }
+    }
+
+    fn with_header(value: &str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::AUTHORIZATION, value.parse().unwrap());
+        headers
+    }
+
+    fn basic(user_password: &str) -> String {
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(user_password)
+        )
+    }
+
+    #[test]
+    fn credentials_are_checked_exactly() {
+        let both = HttpAuth {
+            basic: Some(BasicAuth {
+                user: "prometheus".into(),
+                password: secret("pass:word"),
+            }),
+            bearer_token: Some(secret("tok")),
+        };
+        let accepted = |auth: &HttpAuth, value: &str| authorized(auth, &with_header(value));
+        assert!(
+            accepted(&both, &basic("prometheus:pass:word")),
+            "a password may hold ':'"
+        );
+        assert!(accepted(&both, "bearer tok"), "schemes are case-insensitive");
+        assert!(accepted(&both, "Bearer  tok "));
+        for refused in [
+            basic("prometheus:pass:wor"),
+            basic("prometheus:pass:word2"),
+            basic("Prometheus:pass:word"),
+            basic("prometheus"),
+            basic(""),
+            "Basic !!!not-base64".into(),
+            "Bearer to".into(),
+            "Bearer tokk".into(),
+            "Bearer".into(),
+            "Digest tok".into(),
+            "tok".into(),
+        ] {
+            assert!(!accepted(&both, &refused), "{refused}");
+        }
+        assert!(!authorized(&both, &HeaderMap::new()));
+        let token_only = HttpAuth {
+            basic: None,
+            bearer_token: Some(secret("tok")),
+        };
+        assert!(!accepted(&token_only, &basic("prometheus:tok")));
+        assert!(!HttpAuth::default().is_required());
+    }
 }

@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand};
 
 use lockjam::config::{self, Config, LogFormat, Sources};
 use lockjam::demo::{self, DemoOptions};
-use lockjam::service::{shutdown_signal, Service};
+use lockjam::service::Service;
 
 /// Watches PostgreSQL for lock queues and exports them to Prometheus.
 #[derive(Parser)]
@@ -83,7 +83,11 @@ fn main() -> ExitCode {
             runtime().block_on(async {
                 match Service::start(&config).await {
                     Ok(service) => {
-                        service.run_until(shutdown_signal()).await;
+                        // SIGHUP reads the same sources again: the file,
+                        // the environment as it was at start, and the flags.
+                        service
+                            .run(|| config::load(&sources(&args)).map_err(|e| e.to_string()))
+                            .await;
                         ExitCode::SUCCESS
                     }
                     Err(e) => fail(&e, 1),
@@ -117,15 +121,18 @@ fn runtime() -> tokio::runtime::Runtime {
         })
 }
 
-fn load(args: &ConfigArgs) -> Result<Config, ExitCode> {
-    let sources = Sources {
+fn sources(args: &ConfigArgs) -> Sources {
+    Sources {
         file: args.config.clone(),
         dsn: args.dsn.clone(),
         listen: args.listen.clone(),
         cancel_blockers_after: args.cancel_blockers_after.clone(),
         env: std::env::vars().collect::<HashMap<_, _>>(),
-    };
-    config::load(&sources).map_err(|e| fail(&e, EXIT_CONFIG))
+    }
+}
+
+fn load(args: &ConfigArgs) -> Result<Config, ExitCode> {
+    config::load(&sources(args)).map_err(|e| fail(&e, EXIT_CONFIG))
 }
 
 /// Prints the error and its causes and returns the exit code.

@@ -74,6 +74,10 @@ struct Families {
     queue_head_wait: Family,
     policy_actions: IntCounterVec,
     policy_leader: GaugeVec,
+    /// Per target, the databases of its wait histograms and the rules of
+    /// its policy counters: what [`Metrics::forget_target`] removes.
+    wait_databases: HashMap<String, HashSet<String>>,
+    policy_rules: HashMap<String, HashSet<String>>,
 }
 
 pub struct Metrics {
@@ -257,6 +261,8 @@ impl Metrics {
                 "lockjam_policy_leader",
                 "1 where this instance holds the target's leader lock and may enforce the policy.",
             ),
+            wait_databases: HashMap::new(),
+            policy_rules: HashMap::new(),
         };
         Metrics {
             registry,
@@ -289,10 +295,14 @@ impl Metrics {
         // A database's wait histogram exists, at 0, from the first sample
         // that sees it, so that Prometheus' `increase()` counts its first
         // waits instead of taking them as the series' starting value.
+        let databases = f.wait_databases.entry(target.to_string()).or_default();
         for group in &graph.activity {
-            f.lock_wait.with_label_values(&[target, &group.datname]);
+            if databases.insert(group.datname.clone()) {
+                f.lock_wait.with_label_values(&[target, &group.datname]);
+            }
         }
         for wait in ended {
+            databases.insert(wait.datname.clone());
             f.lock_wait
                 .with_label_values(&[target, &wait.datname])
                 .observe(seconds(wait.wait));
@@ -368,7 +378,13 @@ impl Metrics {
 
     /// Counts one policy decision.
     pub fn record_policy_action(&self, target: &str, rule: &str, action: &str, outcome: &str) {
-        self.families()
+        let mut families = self.families();
+        families
+            .policy_rules
+            .entry(target.to_string())
+            .or_default()
+            .insert(rule.to_string());
+        families
             .policy_actions
             .with_label_values(&[target, rule, action, outcome])
             .inc();
@@ -379,8 +395,13 @@ impl Metrics {
     /// born at 1 would hide its first increment from `increase()`, and an
     /// alert on the first `permission_denied` would never fire.
     pub fn register_policy(&self, target: &str, policy: &Policy) {
-        let families = self.families();
+        let mut families = self.families();
         for rule in &policy.rules {
+            families
+                .policy_rules
+                .entry(target.to_string())
+                .or_default()
+                .insert(rule.name.clone());
             for signal in Signal::ALL {
                 for outcome in Outcome::ALL {
                     families
@@ -402,6 +423,45 @@ impl Metrics {
     /// a sample succeeds, so an alert on it fires for a target never reached.
     pub fn register_target(&self, target: &str) {
         self.families().up.with_label_values(&[target]).set(0.0);
+    }
+
+    /// Removes every series of `target`, counters and histograms included:
+    /// a configuration reload that drops or restarts a target starts its
+    /// series afresh, as a restart would.
+    pub fn forget_target(&self, target: &str) {
+        let mut guard = self.families();
+        let f = &mut *guard;
+        for family in [
+            &mut f.sessions,
+            &mut f.transaction_max_age,
+            &mut f.lock_waiters,
+            &mut f.lock_wait_max,
+            &mut f.blocked_sessions,
+            &mut f.root_blockers,
+            &mut f.root_blocker_max_age,
+            &mut f.chain_max_depth,
+            &mut f.queue_depth,
+            &mut f.queue_head_wait,
+        ] {
+            family.replace(target, std::iter::empty());
+            family.held.remove(target);
+        }
+        for gauge in [&f.up, &f.last_sample, &f.policy_leader] {
+            let _ = gauge.remove_label_values(&[target]);
+        }
+        let _ = f.sample_duration.remove_label_values(&[target]);
+        for datname in f.wait_databases.remove(target).unwrap_or_default() {
+            let _ = f.lock_wait.remove_label_values(&[target, &datname]);
+        }
+        for rule in f.policy_rules.remove(target).unwrap_or_default() {
+            for signal in Signal::ALL {
+                for outcome in Outcome::ALL {
+                    let _ = f
+                        .policy_actions
+                        .remove_label_values(&[target, &rule, signal.as_str(), outcome.as_str()]);
+                }
+            }
+        }
     }
 
     /// The Prometheus text exposition of the last samples.
@@ -517,5 +577,39 @@ mod tests {
         assert!(text.contains(
             "lockjam_policy_actions_total{action=\"terminate\",outcome=\"permission_denied\",rule=\"unblock-migrations\",target=\"db1\"} 0"
         ));
+    }
+
+    #[test]
+    fn a_forgotten_target_leaves_no_series_and_others_keep_theirs() {
+        let metrics = Metrics::new();
+        let taken_at = SystemTime::UNIX_EPOCH + Duration::from_secs(1000);
+        let graph = analyze(&Snapshot::calm(
+            taken_at,
+            vec![ActivityGroup {
+                datname: "app".into(),
+                state: "active".into(),
+                sessions: 1,
+                oldest_xact_start: None,
+            }],
+        ));
+        let policy = Policy::acting(vec![crate::policy::Rule::unblock_migrations(Duration::from_secs(2))]);
+        for target in ["gone", "kept"] {
+            metrics.register_target(target);
+            metrics.register_policy(target, &policy);
+            metrics.record_sample(target, &graph, &[], Duration::from_millis(2), 20);
+            metrics.set_policy_leader(target, true);
+        }
+        let series_of = |text: &str, target: &str| {
+            let label = format!("target=\"{target}\"");
+            text.lines().filter(|l| l.contains(&label)).count()
+        };
+        let before = metrics.render();
+        // up, last sample, leader; 14 sample-duration and 15 wait-histogram
+        // lines; 16 policy counters; 6 per-database gauges.
+        assert_eq!(series_of(&before, "gone"), 54, "{before}");
+        metrics.forget_target("gone");
+        let after = metrics.render();
+        assert_eq!(series_of(&after, "gone"), 0, "{after}");
+        assert_eq!(series_of(&after, "kept"), 54, "{after}");
     }
 }

@@ -2,13 +2,12 @@
 //! state, on an adaptive cadence, with backoff while the database is away)
 //! and the HTTP server, stopped together.
 
-use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
-use tokio::task::JoinSet;
+use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 
 use crate::analysis::{analyze, ended_waits, LockGraph};
@@ -16,6 +15,7 @@ use crate::audit;
 use crate::config::{Config, SamplerConfig, Target};
 use crate::connect::{ConnectError, SessionSettings};
 use crate::enforcer::Enforcer;
+use crate::http::{HttpError, TlsReloader};
 use crate::policy::{decide, Memory, Policy};
 use crate::sampler::{SampleError, Sampler};
 use crate::state::{SharedState, TargetState};
@@ -33,20 +33,44 @@ pub enum ServiceError {
     },
     #[error(transparent)]
     Target(#[from] ConnectError),
+    #[error(transparent)]
+    Http(#[from] HttpError),
 }
 
 /// A running lockjam: target tasks and the HTTP server.
 pub struct Service {
     addr: SocketAddr,
+    /// The configuration in force (what a reload compares against).
+    config: Config,
     shared: Arc<SharedState>,
+    tls: Option<TlsReloader>,
+    targets: TargetTasks,
+    server_shutdown: watch::Sender<bool>,
+    server: JoinHandle<()>,
+}
+
+/// One task per target, stopped together.
+struct TargetTasks {
     shutdown: watch::Sender<bool>,
     tasks: JoinSet<()>,
 }
 
-impl Service {
-    /// Binds the listener and starts sampling every target. A target that
-    /// cannot be reached is no error: it is retried with backoff.
-    pub async fn start(config: &Config) -> Result<Service, ServiceError> {
+impl TargetTasks {
+    async fn stop(mut self) {
+        let _ = self.shutdown.send(true);
+        while self.tasks.join_next().await.is_some() {}
+    }
+}
+
+/// A sampler and, with the policy on, an enforcer per target: everything
+/// about targets that can fail, made before anything starts or changes.
+struct Prepared {
+    samplers: Vec<Sampler>,
+    enforcers: Vec<Option<Enforcer>>,
+}
+
+impl Prepared {
+    fn new(config: &Config) -> Result<Prepared, ServiceError> {
         let samplers = config
             .targets
             .iter()
@@ -64,6 +88,45 @@ impl Service {
                     .transpose()
             })
             .collect::<Result<Vec<_>, _>>()?;
+        Ok(Prepared { samplers, enforcers })
+    }
+
+    /// Declares the targets in the shared state and starts their tasks.
+    fn start(self, config: &Config, shared: &Arc<SharedState>) -> TargetTasks {
+        shared.replace_targets(
+            config
+                .targets
+                .iter()
+                .map(|t| TargetState::new(&t.name, config.sampler.interval))
+                .collect(),
+        );
+        if config.policy.enabled {
+            for target in &config.targets {
+                shared.metrics.register_policy(&target.name, &config.policy);
+            }
+        }
+        let (shutdown, _) = watch::channel(false);
+        let mut tasks = JoinSet::new();
+        for ((target, sampler), enforcer) in config.targets.iter().zip(self.samplers).zip(self.enforcers) {
+            tasks.spawn(watch_target(
+                target.clone(),
+                config.sampler.clone(),
+                sampler,
+                enforcer.map(|enforcer| (enforcer, config.policy.clone())),
+                shared.clone(),
+                shutdown.subscribe(),
+            ));
+        }
+        TargetTasks { shutdown, tasks }
+    }
+}
+
+impl Service {
+    /// Binds the listener and starts sampling every target. A target that
+    /// cannot be reached is no error: it is retried with backoff.
+    pub async fn start(config: &Config) -> Result<Service, ServiceError> {
+        let prepared = Prepared::new(config)?;
+        let tls = config.server.tls.as_ref().map(TlsReloader::load).transpose()?;
         let listener = tokio::net::TcpListener::bind(config.server.listen)
             .await
             .map_err(|source| ServiceError::Bind {
@@ -74,50 +137,27 @@ impl Service {
             addr: config.server.listen,
             source,
         })?;
-        let shared = Arc::new(SharedState::new(
-            config
-                .targets
-                .iter()
-                .map(|t| TargetState::new(&t.name, config.sampler.interval))
-                .collect(),
-        ));
-        if config.policy.enabled {
-            for target in &config.targets {
-                shared.metrics.register_policy(&target.name, &config.policy);
-            }
-        }
-        let (shutdown, _) = watch::channel(false);
-        let mut tasks = JoinSet::new();
-        for ((target, sampler), enforcer) in config.targets.iter().zip(samplers).zip(enforcers) {
-            tasks.spawn(watch_target(
-                target.clone(),
-                config.sampler.clone(),
-                sampler,
-                enforcer.map(|enforcer| (enforcer, config.policy.clone())),
-                shared.clone(),
-                shutdown.subscribe(),
-            ));
-        }
-        let app = crate::http::router(shared.clone());
-        let mut stop = shutdown.subscribe();
-        tasks.spawn(async move {
-            let serving = axum::serve(listener, app).with_graceful_shutdown(async move {
-                let _ = stop.wait_for(|stopped| *stopped).await;
-            });
-            if let Err(e) = serving.await {
-                tracing::error!("HTTP server failed: {e}");
-            }
-        });
+        let shared = Arc::new(SharedState::new(Vec::new(), config.server.auth.clone()));
+        let targets = prepared.start(config, &shared);
+        let (server_shutdown, mut stop) = watch::channel(false);
+        let server = tokio::spawn(crate::http::serve(listener, shared.clone(), tls.clone(), async move {
+            let _ = stop.wait_for(|stopped| *stopped).await;
+        }));
         tracing::info!(
             listen = %addr,
+            https = tls.is_some(),
+            credentials = config.server.auth.is_required(),
             targets = config.targets.len(),
             "lockjam is serving /metrics, /healthz, /readyz and /api/v1/snapshot"
         );
         Ok(Service {
             addr,
+            config: config.clone(),
             shared,
-            shutdown,
-            tasks,
+            tls,
+            targets,
+            server_shutdown,
+            server,
         })
     }
 
@@ -129,18 +169,106 @@ impl Service {
         &self.shared
     }
 
-    /// Runs until `signal` completes, then stops gracefully.
-    pub async fn run_until(self, signal: impl Future<Output = ()>) {
-        signal.await;
+    /// Applies a new configuration without dropping the listener: targets,
+    /// sampler settings, the policy, credentials and the HTTPS certificate.
+    /// Everything that can fail is tried first: on an error nothing has
+    /// changed. What needs a restart (the listen address, turning HTTPS on
+    /// or off, logging) is named in a warning and left as it was.
+    pub async fn reload(&mut self, config: &Config) -> Result<(), ServiceError> {
+        let prepared = Prepared::new(config)?;
+        match (&self.tls, &config.server.tls) {
+            (Some(reloader), Some(files)) => reloader.reload(files)?,
+            (None, None) => {}
+            _ => tracing::warn!("turning HTTPS on or off takes a restart; serving as before"),
+        }
+        if config.server.listen != self.config.server.listen {
+            tracing::warn!(
+                listen = %self.config.server.listen,
+                "server.listen changed to {}: that takes a restart; still listening on the old address",
+                config.server.listen
+            );
+        }
+        if config.log != self.config.log {
+            tracing::warn!("log settings changed: they take effect at the next restart");
+        }
+        let old = std::mem::replace(
+            &mut self.targets,
+            TargetTasks {
+                shutdown: watch::channel(false).0,
+                tasks: JoinSet::new(),
+            },
+        );
+        old.stop().await;
+        self.shared.set_auth(config.server.auth.clone());
+        self.targets = prepared.start(config, &self.shared);
+        let mut applied = config.clone();
+        applied.server.listen = self.config.server.listen;
+        applied.log = self.config.log.clone();
+        if self.tls.is_none() {
+            applied.server.tls = None;
+        }
+        self.config = applied;
+        tracing::info!(
+            targets = config.targets.len(),
+            policy = config.policy.enabled,
+            "configuration reloaded"
+        );
+        Ok(())
+    }
+
+    /// Runs until SIGTERM or Ctrl-C, reloading on each SIGHUP the
+    /// configuration `load` returns; a configuration that fails to load or
+    /// to apply is logged and the one in force stays.
+    pub async fn run<E: std::fmt::Display>(mut self, mut load: impl FnMut() -> Result<Config, E>) {
+        let mut hangups = hangup_signals();
+        let shutdown = shutdown_signal();
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                Some(()) = hangups.recv() => {
+                    tracing::info!("SIGHUP: reloading the configuration");
+                    let outcome = match load() {
+                        Ok(config) => self.reload(&config).await.map_err(|e| crate::connect::error_chain(&e)),
+                        Err(e) => Err(e.to_string()),
+                    };
+                    if let Err(e) = outcome {
+                        tracing::error!("configuration reload rejected, the previous one stays in force: {e}");
+                    }
+                }
+            }
+        }
         tracing::info!("shutting down");
         self.stop().await;
     }
 
     /// Stops sampling, finishes in-flight requests and closes every session.
-    pub async fn stop(mut self) {
-        let _ = self.shutdown.send(true);
-        while self.tasks.join_next().await.is_some() {}
+    pub async fn stop(self) {
+        self.targets.stop().await;
+        let _ = self.server_shutdown.send(true);
+        let _ = self.server.await;
     }
+}
+
+/// SIGHUPs, as a channel (none where there are no such signals).
+fn hangup_signals() -> tokio::sync::mpsc::Receiver<()> {
+    let (sender, receiver) = tokio::sync::mpsc::channel(1);
+    #[cfg(unix)]
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(mut hangup) => {
+            tokio::spawn(async move {
+                while hangup.recv().await.is_some() {
+                    if sender.send(()).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        Err(e) => tracing::warn!("cannot listen for SIGHUP ({e}): reload by restarting"),
+    }
+    #[cfg(not(unix))]
+    drop(sender);
+    receiver
 }
 
 /// The next delay after `failures` consecutive failed samples: the calm
@@ -160,7 +288,9 @@ async fn watch_target(
 ) {
     let mut memory = Memory::default();
     let name = target.name.as_str();
-    let state = shared.target(name).expect("every target has a state");
+    let state = shared
+        .target(name)
+        .expect("a target's state is declared before its task starts");
     let mut previous: Option<Arc<LockGraph>> = None;
     let mut failures = 0u32;
     loop {
@@ -269,7 +399,7 @@ async fn enforce(
 }
 
 /// Completes on SIGTERM or Ctrl-C.
-pub async fn shutdown_signal() {
+async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };

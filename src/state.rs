@@ -1,17 +1,21 @@
 //! State shared between the target tasks (writers) and HTTP (reader): the
-//! metrics registry and each target's last graph and health.
+//! metrics registry, each target's last graph and health, the audit
+//! events, and the credentials HTTP asks for. A configuration reload
+//! replaces the targets and credentials; metrics and events carry over.
 
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use crate::analysis::LockGraph;
 use crate::audit::EventLog;
+use crate::config::HttpAuth;
 use crate::metrics::Metrics;
 
 pub struct SharedState {
     pub metrics: Metrics,
-    pub targets: Vec<TargetState>,
     pub events: EventLog,
+    targets: RwLock<Vec<Arc<TargetState>>>,
+    auth: RwLock<Arc<HttpAuth>>,
 }
 
 pub struct TargetState {
@@ -93,19 +97,43 @@ impl TargetState {
 }
 
 impl SharedState {
-    pub fn new(targets: Vec<TargetState>) -> SharedState {
-        let metrics = Metrics::new();
-        for target in &targets {
-            metrics.register_target(&target.name);
-        }
-        SharedState {
-            metrics,
-            targets,
+    pub fn new(targets: Vec<TargetState>, auth: HttpAuth) -> SharedState {
+        let state = SharedState {
+            metrics: Metrics::new(),
             events: EventLog::default(),
-        }
+            targets: RwLock::new(Vec::new()),
+            auth: RwLock::new(Arc::new(auth)),
+        };
+        state.replace_targets(targets);
+        state
     }
 
-    pub fn target(&self, name: &str) -> Option<&TargetState> {
-        self.targets.iter().find(|t| t.name == name)
+    pub fn targets(&self) -> Vec<Arc<TargetState>> {
+        self.targets.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn target(&self, name: &str) -> Option<Arc<TargetState>> {
+        self.targets().into_iter().find(|t| t.name == name)
+    }
+
+    /// Replaces every target: the old ones' series go (a reload starts
+    /// each target afresh, as a restart would), the new ones are declared.
+    pub fn replace_targets(&self, targets: Vec<TargetState>) {
+        let mut current = self.targets.write().unwrap_or_else(|p| p.into_inner());
+        for old in current.iter() {
+            self.metrics.forget_target(&old.name);
+        }
+        for target in &targets {
+            self.metrics.register_target(&target.name);
+        }
+        *current = targets.into_iter().map(Arc::new).collect();
+    }
+
+    pub fn auth(&self) -> Arc<HttpAuth> {
+        self.auth.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn set_auth(&self, auth: HttpAuth) {
+        *self.auth.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(auth);
     }
 }

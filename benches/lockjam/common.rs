@@ -67,9 +67,7 @@ pub async fn wait_for_waiters(admin: &Client, count: usize) {
 /// lockjam's configuration for one target, with its default cadence.
 pub fn lockjam_config(dsn: &str, policy: Policy) -> Config {
     Config {
-        server: ServerConfig {
-            listen: ([127, 0, 0, 1], 0).into(),
-        },
+        server: ServerConfig::plain(([127, 0, 0, 1], 0).into()),
         sampler: SamplerConfig::default(),
         targets: vec![Target {
             name: "bench".into(),

@@ -374,7 +374,7 @@ async fn pgbench_run(pgbench: &Path, port: u16, args: &[&str]) -> String {
 
 enum Running {
     Nothing,
-    Lockjam(lockjam::service::Service),
+    Lockjam(Box<lockjam::service::Service>),
     Peer(
         tokio::task::JoinHandle<()>,
         std::sync::Arc<std::sync::atomic::AtomicBool>,
@@ -399,7 +399,7 @@ async fn start_watcher(watcher: Watcher, dsn: &str) -> Running {
         Watcher::Nothing => Running::Nothing,
         Watcher::Lockjam => {
             let config = crate::common::lockjam_config(dsn, Policy::default());
-            Running::Lockjam(lockjam::service::Service::start(&config).await.unwrap())
+            Running::Lockjam(Box::new(lockjam::service::Service::start(&config).await.unwrap()))
         }
         Watcher::Peer(i) => {
             let client = connect(dsn, "peer").await;

@@ -1,6 +1,7 @@
 //! lockjam's integration tests: one binary, real PostgreSQL clusters
 //! started by the fixture in `support`.
 
+mod endpoint;
 mod incidents;
 mod monitoring;
 mod policy;

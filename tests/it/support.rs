@@ -37,9 +37,7 @@ pub fn config_for(targets: Vec<(&str, String)>) -> Config {
 
 pub fn config_with(targets: Vec<(&str, String)>, policy: Policy) -> Config {
     Config {
-        server: ServerConfig {
-            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-        },
+        server: ServerConfig::plain(SocketAddr::from(([127, 0, 0, 1], 0))),
         sampler: sampler_config(),
         targets: targets
             .into_iter()
@@ -327,7 +325,20 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
 }
 
 pub async fn http_request(addr: SocketAddr, request: &str) -> (u16, String) {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("lockjam listens");
+    let stream = tokio::net::TcpStream::connect(addr).await.expect("lockjam listens");
+    request_over(stream, request).await
+}
+
+/// A GET of `path` over a connection opened earlier.
+pub async fn http_over(stream: tokio::net::TcpStream, path: &str) -> (u16, String) {
+    request_over(
+        stream,
+        &format!("GET {path} HTTP/1.1\r\nHost: lockjam\r\nConnection: close\r\n\r\n"),
+    )
+    .await
+}
+
+async fn request_over(mut stream: tokio::net::TcpStream, request: &str) -> (u16, String) {
     stream.write_all(request.as_bytes()).await.unwrap();
     let mut response = Vec::new();
     stream.read_to_end(&mut response).await.unwrap();
@@ -476,13 +487,22 @@ impl LockjamRun {
         tokio::net::TcpStream::connect(self.addr).await.is_ok()
     }
 
-    /// SIGTERM, then the exit status and everything it logged.
-    pub fn terminate(self) -> (std::process::ExitStatus, String) {
-        let killed = std::process::Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
+    fn signal(&self, signal: &str) {
+        let sent = std::process::Command::new("kill")
+            .args([signal, &self.child.id().to_string()])
             .status()
             .unwrap();
-        assert!(killed.success());
+        assert!(sent.success(), "kill {signal}");
+    }
+
+    /// SIGHUP: reload the configuration.
+    pub fn hangup(&self) {
+        self.signal("-HUP");
+    }
+
+    /// SIGTERM, then the exit status and everything it logged.
+    pub fn terminate(self) -> (std::process::ExitStatus, String) {
+        self.signal("-TERM");
         let output = tokio::task::block_in_place(|| self.child.wait_with_output()).unwrap();
         (output.status, String::from_utf8_lossy(&output.stderr).into_owned())
     }

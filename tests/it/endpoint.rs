@@ -1,0 +1,311 @@
+//! lockjam's own HTTP endpoint locked down: HTTPS with a certificate that a
+//! reload renews, basic auth and bearer tokens checked by a real client
+//! (curl, over OpenSSL), and SIGHUP reloading targets and policy without
+//! dropping the listener.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use lockjam::config::{BasicAuth, FileSecret, HttpAuth, Secret, TlsFiles};
+use lockjam::service::Service;
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+
+use crate::support::{config_for, start_cluster, wait_until, LockjamRun, Scrape};
+
+/// A CA's certificate, and a certificate for 127.0.0.1 and localhost signed
+/// by it, all as PEM files in `dir`.
+struct Pki {
+    ca: PathBuf,
+    files: TlsFiles,
+}
+
+fn make_pki(dir: &Path, name: &str) -> Pki {
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, format!("{name} CA"));
+    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+    params.distinguished_name.push(DnType::CommonName, name);
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    let write = |file: &str, text: String| {
+        let path = dir.join(format!("{name}-{file}"));
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    Pki {
+        ca: write("ca.pem", ca_cert.pem()),
+        files: TlsFiles {
+            cert_file: write("cert.pem", cert.pem()),
+            key_file: write("key.pem", key.serialize_pem()),
+        },
+    }
+}
+
+fn secret_file(dir: &Path, name: &str, secret: &str) -> FileSecret {
+    let file = dir.join(name);
+    std::fs::write(&file, format!("{secret}\n")).unwrap();
+    FileSecret {
+        file,
+        secret: Secret(secret.to_string()),
+    }
+}
+
+/// What curl got: the status code (0 when no HTTP answer came) and body.
+struct Answer {
+    status: u16,
+    body: String,
+}
+
+/// `curl` with `args` against `url`, trusting `ca`.
+fn curl(ca: &Path, url: &str, args: &[&str]) -> Answer {
+    let output = Command::new("curl")
+        .args(["--silent", "--max-time", "10", "--cacert"])
+        .arg(ca)
+        .args(["--write-out", "\n%{http_code}"])
+        .args(args)
+        .arg(url)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run curl ({e}): install curl"));
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    let (body, status) = text.rsplit_once('\n').unwrap_or(("", &text));
+    Answer {
+        status: status.trim().parse().unwrap_or(0),
+        body: body.to_string(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn https_with_basic_auth_and_bearer_token() {
+    let cluster = start_cluster(Default::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let first = make_pki(dir.path(), "first");
+    let mut config = config_for(vec![("it", cluster.dsn("postgres"))]);
+    config.server.tls = Some(first.files.clone());
+    config.server.auth = HttpAuth {
+        basic: Some(BasicAuth {
+            user: "prometheus".into(),
+            password: secret_file(dir.path(), "password", "correct horse"),
+        }),
+        bearer_token: Some(secret_file(dir.path(), "token", "s3cret-token")),
+    };
+    let mut service = Service::start(&config).await.expect("lockjam starts with HTTPS");
+    let base = format!("https://127.0.0.1:{}", service.local_addr().port());
+    let url = |path: &str| format!("{base}{path}");
+    let ca = first.ca.clone();
+    let get = move |path: &str, args: &[&str]| {
+        let (ca, url, args) = (
+            ca.clone(),
+            url(path),
+            args.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+        );
+        async move {
+            tokio::task::spawn_blocking(move || {
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                curl(&ca, &url, &args)
+            })
+            .await
+            .unwrap()
+        }
+    };
+
+    wait_until("the first sample", || async { get("/readyz", &[]).await.status == 200 }).await;
+    let open = get("/healthz", &[]).await;
+    assert_eq!(
+        (open.status, open.body.as_str()),
+        (200, "ok\n"),
+        "probes need no credentials"
+    );
+
+    // No credentials, wrong ones, a wrong scheme: 401, nothing shown.
+    for (what, args) in [
+        ("no credentials", vec![]),
+        ("a wrong password", vec!["--user", "prometheus:Correct horse"]),
+        ("a wrong user", vec!["--user", "grafana:correct horse"]),
+        ("an empty password", vec!["--user", "prometheus:"]),
+        ("a wrong token", vec!["--oauth2-bearer", "s3cret-tokeN"]),
+        ("the password as a token", vec!["--oauth2-bearer", "correct horse"]),
+    ] {
+        for path in ["/metrics", "/api/v1/snapshot", "/api/v1/events"] {
+            let answer = get(path, &args).await;
+            assert_eq!(answer.status, 401, "{what} on {path}: {}", answer.body);
+            assert!(
+                !answer.body.contains("lockjam_up") && !answer.body.contains("targets"),
+                "{what}"
+            );
+        }
+    }
+    let challenge = Command::new("curl")
+        .args(["--silent", "--head", "--cacert"])
+        .arg(&first.ca)
+        .arg(format!("{base}/metrics"))
+        .output()
+        .unwrap();
+    let head = String::from_utf8_lossy(&challenge.stdout).to_ascii_lowercase();
+    assert!(head.contains("www-authenticate: basic realm=\"lockjam\""), "{head}");
+
+    // The right ones, either kind.
+    let basic = get("/metrics", &["--user", "prometheus:correct horse"]).await;
+    assert_eq!(basic.status, 200);
+    assert_eq!(
+        Scrape::parse(&basic.body).value("lockjam_up", &[("target", "it")]),
+        Some(1.0)
+    );
+    let bearer = get("/api/v1/snapshot", &["--oauth2-bearer", "s3cret-token"]).await;
+    assert_eq!(bearer.status, 200);
+    assert!(bearer.body.contains("\"target\":\"it\""), "{}", bearer.body);
+
+    // Plain HTTP to the HTTPS port gets no HTTP answer.
+    let plain = Command::new("curl")
+        .args(["--silent", "--max-time", "5", "--write-out", "%{http_code}"])
+        .arg(format!("http://127.0.0.1:{}/healthz", service.local_addr().port()))
+        .output()
+        .unwrap();
+    assert_ne!(String::from_utf8_lossy(&plain.stdout), "200");
+
+    // A reload renews the certificate and the credentials on the same
+    // listener: the new CA is trusted, the old password is refused.
+    let second = make_pki(dir.path(), "second");
+    assert_eq!(
+        curl(&second.ca, &format!("{base}/healthz"), &[]).status,
+        0,
+        "not yet trusted"
+    );
+    let mut renewed = config.clone();
+    renewed.server.tls = Some(second.files.clone());
+    renewed.server.auth.basic = Some(BasicAuth {
+        user: "prometheus".into(),
+        password: secret_file(dir.path(), "password", "battery staple"),
+    });
+    service.reload(&renewed).await.expect("the renewed files load");
+    let second_ca = second.ca.clone();
+    let metrics = base.clone() + "/metrics";
+    let (renewed_ok, old_ca, old_password) = tokio::task::spawn_blocking(move || {
+        (
+            curl(&second_ca, &metrics, &["--user", "prometheus:battery staple"]).status,
+            curl(&first.ca, &metrics, &["--user", "prometheus:battery staple"]).status,
+            curl(&second_ca, &metrics, &["--user", "prometheus:correct horse"]).status,
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!((renewed_ok, old_ca, old_password), (200, 0, 401));
+
+    // A reload whose key does not match its certificate changes nothing.
+    let mut mismatched = renewed.clone();
+    mismatched.server.tls = Some(TlsFiles {
+        cert_file: second.files.cert_file.clone(),
+        key_file: make_pki(dir.path(), "third").files.key_file,
+    });
+    let error = service.reload(&mismatched).await.unwrap_err().to_string();
+    assert!(error.contains("third-key.pem"), "{error}");
+    let still = base.clone() + "/metrics";
+    let status =
+        tokio::task::spawn_blocking(move || curl(&second.ca, &still, &["--user", "prometheus:battery staple"]).status)
+            .await
+            .unwrap();
+    assert_eq!(status, 200, "the renewed certificate and password stay in force");
+    service.stop().await;
+    tokio::task::spawn_blocking(move || drop(cluster)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unauthenticated_readyz_gives_the_status_but_not_the_reasons() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = lockjam::cluster::free_port().unwrap();
+    let mut config = config_for(vec![(
+        "nowhere",
+        format!("host=127.0.0.1 port={port} user=lockjam dbname=postgres sslmode=disable"),
+    )]);
+    config.server.auth.bearer_token = Some(secret_file(dir.path(), "token", "t"));
+    let service = Service::start(&config).await.unwrap();
+    let addr = service.local_addr();
+    let (status, body) = crate::support::http_get(addr, "/readyz").await;
+    assert_eq!((status, body.as_str()), (503, "not ready\n"));
+    let (status, body) = crate::support::http_request(
+        addr,
+        "GET /readyz HTTP/1.1\r\nHost: lockjam\r\nAuthorization: Bearer t\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 503);
+    assert!(body.contains("target `nowhere`"), "{body}");
+    service.stop().await;
+}
+
+fn write_config(path: &Path, text: &str) {
+    std::fs::write(path, text).unwrap();
+}
+
+/// `lockjam run` as a process: SIGHUP swaps its targets and turns its
+/// policy on without dropping the listener; a bad file is refused with one
+/// log line naming the key, and the configuration in force stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sighup_reloads_targets_and_policy_and_refuses_a_bad_file() {
+    let cluster = start_cluster(Default::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("lockjam.toml");
+    let dsn = cluster.dsn("postgres");
+    write_config(&file, &format!("[[targets]]\nname = \"before\"\ndsn = \"{dsn}\"\n"));
+    let run = LockjamRun::spawn(&["--config", file.to_str().unwrap()]);
+    let scrape_until = |what: &'static str, check: fn(&Scrape) -> bool| {
+        let addr = run.addr;
+        async move {
+            wait_until(what, || async {
+                tokio::net::TcpStream::connect(addr).await.is_ok() && check(&crate::support::scrape(addr).await)
+            })
+            .await
+        }
+    };
+    scrape_until("target before up", |s| {
+        s.value("lockjam_up", &[("target", "before")]) == Some(1.0)
+    })
+    .await;
+    let connection = tokio::net::TcpStream::connect(run.addr).await.unwrap();
+
+    write_config(
+        &file,
+        &format!(
+            "[[targets]]\nname = \"after\"\ndsn = \"{dsn}\"\n\
+             [policy]\nenabled = true\n[[policy.rules]]\nname = \"unblock-migrations\"\n"
+        ),
+    );
+    run.hangup();
+    scrape_until("target after up, leading", |s| {
+        s.value("lockjam_up", &[("target", "after")]) == Some(1.0)
+            && s.value("lockjam_policy_leader", &[("target", "after")]) == Some(1.0)
+            && !s
+                .series
+                .iter()
+                .any(|(_, labels, _)| labels.get("target").map(String::as_str) == Some("before"))
+    })
+    .await;
+
+    write_config(&file, "[sampler]\nintervall = \"1s\"\n");
+    run.hangup();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let scrape = crate::support::scrape(run.addr).await;
+    assert_eq!(scrape.value("lockjam_up", &[("target", "after")]), Some(1.0));
+    assert_eq!(scrape.value("lockjam_policy_leader", &[("target", "after")]), Some(1.0));
+    // The connection opened before both reloads still gets answers: the
+    // listener and its connections were never dropped.
+    let (status, _) = crate::support::http_over(connection, "/healthz").await;
+    assert_eq!(status, 200);
+
+    let (status, log) = run.terminate();
+    assert!(status.success(), "{log}");
+    let rejected: Vec<&str> = log.lines().filter(|l| l.contains("reload rejected")).collect();
+    assert_eq!(rejected.len(), 1, "{log}");
+    assert!(
+        rejected[0].contains("sampler.intervall: unknown field `intervall`") && rejected[0].contains("lockjam.toml"),
+        "{}",
+        rejected[0]
+    );
+    assert_eq!(log.matches("configuration reloaded").count(), 1, "{log}");
+    tokio::task::spawn_blocking(move || drop(cluster)).await.unwrap();
+}
