@@ -80,6 +80,25 @@ struct Families {
     policy_rules: HashMap<String, HashSet<String>>,
 }
 
+impl Families {
+    /// The gauge families a sample replaces as a whole: every series that
+    /// describes a target's databases.
+    fn database_families(&mut self) -> [&mut Family; 10] {
+        [
+            &mut self.sessions,
+            &mut self.transaction_max_age,
+            &mut self.lock_waiters,
+            &mut self.lock_wait_max,
+            &mut self.blocked_sessions,
+            &mut self.root_blockers,
+            &mut self.root_blocker_max_age,
+            &mut self.chain_max_depth,
+            &mut self.queue_depth,
+            &mut self.queue_head_wait,
+        ]
+    }
+}
+
 pub struct Metrics {
     registry: Registry,
     families: Mutex<Families>,
@@ -360,18 +379,7 @@ impl Metrics {
         let f = &mut *guard;
         f.up.with_label_values(&[target]).set(0.0);
         f.sample_duration.with_label_values(&[target]).observe(seconds(took));
-        for family in [
-            &mut f.sessions,
-            &mut f.transaction_max_age,
-            &mut f.lock_waiters,
-            &mut f.lock_wait_max,
-            &mut f.blocked_sessions,
-            &mut f.root_blockers,
-            &mut f.root_blocker_max_age,
-            &mut f.chain_max_depth,
-            &mut f.queue_depth,
-            &mut f.queue_head_wait,
-        ] {
+        for family in f.database_families() {
             family.replace(target, std::iter::empty());
         }
     }
@@ -431,18 +439,7 @@ impl Metrics {
     pub fn forget_target(&self, target: &str) {
         let mut guard = self.families();
         let f = &mut *guard;
-        for family in [
-            &mut f.sessions,
-            &mut f.transaction_max_age,
-            &mut f.lock_waiters,
-            &mut f.lock_wait_max,
-            &mut f.blocked_sessions,
-            &mut f.root_blockers,
-            &mut f.root_blocker_max_age,
-            &mut f.chain_max_depth,
-            &mut f.queue_depth,
-            &mut f.queue_head_wait,
-        ] {
+        for family in f.database_families() {
             family.replace(target, std::iter::empty());
             family.held.remove(target);
         }

@@ -204,8 +204,8 @@ impl Service {
         let mut applied = config.clone();
         applied.server.listen = self.config.server.listen;
         applied.log = self.config.log.clone();
-        if self.tls.is_none() {
-            applied.server.tls = None;
+        if self.tls.is_some() != config.server.tls.is_some() {
+            applied.server.tls = self.config.server.tls.clone();
         }
         self.config = applied;
         tracing::info!(
