@@ -314,8 +314,10 @@ impl Metrics {
         // A database's wait histogram exists, at 0, from the first sample
         // that sees it, so that Prometheus' `increase()` counts its first
         // waits instead of taking them as the series' starting value.
+        // Sessions still logging in show no database (an empty datname):
+        // no wait of theirs can end, so they declare nothing.
         let databases = f.wait_databases.entry(target.to_string()).or_default();
-        for group in &graph.activity {
+        for group in graph.activity.iter().filter(|g| !g.datname.is_empty()) {
             if databases.insert(group.datname.clone()) {
                 f.lock_wait.with_label_values(&[target, &group.datname]);
             }
@@ -521,7 +523,14 @@ mod tests {
                 oldest_xact_start: Some(SystemTime::UNIX_EPOCH + Duration::from_secs(990)),
             }]
         };
-        let first = analyze(&Snapshot::calm(taken_at, activity("active")));
+        let mut groups = activity("active");
+        groups.push(ActivityGroup {
+            datname: String::new(),
+            state: "starting".into(),
+            sessions: 1,
+            oldest_xact_start: None,
+        });
+        let first = analyze(&Snapshot::calm(taken_at, groups));
         metrics.record_sample("db1", &first, &[], Duration::from_millis(2), 20);
         let text = metrics.render();
         assert!(
@@ -535,6 +544,10 @@ mod tests {
         assert!(
             text.contains("lockjam_lock_wait_seconds_count{datname=\"app\",target=\"db1\"} 0"),
             "a database's wait histogram starts at 0: {text}"
+        );
+        assert!(
+            !text.contains("lockjam_lock_wait_seconds_count{datname=\"\""),
+            "no histogram for sessions not yet in a database: {text}"
         );
         let second = analyze(&Snapshot::calm(taken_at, activity("idle")));
         metrics.record_sample("db1", &second, &[], Duration::from_millis(2), 20);
