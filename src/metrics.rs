@@ -388,13 +388,7 @@ impl Metrics {
 
     /// Counts one policy decision.
     pub fn record_policy_action(&self, target: &str, rule: &str, action: &str, outcome: &str) {
-        let mut families = self.families();
-        families
-            .policy_rules
-            .entry(target.to_string())
-            .or_default()
-            .insert(rule.to_string());
-        families
+        self.families()
             .policy_actions
             .with_label_values(&[target, rule, action, outcome])
             .inc();

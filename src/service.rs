@@ -12,7 +12,7 @@ use tokio::time::Instant;
 
 use crate::analysis::{analyze, ended_waits, LockGraph};
 use crate::audit;
-use crate::config::{Config, SamplerConfig, Target};
+use crate::config::{Config, LogConfig, SamplerConfig, Target};
 use crate::connect::{ConnectError, SessionSettings};
 use crate::enforcer::Enforcer;
 use crate::http::{HttpError, TlsReloader};
@@ -40,8 +40,9 @@ pub enum ServiceError {
 /// A running lockjam: target tasks and the HTTP server.
 pub struct Service {
     addr: SocketAddr,
-    /// The configuration in force (what a reload compares against).
-    config: Config,
+    /// What a reload cannot change: the configured address and logging.
+    listen: SocketAddr,
+    log: LogConfig,
     shared: Arc<SharedState>,
     tls: Option<TlsReloader>,
     targets: TargetTasks,
@@ -56,7 +57,7 @@ struct TargetTasks {
 }
 
 impl TargetTasks {
-    async fn stop(mut self) {
+    async fn stop(&mut self) {
         let _ = self.shutdown.send(true);
         while self.tasks.join_next().await.is_some() {}
     }
@@ -152,7 +153,8 @@ impl Service {
         );
         Ok(Service {
             addr,
-            config: config.clone(),
+            listen: config.server.listen,
+            log: config.log.clone(),
             shared,
             tls,
             targets,
@@ -181,33 +183,19 @@ impl Service {
             (None, None) => {}
             _ => tracing::warn!("turning HTTPS on or off takes a restart; serving as before"),
         }
-        if config.server.listen != self.config.server.listen {
+        if config.server.listen != self.listen {
             tracing::warn!(
-                listen = %self.config.server.listen,
+                listen = %self.listen,
                 "server.listen changed to {}: that takes a restart; still listening on the old address",
                 config.server.listen
             );
         }
-        if config.log != self.config.log {
+        if config.log != self.log {
             tracing::warn!("log settings changed: they take effect at the next restart");
         }
-        let old = std::mem::replace(
-            &mut self.targets,
-            TargetTasks {
-                shutdown: watch::channel(false).0,
-                tasks: JoinSet::new(),
-            },
-        );
-        old.stop().await;
+        self.targets.stop().await;
         self.shared.set_auth(config.server.auth.clone());
         self.targets = prepared.start(config, &self.shared);
-        let mut applied = config.clone();
-        applied.server.listen = self.config.server.listen;
-        applied.log = self.config.log.clone();
-        if self.tls.is_some() != config.server.tls.is_some() {
-            applied.server.tls = self.config.server.tls.clone();
-        }
-        self.config = applied;
         tracing::info!(
             targets = config.targets.len(),
             policy = config.policy.enabled,
@@ -243,7 +231,7 @@ impl Service {
     }
 
     /// Stops sampling, finishes in-flight requests and closes every session.
-    pub async fn stop(self) {
+    pub async fn stop(mut self) {
         self.targets.stop().await;
         let _ = self.server_shutdown.send(true);
         let _ = self.server.await;
