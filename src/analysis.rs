@@ -37,16 +37,16 @@ pub struct BlockedBy {
     pub kind: BlockKind,
 }
 
-/// The lock a waiter asks for.
+/// A heavyweight lock: the one a waiter asks for, or one a blocker holds.
 #[derive(Debug, Clone, PartialEq)]
-pub struct WaitedLock {
+pub struct Lock {
     pub locktype: String,
     pub mode: String,
     pub tag: String,
     pub relation: Option<String>,
 }
 
-impl WaitedLock {
+impl Lock {
     /// The `relation` label of queue series: the schema-qualified name, or
     /// the lock type in parentheses for locks not on a relation (a
     /// schema-qualified name always has a dot, so the two cannot collide).
@@ -56,12 +56,21 @@ impl WaitedLock {
             None => format!("({})", self.locktype),
         }
     }
+
+    fn of(row: &LockRow) -> Lock {
+        Lock {
+            locktype: row.locktype.clone(),
+            mode: row.mode.clone(),
+            tag: row.tag.clone(),
+            relation: row.relation.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Waiter {
     pub session: Session,
-    pub lock: WaitedLock,
+    pub lock: Lock,
     pub wait_start: Option<SystemTime>,
     pub wait: Duration,
     pub blocked_by: Vec<BlockedBy>,
@@ -93,6 +102,27 @@ pub struct Blocker {
     /// Pids of the waiters it blocks directly, ascending.
     pub blocking: Vec<i32>,
     pub transaction_age: Option<Duration>,
+    /// The granted locks it holds on objects that someone waits for,
+    /// strongest first.
+    pub held: Vec<Lock>,
+}
+
+impl Blocker {
+    /// The lock it holds that matters to `waiter`: the strongest on the
+    /// object the waiter asks for, else on the same relation, else the
+    /// strongest it holds on anything someone waits for (a root that blocks
+    /// through a chain of other waiters).
+    pub fn lock_held_against(&self, waiter: &Lock) -> Option<&Lock> {
+        self.held
+            .iter()
+            .find(|held| held.tag == waiter.tag)
+            .or_else(|| {
+                self.held
+                    .iter()
+                    .find(|held| held.relation.is_some() && held.relation == waiter.relation)
+            })
+            .or_else(|| self.held.first())
+    }
 }
 
 /// A queue head and the sessions waiting behind it.
@@ -117,6 +147,10 @@ pub struct DatabaseLocks {
     pub root_blockers: u64,
     pub root_blocker_max_age: Duration,
     pub chain_max_depth: u32,
+    /// Waiters by the relation whose lock, or whose row's or page's lock,
+    /// they ask for: where queries are stuck. Row-lock waits on a
+    /// transaction id name no relation and are not counted here.
+    pub relation_waiters: BTreeMap<String, u64>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -132,6 +166,84 @@ pub struct LockGraph {
     /// Every database with client sessions or waiters, even calm ones, so
     /// that their gauges read 0 rather than vanish.
     pub databases: BTreeMap<String, DatabaseLocks>,
+}
+
+/// The sessions a waiter waits on, followed through the sessions that
+/// themselves wait: its *wait tree*.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct WaitTree {
+    /// Root blockers, ascending: sessions that block the waiter directly or
+    /// through other waiting sessions, and wait on no one. Signalling them,
+    /// and only them, can free the waiter; every other session in the tree
+    /// is a victim.
+    pub roots: Vec<i32>,
+    /// True when the tree has no root and every session in it waits on
+    /// another one in it: a deadlock that the server's deadlock detector
+    /// breaks after `deadlock_timeout`.
+    pub deadlock: bool,
+}
+
+impl LockGraph {
+    pub fn waiter(&self, pid: i32) -> Option<&Waiter> {
+        self.waiters
+            .binary_search_by_key(&pid, |w| w.session.pid)
+            .ok()
+            .map(|i| &self.waiters[i])
+    }
+
+    pub fn blocker(&self, pid: i32) -> Option<&Blocker> {
+        self.blockers
+            .binary_search_by_key(&pid, |b| b.pid)
+            .ok()
+            .map(|i| &self.blockers[i])
+    }
+
+    /// Whether `pid` waits for a lock: it has an ungranted request, or its
+    /// session showed a lock wait when read (a wait that began between the
+    /// reads of one sample, whose blockers are not known yet).
+    fn is_waiting(&self, pid: i32) -> bool {
+        self.waiter(pid).is_some()
+            || self
+                .blocker(pid)
+                .and_then(|b| b.session.as_ref())
+                .is_some_and(|s| s.wait_event_type.as_deref() == Some("Lock"))
+    }
+
+    /// The wait tree of the waiter `pid`: computed on demand, for the few
+    /// waiters a policy rule matches, because a queue of N waiters that
+    /// each name every waiter ahead of them has N² edges.
+    pub fn wait_tree(&self, pid: i32) -> WaitTree {
+        let mut seen: HashSet<i32> = HashSet::from([pid]);
+        let mut stack = vec![pid];
+        let mut roots = BTreeSet::new();
+        // A dead end (a waiting session whose blockers are unknown, or a
+        // waiter whose blockers just let go) means the tree is in motion,
+        // not deadlocked.
+        let mut dead_end = false;
+        while let Some(current) = stack.pop() {
+            let Some(waiter) = self.waiter(current) else {
+                dead_end = true;
+                continue;
+            };
+            if waiter.blocked_by.is_empty() {
+                dead_end = true;
+            }
+            for edge in &waiter.blocked_by {
+                if !seen.insert(edge.pid) {
+                    continue;
+                }
+                if self.is_waiting(edge.pid) {
+                    stack.push(edge.pid);
+                } else {
+                    roots.insert(edge.pid);
+                }
+            }
+        }
+        WaitTree {
+            deadlock: roots.is_empty() && !dead_end,
+            roots: roots.into_iter().collect(),
+        }
+    }
 }
 
 /// The eight table-level lock modes in increasing strength; transaction,
@@ -163,6 +275,32 @@ const CONFLICTS: [u8; 8] = [
 /// Whether `name` is one of PostgreSQL's heavyweight lock modes.
 pub fn is_lock_mode(name: &str) -> bool {
     LOCK_MODES.contains(&name)
+}
+
+/// The lock types of `pg_locks.locktype`.
+pub const LOCK_TYPES: [&str; 12] = [
+    "relation",
+    "extend",
+    "frozenid",
+    "page",
+    "tuple",
+    "transactionid",
+    "virtualxid",
+    "spectoken",
+    "object",
+    "userlock",
+    "advisory",
+    "applytransaction",
+];
+
+/// Whether `name` is one of `pg_locks.locktype`'s values.
+pub fn is_lock_type(name: &str) -> bool {
+    LOCK_TYPES.contains(&name)
+}
+
+/// Rank of a lock mode in [`LOCK_MODES`] (unknown modes rank lowest).
+fn mode_strength(mode: &str) -> usize {
+    LOCK_MODES.iter().position(|m| *m == mode).map_or(0, |i| i + 1)
 }
 
 /// Whether two lock modes conflict. Unknown modes are taken to conflict, so
@@ -223,12 +361,7 @@ pub fn analyze(snapshot: &Snapshot) -> LockGraph {
             session.pid,
             Waiter {
                 session: session.clone(),
-                lock: WaitedLock {
-                    locktype: request.locktype.clone(),
-                    mode: request.mode.clone(),
-                    tag: request.tag.clone(),
-                    relation: request.relation.clone(),
-                },
+                lock: Lock::of(request),
                 wait_start: request.wait_start,
                 wait: age(taken_at, request.wait_start).unwrap_or(Duration::ZERO),
                 blocked_by: edges,
@@ -276,6 +409,8 @@ pub fn analyze(snapshot: &Snapshot) -> LockGraph {
                         .find_map(|p| waiters.get(p).map(|w| w.datname().to_string()))
                 })
                 .unwrap_or_default();
+            let mut held_locks: Vec<Lock> = held.get(&pid).into_iter().flatten().map(|row| Lock::of(row)).collect();
+            held_locks.sort_by_key(|lock| std::cmp::Reverse(mode_strength(&lock.mode)));
             Blocker {
                 pid,
                 transaction_age: age(taken_at, session.as_ref().and_then(|s| s.xact_start)),
@@ -283,6 +418,7 @@ pub fn analyze(snapshot: &Snapshot) -> LockGraph {
                 datname,
                 is_root: roots.contains(&pid),
                 blocking: blocked.iter().copied().collect(),
+                held: held_locks,
             }
         })
         .collect();
@@ -406,6 +542,9 @@ fn database_figures(
             .entry((waiter.lock.locktype.clone(), waiter.lock.mode.clone()))
             .or_default() += 1;
         figures.lock_wait_max = figures.lock_wait_max.max(waiter.wait);
+        if let Some(relation) = &waiter.lock.relation {
+            *figures.relation_waiters.entry(relation.clone()).or_default() += 1;
+        }
         figures.chain_max_depth = figures.chain_max_depth.max(waiter.chain_depth);
         if waiter.leads_to_root {
             figures.blocked_sessions += 1;
@@ -815,6 +954,70 @@ mod tests {
         let app = &graph.databases["app"];
         assert_eq!((app.root_blockers, app.blocked_sessions), (0, 0));
         assert_eq!(app.chain_max_depth, 2);
+    }
+
+    #[test]
+    fn sessions_stuck_on_a_table_the_queue_head_altered_are_counted_there() {
+        // A migration (20) altered orders (it holds ACCESS EXCLUSIVE there)
+        // and now waits to drop legacy, which a backup (10) reads. 17
+        // queries wait for orders, held by the migration; 3 queue behind it
+        // for legacy. The queue series names legacy only; the per-relation
+        // count shows where the queries are stuck.
+        let mut b = Builder::new();
+        b.holds(10, "public.legacy", AS);
+        b.holds(20, "public.orders", AX);
+        b.waits(20, "public.legacy", AX, 50, &[10]);
+        for pid in 100..117 {
+            b.waits(pid, "public.orders", AS, 60, &[20]);
+        }
+        for pid in 200..203 {
+            b.waits(pid, "public.legacy", AS, 60, &[20]);
+        }
+        let graph = b.graph();
+        let queues: Vec<(&str, u64)> = graph.queues.iter().map(|q| (q.relation.as_str(), q.depth)).collect();
+        assert_eq!(queues, vec![("public.legacy", 20)]);
+        let stuck: Vec<(&str, u64)> = graph.databases["app"]
+            .relation_waiters
+            .iter()
+            .map(|(r, n)| (r.as_str(), *n))
+            .collect();
+        assert_eq!(stuck, vec![("public.legacy", 4), ("public.orders", 17)]);
+        // Every one of them waits, in the end, on the backup.
+        assert_eq!(graph.wait_tree(100).roots, vec![10]);
+        assert_eq!(graph.wait_tree(20).roots, vec![10]);
+        let migration = graph.blocker(20).unwrap();
+        assert_eq!(
+            migration.held.iter().map(|l| l.mode.as_str()).collect::<Vec<_>>(),
+            vec![AX]
+        );
+        let waited = &graph.waiter(100).unwrap().lock;
+        assert_eq!(
+            migration.lock_held_against(waited).map(|l| l.tag.as_str()),
+            Some("relation:public.orders")
+        );
+    }
+
+    #[test]
+    fn wait_trees_follow_waiting_sessions_to_their_roots() {
+        // 1 and 2 hold t; 3 waits behind both; 4 waits for u, held by 3;
+        // 5 waits for u behind 4. The roots of 5 are 1 and 2, never 3 or 4.
+        let mut b = Builder::new();
+        b.holds(1, "public.t", AS);
+        b.holds(2, "public.t", AS);
+        b.holds(3, "public.u", AS);
+        b.waits(3, "public.t", AX, 50, &[1, 2]);
+        b.waits(4, "public.u", AX, 60, &[3]);
+        b.waits(5, "public.u", AS, 70, &[4]);
+        let graph = b.graph();
+        assert_eq!(
+            graph.wait_tree(5),
+            WaitTree {
+                roots: vec![1, 2],
+                deadlock: false
+            }
+        );
+        assert_eq!(graph.wait_tree(3).roots, vec![1, 2]);
+        assert_eq!(graph.wait_tree(1), WaitTree::default(), "not a waiter");
     }
 
     #[test]

@@ -1,5 +1,8 @@
 //! Audit events: every policy decision becomes one WARN log line and one
 //! entry of `/api/v1/events` (the last [`EVENT_CAPACITY`], newest first).
+//! An event names the waiter, the root blockers of its wait tree (with
+//! the lock each holds and what each waits on, if anything), the session
+//! signalled, the signal and what became of it.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -7,12 +10,15 @@ use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 
-use crate::policy::{Decision, Outcome};
+use crate::analysis::{Blocker, Lock};
+use crate::policy::{Action, Decision, Outcome};
 use crate::snapshot::Session;
 
 pub const EVENT_CAPACITY: usize = 1000;
 /// Characters of query text an event keeps.
 const QUERY_CHARS: usize = 200;
+/// Characters of query text the log line keeps.
+const LOG_QUERY_CHARS: usize = 60;
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct SessionEvent {
@@ -23,14 +29,40 @@ pub struct SessionEvent {
     pub client_addr: Option<String>,
     pub backend_type: Option<String>,
     pub state: Option<String>,
+    pub wait_event_type: Option<String>,
+    pub wait_event: Option<String>,
+    /// RFC 3339, server clock: with the pid, who the session is.
+    pub backend_start: Option<String>,
+    /// RFC 3339, server clock: which of its transactions.
+    pub xact_start: Option<String>,
     pub transaction_age_seconds: Option<f64>,
     pub query: Option<String>,
+}
+
+/// A lock held, as the event shows it.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct HeldLock {
+    pub locktype: String,
+    /// As in metric labels: `public.orders`, or `(transactionid)`.
+    pub relation: String,
+    pub mode: String,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct BlockerEvent {
+    #[serde(flatten)]
+    pub session: SessionEvent,
+    /// The lock it holds against the waiter: on the object the waiter asks
+    /// for, else on the same relation, else on what the session it
+    /// blocks directly waits for.
+    pub holds: Option<HeldLock>,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct WaiterEvent {
     #[serde(flatten)]
     pub session: SessionEvent,
+    pub locktype: String,
     pub relation: String,
     pub mode: String,
     pub wait_seconds: f64,
@@ -40,34 +72,56 @@ pub struct WaiterEvent {
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct AuditEvent {
-    /// RFC 3339, by the database server's clock.
+    /// RFC 3339, by the database server's clock: when the signalling
+    /// statement ran, or when the policy decided, for outcomes known
+    /// without the database (`dry_run`, `protected`, `rate_limited`).
     pub time: String,
+    /// RFC 3339, server clock: when the sample the decision was made on
+    /// was taken.
+    pub sampled_at: String,
     pub target: String,
     pub rule: String,
+    /// The rule's action: `cancel_blockers` or `cancel_waiter`.
+    pub rule_action: &'static str,
     /// The signal: `cancel` or `terminate`.
     pub action: &'static str,
     pub outcome: &'static str,
     pub reason: String,
     /// What the database said, for `permission_denied` and `error`.
     pub detail: Option<String>,
+    /// The session the signal is for: a root blocker, or the waiter for
+    /// `cancel_waiter`.
+    pub signalled_pid: i32,
     pub waiter: WaiterEvent,
-    /// The session signalled (the waiter itself for `cancel_waiter`).
-    pub blocker: SessionEvent,
+    /// For `cancel_blockers`, the root blocker signalled; for
+    /// `cancel_waiter`, the (first) root blocker the waiter waited on.
+    pub blocker: Option<BlockerEvent>,
+    /// Every root blocker of the waiter's wait tree.
+    pub roots: Vec<BlockerEvent>,
 }
 
 fn seconds(d: Duration) -> f64 {
     (d.as_secs_f64() * 1000.0).round() / 1000.0
 }
 
+fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
 fn session_event(pid: i32, session: Option<&Session>, now: SystemTime) -> SessionEvent {
+    let text = |get: fn(&Session) -> &Option<String>| session.and_then(|s| get(s).clone());
     SessionEvent {
         pid,
-        datname: session.and_then(|s| s.datname.clone()),
-        usename: session.and_then(|s| s.usename.clone()),
-        application_name: session.and_then(|s| s.application_name.clone()),
-        client_addr: session.and_then(|s| s.client_addr.clone()),
-        backend_type: session.and_then(|s| s.backend_type.clone()),
-        state: session.and_then(|s| s.state.clone()),
+        datname: text(|s| &s.datname),
+        usename: text(|s| &s.usename),
+        application_name: text(|s| &s.application_name),
+        client_addr: text(|s| &s.client_addr),
+        backend_type: text(|s| &s.backend_type),
+        state: text(|s| &s.state),
+        wait_event_type: text(|s| &s.wait_event_type),
+        wait_event: text(|s| &s.wait_event),
+        backend_start: session.and_then(|s| s.backend_start).map(rfc3339),
+        xact_start: session.and_then(|s| s.xact_start).map(rfc3339),
         transaction_age_seconds: session
             .and_then(|s| s.xact_start)
             .map(|t| seconds(now.duration_since(t).unwrap_or_default())),
@@ -77,7 +131,19 @@ fn session_event(pid: i32, session: Option<&Session>, now: SystemTime) -> Sessio
     }
 }
 
-/// The event of one decision and what became of it.
+fn blocker_event(blocker: &Blocker, waited_for: &Lock, now: SystemTime) -> BlockerEvent {
+    BlockerEvent {
+        session: session_event(blocker.pid, blocker.session.as_ref(), now),
+        holds: blocker.lock_held_against(waited_for).map(|lock| HeldLock {
+            locktype: lock.locktype.clone(),
+            relation: lock.relation_label(),
+            mode: lock.mode.clone(),
+        }),
+    }
+}
+
+/// The event of one decision and what became of it; `now` is the time of
+/// the event on the server's clock.
 pub fn event(
     target: &str,
     decision: &Decision,
@@ -86,59 +152,150 @@ pub fn event(
     now: SystemTime,
 ) -> AuditEvent {
     let waiter = &decision.waiter;
+    let roots: Vec<BlockerEvent> = decision
+        .roots
+        .iter()
+        .map(|root| blocker_event(root, &waiter.lock, now))
+        .collect();
+    let blocker = match decision.action {
+        Action::CancelBlockers => Some(
+            roots
+                .iter()
+                .find(|root| root.session.pid == decision.target.pid)
+                .cloned()
+                .unwrap_or_else(|| BlockerEvent {
+                    session: session_event(decision.target.pid, decision.target_session.as_ref(), now),
+                    holds: None,
+                }),
+        ),
+        Action::CancelWaiter => roots.first().cloned(),
+    };
     AuditEvent {
-        time: humantime::format_rfc3339_millis(now).to_string(),
+        time: rfc3339(now),
+        sampled_at: rfc3339(decision.sampled_at),
         target: target.to_string(),
         rule: decision.rule.clone(),
+        rule_action: decision.action.as_str(),
         action: decision.signal.as_str(),
         outcome: outcome.as_str(),
         reason: decision.reason.clone(),
         detail,
+        signalled_pid: decision.target.pid,
         waiter: WaiterEvent {
             session: session_event(waiter.session.pid, Some(&waiter.session), now),
+            locktype: waiter.lock.locktype.clone(),
             relation: waiter.lock.relation_label(),
             mode: waiter.lock.mode.clone(),
             wait_seconds: seconds(waiter.wait),
             behind: waiter.behind,
         },
-        blocker: session_event(decision.target.pid, decision.target_session.as_ref(), now),
+        blocker,
+        roots,
     }
 }
 
-/// Writes the event as one structured WARN line.
+/// A query for the log line: on one line, cut.
+fn short_query(query: Option<&str>) -> String {
+    let query = query.unwrap_or("").trim();
+    let mut short: String = query
+        .chars()
+        .take(LOG_QUERY_CHARS)
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    if query.chars().count() > LOG_QUERY_CHARS {
+        short.push('…');
+    }
+    format!("{short:?}")
+}
+
+/// `analyst/psql, active, wait Client:ClientWrite, transaction 95.3s`.
+fn describe(session: &SessionEvent) -> String {
+    let mut parts = vec![format!(
+        "{}/{}",
+        session.usename.as_deref().unwrap_or("?"),
+        session.application_name.as_deref().unwrap_or("")
+    )];
+    if let Some(state) = &session.state {
+        parts.push(state.clone());
+    }
+    if let (Some(kind), Some(event)) = (&session.wait_event_type, &session.wait_event) {
+        parts.push(format!("wait {kind}:{event}"));
+    }
+    if let Some(age) = session.transaction_age_seconds {
+        parts.push(format!("transaction {age:.1}s"));
+    }
+    parts.join(", ")
+}
+
+fn describe_blocker(blocker: &BlockerEvent) -> String {
+    let holds = blocker
+        .holds
+        .as_ref()
+        .map(|h| format!(", holds {} on {}", h.mode, h.relation))
+        .unwrap_or_default();
+    format!(
+        "pid {} ({}{holds}) {}",
+        blocker.session.pid,
+        describe(&blocker.session),
+        short_query(blocker.session.query.as_deref())
+    )
+}
+
+impl AuditEvent {
+    /// The event in one line of words: what was (or would be) sent to
+    /// whom, on behalf of which waiter, and why.
+    pub fn summary(&self) -> String {
+        let signal = self.action;
+        let pid = self.signalled_pid;
+        let what = match self.outcome {
+            "success" if signal == "terminate" => format!("terminated pid {pid}"),
+            "success" => format!("cancelled pid {pid}"),
+            "dry_run" => format!("dry run: would {signal} pid {pid}"),
+            "protected" => format!("will not {signal} pid {pid}"),
+            "rate_limited" => format!("rate limited: did not {signal} pid {pid}"),
+            "gone" => format!("did not {signal} pid {pid}: it ended, or began another transaction"),
+            "not_blocking" => format!("did not {signal} pid {pid}: it no longer blocks the waiter"),
+            _ => format!("could not {signal} pid {pid}"),
+        };
+        let w = &self.waiter;
+        let waiter = format!(
+            "waiter pid {} ({}) waiting {:.1}s for {} on {}, {} behind, {}",
+            w.session.pid,
+            describe(&w.session),
+            w.wait_seconds,
+            w.mode,
+            w.relation,
+            w.behind,
+            short_query(w.session.query.as_deref())
+        );
+        let detail = self.detail.as_deref().map(|d| format!(" ({d})")).unwrap_or_default();
+        let blocker = self.blocker.as_ref().map(describe_blocker).unwrap_or_default();
+        match self.rule_action {
+            "cancel_waiter" => format!(
+                "rule {}: {what}, the {waiter}, behind root {blocker}: {}{detail}",
+                self.rule, self.reason
+            ),
+            _ => format!(
+                "rule {}: {what}, root {blocker}, for {waiter}: {}{detail}",
+                self.rule, self.reason
+            ),
+        }
+    }
+}
+
+/// Writes the event as one WARN line: the summary, and the fields a log
+/// pipeline filters on.
 pub fn log(event: &AuditEvent) {
-    let (w, b) = (&event.waiter, &event.blocker);
     tracing::warn!(
         target: "lockjam::audit",
         target_name = %event.target,
         rule = %event.rule,
         action = event.action,
         outcome = event.outcome,
-        reason = %event.reason,
-        detail = event.detail.as_deref().unwrap_or(""),
-        waiter_pid = w.session.pid,
-        waiter_usename = w.session.usename.as_deref().unwrap_or(""),
-        waiter_application_name = w.session.application_name.as_deref().unwrap_or(""),
-        waiter_client_addr = w.session.client_addr.as_deref().unwrap_or(""),
-        waiter_state = w.session.state.as_deref().unwrap_or(""),
-        waiter_relation = %w.relation,
-        waiter_mode = %w.mode,
-        waiter_wait_seconds = w.wait_seconds,
-        waiter_transaction_age_seconds = w.session.transaction_age_seconds.unwrap_or(0.0),
-        waiter_query = w.session.query.as_deref().unwrap_or(""),
-        blocker_pid = b.pid,
-        blocker_usename = b.usename.as_deref().unwrap_or(""),
-        blocker_application_name = b.application_name.as_deref().unwrap_or(""),
-        blocker_client_addr = b.client_addr.as_deref().unwrap_or(""),
-        blocker_state = b.state.as_deref().unwrap_or(""),
-        blocker_transaction_age_seconds = b.transaction_age_seconds.unwrap_or(0.0),
-        blocker_query = b.query.as_deref().unwrap_or(""),
-        "policy {} {} of pid {} for waiter pid {}: {}",
-        event.action,
-        event.outcome,
-        b.pid,
-        w.session.pid,
-        event.reason
+        pid = event.signalled_pid,
+        waiter_pid = event.waiter.session.pid,
+        "{}",
+        event.summary()
     );
 }
 
@@ -170,28 +327,72 @@ impl EventLog {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::analysis::{WaitedLock, Waiter};
+    use crate::analysis::{Lock, Waiter};
     use crate::policy::{Decision, Identity, Signal};
 
-    fn decision(pid: i32) -> Decision {
-        let session = Session {
+    const T: u64 = 1_700_000_000;
+
+    fn at(seconds: f64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs_f64(T as f64 + seconds)
+    }
+
+    fn relation_lock(mode: &str) -> Lock {
+        Lock {
+            locktype: "relation".into(),
+            mode: mode.into(),
+            tag: "relation:1:2".into(),
+            relation: Some("public.orders".into()),
+        }
+    }
+
+    fn decision(pid: i32, action: Action) -> Decision {
+        let root_session = Session {
             pid,
-            query: Some("x".repeat(500)),
+            usename: Some("analyst".into()),
+            application_name: Some("psql".into()),
+            state: Some("active".into()),
+            wait_event_type: Some("Client".into()),
+            wait_event: Some("ClientWrite".into()),
+            backend_start: Some(at(0.0)),
+            xact_start: Some(at(4.7)),
+            query: Some(format!("SELECT\n{}", "x".repeat(500))),
             ..Session::default()
+        };
+        let waiter = Session {
+            pid: 4242,
+            usename: Some("deploy".into()),
+            application_name: Some("migrate".into()),
+            state: Some("active".into()),
+            wait_event_type: Some("Lock".into()),
+            wait_event: Some("relation".into()),
+            xact_start: Some(at(97.5)),
+            query: Some("ALTER TABLE orders DROP CONSTRAINT orders_customer_id_fkey".into()),
+            ..Session::default()
+        };
+        let root = Blocker {
+            pid,
+            session: Some(root_session.clone()),
+            datname: "app".into(),
+            is_root: true,
+            blocking: vec![4242],
+            transaction_age: None,
+            held: vec![relation_lock("AccessShareLock")],
         };
         Decision {
             rule: "r".into(),
+            action,
             signal: Signal::Cancel,
-            target: Identity::of(&session),
-            target_session: Some(session.clone()),
+            target: match action {
+                Action::CancelBlockers => Identity::of(&root_session),
+                Action::CancelWaiter => Identity::of(&waiter),
+            },
+            target_session: Some(match action {
+                Action::CancelBlockers => root_session,
+                Action::CancelWaiter => waiter.clone(),
+            }),
             waiter: Waiter {
-                session,
-                lock: WaitedLock {
-                    locktype: "relation".into(),
-                    mode: "AccessExclusiveLock".into(),
-                    tag: "t".into(),
-                    relation: Some("public.t".into()),
-                },
+                session: waiter,
+                lock: relation_lock("AccessExclusiveLock"),
                 wait_start: None,
                 wait: Duration::from_millis(2500),
                 blocked_by: Vec::new(),
@@ -199,24 +400,125 @@ mod tests {
                 leads_to_root: true,
                 behind: 3,
             },
+            roots: vec![root],
+            sampled_at: at(99.9),
             verdict: None,
-            reason: "because".into(),
+            reason: "the waiter has waited 2.5s (min_wait 2s)".into(),
         }
     }
 
     #[test]
     fn keeps_the_last_thousand_newest_first_with_queries_cut() {
         let log = EventLog::default();
-        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
         for pid in 0..1005 {
-            log.push(event("main", &decision(pid), Outcome::Success, None, now));
+            log.push(event(
+                "main",
+                &decision(pid, Action::CancelBlockers),
+                Outcome::Success,
+                None,
+                at(100.0),
+            ));
         }
         let events = log.newest_first();
         assert_eq!(events.len(), EVENT_CAPACITY);
-        assert_eq!((events[0].blocker.pid, events[999].blocker.pid), (1004, 5));
-        assert_eq!(events[0].blocker.query.as_ref().unwrap().chars().count(), 200);
+        assert_eq!((events[0].signalled_pid, events[999].signalled_pid), (1004, 5));
+        let blocker = events[0].blocker.as_ref().unwrap();
+        assert_eq!(blocker.session.query.as_ref().unwrap().chars().count(), 200);
         assert_eq!(events[0].waiter.wait_seconds, 2.5);
         assert_eq!((events[0].action, events[0].outcome), ("cancel", "success"));
-        assert_eq!(events[0].time, "2023-11-14T22:13:20.000Z");
+        assert_eq!(events[0].time, "2023-11-14T22:15:00.000Z");
+        assert_eq!(
+            blocker.session.backend_start.as_deref(),
+            Some("2023-11-14T22:13:20.000Z")
+        );
+        assert_eq!(blocker.session.transaction_age_seconds, Some(95.3));
+    }
+
+    #[test]
+    fn events_name_the_roots_their_locks_and_the_session_signalled() {
+        let blockers = event(
+            "main",
+            &decision(4240, Action::CancelBlockers),
+            Outcome::Success,
+            None,
+            at(100.0),
+        );
+        let root = blockers.blocker.as_ref().unwrap();
+        assert_eq!(
+            (blockers.rule_action, blockers.signalled_pid),
+            ("cancel_blockers", 4240)
+        );
+        assert_eq!(root.session.pid, 4240);
+        assert_eq!(
+            root.holds,
+            Some(HeldLock {
+                locktype: "relation".into(),
+                relation: "public.orders".into(),
+                mode: "AccessShareLock".into()
+            })
+        );
+        assert_eq!(root.session.wait_event.as_deref(), Some("ClientWrite"));
+        assert_eq!(blockers.roots, vec![root.clone()]);
+
+        let waiter = event(
+            "main",
+            &decision(4240, Action::CancelWaiter),
+            Outcome::Success,
+            None,
+            at(100.0),
+        );
+        assert_eq!((waiter.rule_action, waiter.signalled_pid), ("cancel_waiter", 4242));
+        assert_eq!(
+            waiter.blocker.as_ref().map(|b| b.session.pid),
+            Some(4240),
+            "the session the waiter waited on, not the waiter"
+        );
+    }
+
+    #[test]
+    fn the_log_line_is_short_says_the_reason_once_and_what_would_be_sent() {
+        let sent = event(
+            "main",
+            &decision(4240, Action::CancelBlockers),
+            Outcome::Success,
+            None,
+            at(100.0),
+        );
+        let line = sent.summary();
+        assert_eq!(
+            line,
+            "rule r: cancelled pid 4240, root pid 4240 (analyst/psql, active, wait Client:ClientWrite, \
+             transaction 95.3s, holds AccessShareLock on public.orders) \"SELECT xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx…\", \
+             for waiter pid 4242 (deploy/migrate, active, wait Lock:relation, transaction 2.5s) waiting 2.5s for \
+             AccessExclusiveLock on public.orders, 3 behind, \"ALTER TABLE orders DROP CONSTRAINT orders_customer_id_fkey\": \
+             the waiter has waited 2.5s (min_wait 2s)"
+        );
+        assert_eq!(line.matches("min_wait").count(), 1, "the reason once");
+        assert!(!line.contains('\n'));
+        let dry = event(
+            "main",
+            &decision(4240, Action::CancelBlockers),
+            Outcome::DryRun,
+            None,
+            at(100.0),
+        );
+        assert!(dry
+            .summary()
+            .starts_with("rule r: dry run: would cancel pid 4240, root pid 4240 ("));
+        let waiter = event(
+            "main",
+            &decision(4240, Action::CancelWaiter),
+            Outcome::Success,
+            None,
+            at(100.0),
+        );
+        assert!(
+            waiter
+                .summary()
+                .starts_with("rule r: cancelled pid 4242, the waiter pid 4242 (deploy/migrate"),
+            "{}",
+            waiter.summary()
+        );
+        assert!(waiter.summary().contains(", behind root pid 4240 (analyst/psql"));
     }
 }

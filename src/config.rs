@@ -9,9 +9,11 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::analysis::is_lock_mode;
+use crate::analysis::{is_lock_mode, is_lock_type};
 use crate::dsn::{Dsn, DsnError};
-use crate::policy::{Action, Glob, Policy, Rule};
+use crate::policy::{
+    Action, Glob, Policy, Protections, Rule, DEFAULT_WAITER_LOCKTYPES, DEFAULT_WAITER_MODES, UNBLOCK_MIGRATIONS,
+};
 
 /// The default listen address: loopback, so that query texts on
 /// `/api/v1/snapshot` are not exposed by accident.
@@ -42,8 +44,10 @@ pub struct Sources {
     pub dsn: Option<String>,
     /// `--listen` / `LOCKJAM_LISTEN`.
     pub listen: Option<String>,
-    /// `--cancel-blockers-after`: enables the policy with the one rule
-    /// `unblock-migrations` and this `min_wait`.
+    /// `--cancel-blockers-after`: enables the policy (acting, unless the
+    /// configuration sets `dry_run`) with the rule `unblock-migrations` at
+    /// this `min_wait`: the file's rule of that name, or the default rule
+    /// when the file has no rules.
     pub cancel_blockers_after: Option<String>,
     /// The process environment (passed in so that tests control it).
     pub env: HashMap<String, String>,
@@ -56,6 +60,9 @@ pub struct Config {
     pub targets: Vec<Target>,
     pub log: LogConfig,
     pub policy: Policy,
+    /// What the flags changed in the file's settings, in words, for
+    /// `check-config` and the start-up log.
+    pub notes: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -272,6 +279,9 @@ struct RawPolicy {
     /// `None`: true, or false when `--cancel-blockers-after` asks for action.
     dry_run: Option<bool>,
     max_actions_per_minute: u32,
+    protect_users: Vec<String>,
+    protect_applications: Vec<String>,
+    protect_databases: Vec<String>,
     rules: Vec<RawRule>,
 }
 
@@ -281,6 +291,9 @@ impl Default for RawPolicy {
             enabled: false,
             dry_run: None,
             max_actions_per_minute: 30,
+            protect_users: Vec::new(),
+            protect_applications: Vec::new(),
+            protect_databases: Vec::new(),
             rules: Vec::new(),
         }
     }
@@ -291,6 +304,7 @@ impl Default for RawPolicy {
 struct RawRule {
     name: String,
     waiter_modes: Vec<String>,
+    waiter_locktypes: Vec<String>,
     relations: Vec<String>,
     databases: Vec<String>,
     waiter_applications: Vec<String>,
@@ -308,7 +322,8 @@ impl Default for RawRule {
         let everything = || vec!["*".to_string()];
         RawRule {
             name: String::new(),
-            waiter_modes: vec!["AccessExclusiveLock".into()],
+            waiter_modes: DEFAULT_WAITER_MODES.iter().map(|m| m.to_string()).collect(),
+            waiter_locktypes: DEFAULT_WAITER_LOCKTYPES.iter().map(|t| t.to_string()).collect(),
             relations: everything(),
             databases: everything(),
             waiter_applications: everything(),
@@ -411,7 +426,7 @@ fn validate(raw: RawConfig, sources: &Sources, origin: &str) -> Result<Config, C
             format!("`{}`: {e} (use error, warn, info, debug or trace)", raw.log.level),
         ));
     }
-    let policy = validate_policy(&raw.policy, sources, sampler.interval, &invalid)?;
+    let (policy, notes) = validate_policy(&raw.policy, sources, sampler.interval, &invalid)?;
 
     let default_user = sources.env.get("USER").cloned();
     let targets = match &sources.dsn {
@@ -450,6 +465,7 @@ fn validate(raw: RawConfig, sources: &Sources, origin: &str) -> Result<Config, C
             level: raw.log.level,
         },
         policy,
+        notes,
     })
 }
 
@@ -533,7 +549,7 @@ fn validate_policy(
     sources: &Sources,
     interval: Duration,
     invalid: &dyn Fn(&str, String) -> ConfigError,
-) -> Result<Policy, ConfigError> {
+) -> Result<(Policy, Vec<String>), ConfigError> {
     if raw.max_actions_per_minute == 0 {
         return Err(invalid("policy.max_actions_per_minute", "must be at least 1".into()));
     }
@@ -542,10 +558,33 @@ fn validate_policy(
         .as_deref()
         .map(|text| parse_duration(text).map_err(|message| invalid("--cancel-blockers-after", message)))
         .transpose()?;
+    let globs = |key: &str, patterns: &[String], may_be_empty: bool| {
+        if patterns.is_empty() && !may_be_empty {
+            return Err(invalid(
+                key,
+                "an empty list matches nothing; use [\"*\"] for all".into(),
+            ));
+        }
+        Ok(patterns.iter().map(|p| Glob(p.clone())).collect::<Vec<_>>())
+    };
+    let protections = |prefix: &str, users: &[String], applications: &[String], databases: &[String]| {
+        Ok::<_, ConfigError>(Protections {
+            users: globs(&format!("{prefix}protect_users"), users, true)?,
+            applications: globs(&format!("{prefix}protect_applications"), applications, true)?,
+            databases: globs(&format!("{prefix}protect_databases"), databases, true)?,
+        })
+    };
+    let protect = protections(
+        "policy.",
+        &raw.protect_users,
+        &raw.protect_applications,
+        &raw.protect_databases,
+    )?;
     let mut names = HashSet::new();
     let mut rules = Vec::new();
     for (index, rule) in raw.rules.iter().enumerate() {
-        let key = |field: &str| format!("policy.rules[{index}].{field}");
+        let prefix = format!("policy.rules[{index}].");
+        let key = |field: &str| format!("{prefix}{field}");
         if rule.name.trim().is_empty() {
             return Err(invalid(
                 &key("name"),
@@ -573,15 +612,18 @@ fn validate_policy(
                 format!("`{mode}` is not a PostgreSQL lock mode such as AccessExclusiveLock or ShareRowExclusiveLock"),
             ));
         }
-        let globs = |field: &str, patterns: &[String], may_be_empty: bool| {
-            if patterns.is_empty() && !may_be_empty {
-                return Err(invalid(
-                    &key(field),
-                    "an empty list matches nothing; use [\"*\"] for all".into(),
-                ));
-            }
-            Ok(patterns.iter().map(|p| Glob(p.clone())).collect::<Vec<_>>())
-        };
+        if rule.waiter_locktypes.is_empty() {
+            return Err(invalid(
+                &key("waiter_locktypes"),
+                "an empty list matches no waiter".into(),
+            ));
+        }
+        if let Some(locktype) = rule.waiter_locktypes.iter().find(|t| !is_lock_type(t)) {
+            return Err(invalid(
+                &key("waiter_locktypes"),
+                format!("`{locktype}` is not a pg_locks.locktype such as relation, tuple or transactionid"),
+            ));
+        }
         let min_wait = parse_duration_or_zero(&rule.min_wait).map_err(|m| invalid(&key("min_wait"), m))?;
         let terminate_after =
             parse_duration_or_zero(&rule.terminate_after).map_err(|m| invalid(&key("terminate_after"), m))?;
@@ -598,20 +640,55 @@ fn validate_policy(
         rules.push(Rule {
             name: rule.name.clone(),
             waiter_modes: rule.waiter_modes.clone(),
-            relations: globs("relations", &rule.relations, false)?,
-            databases: globs("databases", &rule.databases, false)?,
-            waiter_applications: globs("waiter_applications", &rule.waiter_applications, false)?,
+            waiter_locktypes: rule.waiter_locktypes.clone(),
+            relations: globs(&key("relations"), &rule.relations, false)?,
+            databases: globs(&key("databases"), &rule.databases, false)?,
+            waiter_applications: globs(&key("waiter_applications"), &rule.waiter_applications, false)?,
             min_wait,
             min_queue: rule.min_queue,
             action,
             terminate_after: (!terminate_after.is_zero()).then_some(terminate_after),
-            protect_users: globs("protect_users", &rule.protect_users, true)?,
-            protect_applications: globs("protect_applications", &rule.protect_applications, true)?,
-            protect_databases: globs("protect_databases", &rule.protect_databases, true)?,
+            protect: protections(
+                &prefix,
+                &rule.protect_users,
+                &rule.protect_applications,
+                &rule.protect_databases,
+            )?,
         });
     }
+    let mut notes = Vec::new();
     if let Some(min_wait) = flag {
-        rules = vec![Rule::unblock_migrations(min_wait)];
+        let shown = humantime::format_duration(min_wait);
+        let has_rules = !rules.is_empty();
+        match rules.iter_mut().find(|rule| rule.name == UNBLOCK_MIGRATIONS) {
+            Some(rule) => {
+                rule.min_wait = min_wait;
+                notes.push(format!(
+                    "--cancel-blockers-after {shown} set min_wait of rule `{UNBLOCK_MIGRATIONS}`; its other keys and every other rule are the file's"
+                ));
+            }
+            None if !has_rules => {
+                rules.push(Rule::unblock_migrations(min_wait));
+                notes.push(format!(
+                    "--cancel-blockers-after {shown} added rule `{UNBLOCK_MIGRATIONS}` with the default keys; [policy] protections apply to it"
+                ));
+            }
+            None => {
+                let names: Vec<&str> = rules.iter().map(|r| r.name.as_str()).collect();
+                return Err(invalid(
+                    "--cancel-blockers-after",
+                    format!(
+                        "the flag sets min_wait of the rule named `{UNBLOCK_MIGRATIONS}`, and policy.rules has none ({}): \
+                         rename the rule the flag should adjust, or drop the flag and set the rules' min_wait and \
+                         [policy] enabled = true, dry_run = false",
+                        names.join(", ")
+                    ),
+                ));
+            }
+        }
+        if raw.dry_run.is_none() {
+            notes.push("--cancel-blockers-after turned the policy on with dry_run = false".into());
+        }
     }
     let enabled = raw.enabled || flag.is_some();
     if enabled && rules.is_empty() {
@@ -620,12 +697,14 @@ fn validate_policy(
             "the policy is enabled but has no [[policy.rules]]; add one, or use --cancel-blockers-after".into(),
         ));
     }
-    Ok(Policy {
+    let policy = Policy {
         enabled,
         dry_run: raw.dry_run.unwrap_or(flag.is_none()),
         max_actions_per_minute: raw.max_actions_per_minute,
+        protect,
         rules,
-    })
+    };
+    Ok((policy, notes))
 }
 
 fn file_targets(
@@ -752,7 +831,11 @@ pub fn render_effective(config: &Config) -> String {
             })
             .collect(),
     };
-    toml::to_string_pretty(&view).unwrap_or_else(|e| format!("# cannot render configuration: {e}\n"))
+    let notes: String = config.notes.iter().map(|note| format!("# {note}\n")).collect();
+    match toml::to_string_pretty(&view) {
+        Ok(text) => format!("{notes}{text}"),
+        Err(e) => format!("# cannot render configuration: {e}\n"),
+    }
 }
 
 /// The server section back in its configuration form: file names, never
@@ -787,12 +870,16 @@ fn raw_policy(policy: &Policy) -> RawPolicy {
         enabled: policy.enabled,
         dry_run: Some(policy.dry_run),
         max_actions_per_minute: policy.max_actions_per_minute,
+        protect_users: patterns(&policy.protect.users),
+        protect_applications: patterns(&policy.protect.applications),
+        protect_databases: patterns(&policy.protect.databases),
         rules: policy
             .rules
             .iter()
             .map(|rule| RawRule {
                 name: rule.name.clone(),
                 waiter_modes: rule.waiter_modes.clone(),
+                waiter_locktypes: rule.waiter_locktypes.clone(),
                 relations: patterns(&rule.relations),
                 databases: patterns(&rule.databases),
                 waiter_applications: patterns(&rule.waiter_applications),
@@ -804,9 +891,9 @@ fn raw_policy(policy: &Policy) -> RawPolicy {
                 min_queue: rule.min_queue,
                 action: rule.action.as_str().into(),
                 terminate_after: rule.terminate_after.map_or("0s".into(), human),
-                protect_users: patterns(&rule.protect_users),
-                protect_applications: patterns(&rule.protect_applications),
-                protect_databases: patterns(&rule.protect_databases),
+                protect_users: patterns(&rule.protect.users),
+                protect_applications: patterns(&rule.protect.applications),
+                protect_databases: patterns(&rule.protect.databases),
             })
             .collect(),
     }
@@ -1002,6 +1089,104 @@ mod tests {
         assert_eq!(never.policy.rules[0].terminate_after, None);
         assert_eq!(never.policy.rules[0].min_wait, Duration::ZERO);
         assert!(!never.policy.enabled && never.policy.dry_run);
+    }
+
+    fn load_flag(text: &str, flag: &str) -> Result<Config, ConfigError> {
+        let file = file(&format!("{ONE_TARGET}{text}"));
+        load(&Sources {
+            file: Some(file.path().to_path_buf()),
+            cancel_blockers_after: Some(flag.into()),
+            ..Sources::default()
+        })
+    }
+
+    #[test]
+    fn the_flag_keeps_every_protection_of_the_file() {
+        // [policy] protections apply to the flag's rule.
+        let config = load_flag("[policy]\nprotect_applications = [\"pg_dump*\"]\n", "2s").unwrap();
+        assert_eq!(config.policy.protect.applications, vec![Glob("pg_dump*".into())]);
+        assert_eq!(
+            config.policy.rules,
+            vec![Rule::unblock_migrations(Duration::from_secs(2))]
+        );
+        let shown = render_effective(&config);
+        assert!(
+            shown.starts_with(
+                "# --cancel-blockers-after 2s added rule `unblock-migrations` with the default keys; [policy] protections apply to it\n\
+                 # --cancel-blockers-after turned the policy on with dry_run = false\n"
+            ),
+            "{shown}"
+        );
+        assert!(shown.contains("protect_applications = [\"pg_dump*\"]"), "{shown}");
+        assert!(shown.contains("name = \"unblock-migrations\""), "{shown}");
+
+        // A file rule of that name keeps its protections and other keys;
+        // the flag sets its min_wait, and the other rules stay.
+        let two_rules = "[[policy.rules]]\nname = \"unblock-migrations\"\nprotect_applications = [\"pg_dump*\"]\n\
+                         terminate_after = \"3s\"\n[[policy.rules]]\nname = \"timeout\"\naction = \"cancel_waiter\"\n";
+        let config = load_flag(two_rules, "2s").unwrap();
+        let rules = &config.policy.rules;
+        assert_eq!(rules.len(), 2);
+        assert_eq!(rules[0].min_wait, Duration::from_secs(2));
+        assert_eq!(rules[0].terminate_after, Some(Duration::from_secs(3)));
+        assert_eq!(rules[0].protect.applications, vec![Glob("pg_dump*".into())]);
+        assert_eq!(
+            (rules[1].name.as_str(), rules[1].action),
+            ("timeout", Action::CancelWaiter)
+        );
+        assert!(config.policy.enabled && !config.policy.dry_run);
+        assert!(render_effective(&config).starts_with(
+            "# --cancel-blockers-after 2s set min_wait of rule `unblock-migrations`; its other keys and every other rule are the file's\n"
+        ));
+
+        // Rules but none the flag could adjust: refused, naming both.
+        let err = load_flag(
+            "[[policy.rules]]\nname = \"careful\"\nprotect_users = [\"backup\"]\n",
+            "2s",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("--cancel-blockers-after: the flag sets min_wait of the rule named `unblock-migrations`, and policy.rules has none (careful)"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn rule_and_policy_keys_are_checked() {
+        let config = load_text(
+            &format!(
+                "{ONE_TARGET}[policy]\nprotect_users = [\"backup\"]\nprotect_databases = [\"billing\"]\n\
+                 [[policy.rules]]\nname = \"rows\"\nwaiter_locktypes = [\"relation\", \"tuple\"]\nwaiter_modes = [\"ShareLock\"]\n"
+            ),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(config.policy.protect.users, vec![Glob("backup".into())]);
+        assert_eq!(config.policy.protect.databases, vec![Glob("billing".into())]);
+        assert_eq!(config.policy.rules[0].waiter_locktypes, vec!["relation", "tuple"]);
+        assert_eq!(config.policy.rules[0].waiter_modes, vec!["ShareLock"]);
+        for (text, expected) in [
+            (
+                "[[policy.rules]]\nname = \"a\"\nwaiter_locktypes = [\"row\"]\n",
+                "policy.rules[0].waiter_locktypes: `row` is not a pg_locks.locktype",
+            ),
+            (
+                "[[policy.rules]]\nname = \"a\"\nwaiter_locktypes = []\n",
+                "policy.rules[0].waiter_locktypes: an empty list matches no waiter",
+            ),
+            (
+                "[policy]\nprotect_user = [\"x\"]\n",
+                "policy.protect_user: unknown field",
+            ),
+            ("[policy]\nprotect_users = \"x\"\n", "policy.protect_users"),
+        ] {
+            let message = error_of(text);
+            assert!(
+                message.contains(expected),
+                "{text:?}: got {message:?}, want {expected:?}"
+            );
+        }
     }
 
     proptest::proptest! {

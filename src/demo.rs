@@ -128,6 +128,7 @@ async fn start_service(dsn: &str, listen: SocketAddr) -> Result<Service, DemoErr
             level: "warn".into(),
         },
         policy: Policy::default(),
+        notes: Vec::new(),
     };
     match Service::start(&config).await {
         Err(ServiceError::Bind { addr, .. }) => {

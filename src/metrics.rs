@@ -72,6 +72,7 @@ struct Families {
     chain_max_depth: Family,
     queue_depth: Family,
     queue_head_wait: Family,
+    relation_waiters: Family,
     policy_actions: IntCounterVec,
     policy_leader: GaugeVec,
     /// Per target, the databases of its wait histograms and the rules of
@@ -83,7 +84,7 @@ struct Families {
 impl Families {
     /// The gauge families a sample replaces as a whole: every series that
     /// describes a target's databases.
-    fn database_families(&mut self) -> [&mut Family; 10] {
+    fn database_families(&mut self) -> [&mut Family; 11] {
         [
             &mut self.sessions,
             &mut self.transaction_max_age,
@@ -95,6 +96,7 @@ impl Families {
             &mut self.chain_max_depth,
             &mut self.queue_depth,
             &mut self.queue_head_wait,
+            &mut self.relation_waiters,
         ]
     }
 }
@@ -169,6 +171,52 @@ pub fn cap_queue_series(queues: &[Queue], max_relations: usize) -> Vec<QueueSeri
                 head_wait,
             }),
     );
+    series
+}
+
+/// Sessions waiting on one relation, after the `max_relations` cap.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RelationWaiters {
+    pub datname: String,
+    pub relation: String,
+    pub waiters: u64,
+}
+
+/// Keeps the `max_relations` relations with the most waiters (ties by
+/// name, so the choice is stable between samples) and sums the rest into
+/// `relation="_other"` per database.
+pub fn cap_relation_waiters(graph: &LockGraph, max_relations: usize) -> Vec<RelationWaiters> {
+    let mut series: Vec<RelationWaiters> = graph
+        .databases
+        .iter()
+        .flat_map(|(datname, figures)| {
+            figures
+                .relation_waiters
+                .iter()
+                .map(|(relation, waiters)| RelationWaiters {
+                    datname: datname.clone(),
+                    relation: relation.clone(),
+                    waiters: *waiters,
+                })
+        })
+        .collect();
+    series.sort_by(|a, b| {
+        b.waiters
+            .cmp(&a.waiters)
+            .then_with(|| (&a.datname, &a.relation).cmp(&(&b.datname, &b.relation)))
+    });
+    if series.len() <= max_relations {
+        return series;
+    }
+    let mut other: BTreeMap<String, u64> = BTreeMap::new();
+    for s in series.split_off(max_relations) {
+        *other.entry(s.datname).or_default() += s.waiters;
+    }
+    series.extend(other.into_iter().map(|(datname, waiters)| RelationWaiters {
+        datname,
+        relation: OTHER_RELATIONS.into(),
+        waiters,
+    }));
     series
 }
 
@@ -275,6 +323,11 @@ impl Metrics {
                 "How long the queue head has waited.",
                 &by_queue,
             ),
+            relation_waiters: family(
+                "lockjam_relation_lock_waiters",
+                "Sessions waiting for a lock on relation, or on one of its rows or pages: where queries are stuck.",
+                &["target", "datname", "relation"],
+            ),
             policy_actions,
             policy_leader: gauge(
                 "lockjam_policy_leader",
@@ -372,6 +425,12 @@ impl Metrics {
             .replace(target, queues.iter().map(|q| (labels(q), q.depth as f64)));
         f.queue_head_wait
             .replace(target, queues.iter().map(|q| (labels(q), seconds(q.head_wait))));
+        f.relation_waiters.replace(
+            target,
+            cap_relation_waiters(graph, max_relations)
+                .into_iter()
+                .map(|r| (vec![r.datname, r.relation], r.waiters as f64)),
+        );
     }
 
     /// A failed sample: `lockjam_up` drops to 0 and the target's database
@@ -503,6 +562,43 @@ mod tests {
             .collect();
         assert_eq!(shown, vec![("public.b", 10, 4), ("public.a", 5, 1), ("_other", 3, 7)]);
         assert_eq!(cap_queue_series(&queues, 20).len(), 4);
+    }
+
+    #[test]
+    fn relation_waiters_past_the_cap_sum_into_other_per_database() {
+        let mut graph = analyze(&Snapshot::calm(SystemTime::UNIX_EPOCH, Vec::new()));
+        for (datname, relation, waiters) in [
+            ("app", "public.a", 3),
+            ("app", "public.b", 9),
+            ("app", "public.c", 1),
+            ("shop", "public.a", 3),
+            ("shop", "public.d", 2),
+        ] {
+            graph
+                .databases
+                .entry(datname.into())
+                .or_default()
+                .relation_waiters
+                .insert(relation.into(), waiters);
+        }
+        let shown = |max| {
+            cap_relation_waiters(&graph, max)
+                .into_iter()
+                .map(|r| format!("{}/{}={}", r.datname, r.relation, r.waiters))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            shown(2),
+            vec!["app/public.b=9", "app/public.a=3", "app/_other=1", "shop/_other=5"]
+        );
+        assert_eq!(shown(5).len(), 5);
+        let metrics = Metrics::new();
+        metrics.record_sample("db1", &graph, &[], Duration::from_millis(1), 2);
+        let text = metrics.render();
+        assert!(
+            text.contains("lockjam_relation_lock_waiters{datname=\"shop\",relation=\"_other\",target=\"db1\"} 5"),
+            "{text}"
+        );
     }
 
     #[test]

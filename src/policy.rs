@@ -1,13 +1,20 @@
 //! The policy, pure: which sessions to signal for a lock graph, under the
-//! safety rules of DESIGN.md. No I/O and no clock reads: `now` is an
-//! argument, and what must be remembered between ticks (who was cancelled
+//! safety rules of docs/policy.md. No I/O and no clock reads: `now` is an
+//! argument, and what must be remembered between ticks (who was signalled
 //! when, what was already reported, the rate limit) is a [`Memory`] the
 //! caller keeps and updates with [`Memory::record`].
+//!
+//! For each waiter a rule matches, `cancel_blockers` signals the *root
+//! blockers* of the waiter's wait tree: the sessions it waits on, directly
+//! or through other waiting sessions, that wait on no one. A session that
+//! waits is a victim and is never signalled. Rules are tried in order; a
+//! rule that matches but can signal none of its targets (protected, or
+//! permission denied) hands the waiter to the next matching rule.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, SystemTime};
 
-use crate::analysis::{BlockKind, LockGraph, Waiter};
+use crate::analysis::{Blocker, LockGraph, Waiter};
 use crate::snapshot::Session;
 
 /// A snapshot older than this is stale: nothing is decided on it.
@@ -15,9 +22,28 @@ pub const MAX_SNAPSHOT_AGE: Duration = Duration::from_secs(1);
 /// The application name of lockjam's own sessions, never signalled.
 pub const LOCKJAM_APPLICATION: &str = "lockjam";
 
+/// The lock modes migrations queue on, which rules match by default:
+/// SHARE ROW EXCLUSIVE (`ADD FOREIGN KEY`, `CREATE TRIGGER`), EXCLUSIVE
+/// (`REFRESH MATERIALIZED VIEW CONCURRENTLY`) and ACCESS EXCLUSIVE (most of
+/// `ALTER TABLE`, `DROP`, `TRUNCATE`). SHARE (`CREATE INDEX` without
+/// `CONCURRENTLY`) is left out: such a build blocks writers for as long as
+/// it runs once it has its lock, so clearing its way moves the outage
+/// rather than ending it; and applications take SHARE themselves
+/// (`LOCK TABLE ... IN SHARE MODE`) to freeze writes.
+pub const DEFAULT_WAITER_MODES: [&str; 3] = ["ShareRowExclusiveLock", "ExclusiveLock", "AccessExclusiveLock"];
+/// Rules match waits for a lock on a relation by default. Row-lock waits
+/// (`transactionid`, and `tuple`, whose mode reads AccessExclusiveLock for
+/// a plain `SELECT ... FOR UPDATE`) are an application's own business.
+pub const DEFAULT_WAITER_LOCKTYPES: [&str; 1] = ["relation"];
+/// With `terminate_after = "0s"`, a root blocker that still blocks this long
+/// after its cancel counts as one the rule cannot signal, and the waiter
+/// goes to the next matching rule.
+pub const CANCEL_GRACE: Duration = Duration::from_secs(1);
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Action {
-    /// Cancel the waiter's hard blockers; terminate what cancel cannot end.
+    /// Cancel the root blockers of the waiter's wait tree; terminate what
+    /// cancel cannot end.
     CancelBlockers,
     /// Cancel the waiter itself: a server-side lock_timeout.
     CancelWaiter,
@@ -122,10 +148,64 @@ fn any_matches(globs: &[Glob], text: &str) -> bool {
     globs.iter().any(|g| g.matches(text))
 }
 
+fn patterns(globs: &[Glob]) -> String {
+    globs.iter().map(|g| g.0.as_str()).collect::<Vec<_>>().join(",")
+}
+
+/// Sessions never signalled: by user, application or database (globs).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Protections {
+    pub users: Vec<Glob>,
+    pub applications: Vec<Glob>,
+    pub databases: Vec<Glob>,
+}
+
+impl Protections {
+    pub fn is_empty(&self) -> bool {
+        self.users.is_empty() && self.applications.is_empty() && self.databases.is_empty()
+    }
+
+    /// Why `session` is protected, if it is.
+    fn reason(&self, session: &Session) -> Option<String> {
+        let user = session.usename.as_deref().unwrap_or("");
+        let application = session.application_name.as_deref().unwrap_or("");
+        let database = session.datname.as_deref().unwrap_or("");
+        if any_matches(&self.users, user) {
+            return Some(format!("user `{user}` is protected"));
+        }
+        if any_matches(&self.applications, application) {
+            return Some(format!("application `{application}` is protected"));
+        }
+        if any_matches(&self.databases, database) {
+            return Some(format!("database `{database}` is protected"));
+        }
+        None
+    }
+
+    /// The protections, in one line: `users a,b; applications pg_dump*`.
+    pub fn describe(&self) -> String {
+        let parts: Vec<String> = [
+            ("users", &self.users),
+            ("applications", &self.applications),
+            ("databases", &self.databases),
+        ]
+        .into_iter()
+        .filter(|(_, globs)| !globs.is_empty())
+        .map(|(what, globs)| format!("{what} {}", patterns(globs)))
+        .collect();
+        if parts.is_empty() {
+            "none".into()
+        } else {
+            parts.join("; ")
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Rule {
     pub name: String,
     pub waiter_modes: Vec<String>,
+    pub waiter_locktypes: Vec<String>,
     pub relations: Vec<Glob>,
     pub databases: Vec<Glob>,
     pub waiter_applications: Vec<Glob>,
@@ -134,19 +214,19 @@ pub struct Rule {
     pub action: Action,
     /// `None`: never terminate.
     pub terminate_after: Option<Duration>,
-    pub protect_users: Vec<Glob>,
-    pub protect_applications: Vec<Glob>,
-    pub protect_databases: Vec<Glob>,
+    /// Protected from this rule, in addition to the policy's protections.
+    pub protect: Protections,
 }
 
 impl Rule {
     /// The rule of `lockjam run --cancel-blockers-after`, and of the
-    /// shipped configuration's example.
+    /// shipped configuration's example: every default.
     pub fn unblock_migrations(min_wait: Duration) -> Rule {
         let everything = || vec![Glob("*".into())];
         Rule {
-            name: "unblock-migrations".into(),
-            waiter_modes: vec!["AccessExclusiveLock".into()],
+            name: UNBLOCK_MIGRATIONS.into(),
+            waiter_modes: DEFAULT_WAITER_MODES.iter().map(|m| m.to_string()).collect(),
+            waiter_locktypes: DEFAULT_WAITER_LOCKTYPES.iter().map(|t| t.to_string()).collect(),
             relations: everything(),
             databases: everything(),
             waiter_applications: everything(),
@@ -154,14 +234,13 @@ impl Rule {
             min_queue: 0,
             action: Action::CancelBlockers,
             terminate_after: Some(Duration::from_secs(10)),
-            protect_users: Vec::new(),
-            protect_applications: Vec::new(),
-            protect_databases: Vec::new(),
+            protect: Protections::default(),
         }
     }
 
     fn matches(&self, waiter: &Waiter) -> bool {
-        self.waiter_modes.contains(&waiter.lock.mode)
+        self.waiter_locktypes.contains(&waiter.lock.locktype)
+            && self.waiter_modes.contains(&waiter.lock.mode)
             && any_matches(&self.relations, &waiter.lock.relation_label())
             && any_matches(&self.databases, waiter.datname())
             && any_matches(
@@ -171,13 +250,44 @@ impl Rule {
             && waiter.wait >= self.min_wait
             && waiter.behind >= self.min_queue
     }
+
+    /// The rule in one line, for the start-up log.
+    pub fn describe(&self) -> String {
+        let human = |d: Duration| humantime::format_duration(d).to_string();
+        format!(
+            "rule `{}`: {} when a {} wait for {} on {} in database {} from application {} has waited {}{}; {}; protects {}",
+            self.name,
+            self.action.as_str(),
+            self.waiter_locktypes.join("/"),
+            self.waiter_modes.join("/"),
+            patterns(&self.relations),
+            patterns(&self.databases),
+            patterns(&self.waiter_applications),
+            if self.min_wait.is_zero() { "0s".into() } else { human(self.min_wait) },
+            if self.min_queue > 0 {
+                format!(" with {} or more behind it", self.min_queue)
+            } else {
+                String::new()
+            },
+            match self.terminate_after {
+                Some(after) => format!("terminate after {}", human(after)),
+                None => "never terminate".into(),
+            },
+            self.protect.describe()
+        )
+    }
 }
+
+/// The name of the rule `--cancel-blockers-after` builds or adjusts.
+pub const UNBLOCK_MIGRATIONS: &str = "unblock-migrations";
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Policy {
     pub enabled: bool,
     pub dry_run: bool,
     pub max_actions_per_minute: u32,
+    /// Protected from every rule.
+    pub protect: Protections,
     pub rules: Vec<Rule>,
 }
 
@@ -191,6 +301,15 @@ impl Policy {
             ..Policy::default()
         }
     }
+
+    /// `off`, `dry run` or `live`.
+    pub fn mode(&self) -> &'static str {
+        match (self.enabled, self.dry_run) {
+            (false, _) => "off",
+            (true, true) => "dry run",
+            (true, false) => "live",
+        }
+    }
 }
 
 impl Default for Policy {
@@ -199,6 +318,7 @@ impl Default for Policy {
             enabled: false,
             dry_run: true,
             max_actions_per_minute: 30,
+            protect: Protections::default(),
             rules: Vec::new(),
         }
     }
@@ -228,12 +348,19 @@ impl Identity {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Decision {
     pub rule: String,
+    pub action: Action,
     pub signal: Signal,
-    /// The session to signal (the waiter itself for `cancel_waiter`).
+    /// The session to signal: a root blocker, or the waiter itself for
+    /// `cancel_waiter`.
     pub target: Identity,
     /// `None` for a prepared transaction (pid 0), which has no session.
     pub target_session: Option<Session>,
     pub waiter: Waiter,
+    /// The root blockers of the waiter's wait tree, as sampled: whom the
+    /// waiter waits on, for the audit event.
+    pub roots: Vec<Blocker>,
+    /// When the sample the decision was made on was taken (server clock).
+    pub sampled_at: SystemTime,
     /// The outcome already known without the database (dry run, protected,
     /// rate limited); `None` means: send the signal.
     pub verdict: Option<Outcome>,
@@ -241,15 +368,39 @@ pub struct Decision {
     pub reason: String,
 }
 
+/// A waiter a rule matches whose wait tree is a deadlock cycle: there is
+/// no root to signal, and PostgreSQL's deadlock detector breaks the cycle.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Deadlock {
+    pub rule: String,
+    pub waiter: Waiter,
+}
+
+/// What [`decide`] returns: decisions to carry out and deadlocks to report.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Plan {
+    pub decisions: Vec<Decision>,
+    pub deadlocks: Vec<Deadlock>,
+}
+
+/// A signal sent (or that would have been, in dry run).
+#[derive(Debug, Clone, Copy)]
+struct Signalled {
+    signal: Signal,
+    /// When the first signal to this session was sent.
+    at: SystemTime,
+    dry_run: bool,
+}
+
 /// What the policy remembers between ticks.
 #[derive(Debug, Default, Clone)]
 pub struct Memory {
-    /// Sessions signalled (or that would have been, in dry run), with the
-    /// strongest signal and when it was first sent.
-    signalled: HashMap<Identity, (Signal, SystemTime)>,
+    signalled: HashMap<Identity, Signalled>,
     /// (rule, session, outcome) already reported as protected or rate
     /// limited: reported once, not every tick.
     reported: HashSet<(String, Identity, Outcome)>,
+    /// Waiters (pid, backend start) whose deadlock was reported.
+    deadlocks: HashSet<(i32, Option<SystemTime>)>,
     /// Sessions lockjam may not signal (permission denied): not retried.
     denied: HashSet<Identity>,
     /// When signalling statements were sent, for the rate limit.
@@ -258,6 +409,8 @@ pub struct Memory {
 
 /// Entries older than this are forgotten.
 const MEMORY_HORIZON: Duration = Duration::from_secs(3600);
+/// Sets of reports larger than this start afresh.
+const MEMORY_LIMIT: usize = 10_000;
 
 impl Memory {
     /// Remembers what became of a decision.
@@ -265,8 +418,15 @@ impl Memory {
         let identity = decision.target.clone();
         match outcome {
             Outcome::Success | Outcome::DryRun => {
-                let first = self.signalled.get(&identity).map_or(now, |(_, at)| *at);
-                self.signalled.insert(identity, (decision.signal, first));
+                let first = self.signalled.get(&identity).map_or(now, |earlier| earlier.at);
+                self.signalled.insert(
+                    identity,
+                    Signalled {
+                        signal: decision.signal,
+                        at: first,
+                        dry_run: outcome == Outcome::DryRun,
+                    },
+                );
                 self.recent.push_back(now);
             }
             Outcome::Gone | Outcome::NotBlocking | Outcome::Error => self.recent.push_back(now),
@@ -281,6 +441,14 @@ impl Memory {
         self.forget_before(now);
     }
 
+    /// Remembers that a deadlock was reported, so that it is reported once.
+    pub fn record_deadlock(&mut self, deadlock: &Deadlock) {
+        if self.deadlocks.len() > MEMORY_LIMIT {
+            self.deadlocks.clear();
+        }
+        self.deadlocks.insert(waiter_key(&deadlock.waiter));
+    }
+
     fn forget_before(&mut self, now: SystemTime) {
         let minute_ago = now
             .checked_sub(Duration::from_secs(60))
@@ -289,11 +457,11 @@ impl Memory {
             self.recent.pop_front();
         }
         let horizon = now.checked_sub(MEMORY_HORIZON).unwrap_or(SystemTime::UNIX_EPOCH);
-        self.signalled.retain(|_, (_, at)| *at >= horizon);
-        if self.reported.len() > 10_000 {
+        self.signalled.retain(|_, signalled| signalled.at >= horizon);
+        if self.reported.len() > MEMORY_LIMIT {
             self.reported.clear();
         }
-        if self.denied.len() > 10_000 {
+        if self.denied.len() > MEMORY_LIMIT {
             self.denied.clear();
         }
     }
@@ -306,18 +474,13 @@ impl Memory {
     }
 }
 
-/// Why a session must not be signalled, if it must not.
-fn protection(session: Option<&Session>, pid: i32, rule: &Rule) -> Option<String> {
-    if pid == 0 {
-        return Some(
-            "a prepared transaction (pid 0) has no backend to signal: end it with COMMIT PREPARED or ROLLBACK PREPARED"
-                .into(),
-        );
-    }
-    let session = session?;
+fn waiter_key(waiter: &Waiter) -> (i32, Option<SystemTime>) {
+    (waiter.session.pid, waiter.session.backend_start)
+}
+
+/// Why a session must never be signalled by `rule`, if it must not.
+fn protection(session: &Session, policy: &Policy, rule: &Rule) -> Option<String> {
     let application = session.application_name.as_deref().unwrap_or("");
-    let user = session.usename.as_deref().unwrap_or("");
-    let database = session.datname.as_deref().unwrap_or("");
     let backend_type = session.backend_type.as_deref().unwrap_or("unknown");
     if backend_type == "autovacuum worker" {
         // pg_signal_autovacuum_worker (PostgreSQL 18) would let lockjam's
@@ -334,16 +497,7 @@ fn protection(session: Option<&Session>, pid: i32, rule: &Rule) -> Option<String
     if application == LOCKJAM_APPLICATION {
         return Some("one of lockjam's own sessions".into());
     }
-    if any_matches(&rule.protect_users, user) {
-        return Some(format!("user `{user}` is protected"));
-    }
-    if any_matches(&rule.protect_applications, application) {
-        return Some(format!("application `{application}` is protected"));
-    }
-    if any_matches(&rule.protect_databases, database) {
-        return Some(format!("database `{database}` is protected"));
-    }
-    None
+    policy.protect.reason(session).or_else(|| rule.protect.reason(session))
 }
 
 fn idle_in_transaction(session: &Session) -> bool {
@@ -353,142 +507,241 @@ fn idle_in_transaction(session: &Session) -> bool {
         .is_some_and(|s| s.starts_with("idle in transaction"))
 }
 
+/// What a rule can do about one of its targets now.
+enum Assessment {
+    /// Send this signal, for this reason.
+    Send(Signal, String),
+    /// The rule may never signal it (protected, a prepared transaction,
+    /// terminating forbidden): reported once, and the waiter goes on to the
+    /// next rule if no other target can be signalled.
+    Refused(Signal, String),
+    /// Permission was denied before: already reported, never retried.
+    Denied,
+    /// Being dealt with: signalled and within its grace, already decided
+    /// this tick for another waiter, or ended between the reads.
+    InHand,
+}
+
+fn assess(
+    rule: &Rule,
+    policy: &Policy,
+    waiter: &Waiter,
+    pid: i32,
+    session: Option<&Session>,
+    memory: &Memory,
+    now: SystemTime,
+) -> Assessment {
+    if pid == 0 {
+        return Assessment::Refused(
+            Signal::Cancel,
+            "a prepared transaction (pid 0) has no backend to signal: end it with COMMIT PREPARED or ROLLBACK PREPARED"
+                .into(),
+        );
+    }
+    let Some(session) = session else {
+        return Assessment::InHand;
+    };
+    if let Some(reason) = protection(session, policy, rule) {
+        return Assessment::Refused(Signal::Cancel, reason);
+    }
+    let identity = Identity::of(session);
+    if memory.denied.contains(&identity) {
+        return Assessment::Denied;
+    }
+    choose_signal(rule, waiter, session, memory.signalled.get(&identity), now)
+}
+
+/// Cancel first. Terminate a session that cancel cannot help (idle in
+/// transaction) at once, and one that still blocks `terminate_after` after
+/// its cancel. In dry run nothing follows a cancel: whether the cancel
+/// would have freed the waiter is not known.
+fn choose_signal(
+    rule: &Rule,
+    waiter: &Waiter,
+    session: &Session,
+    earlier: Option<&Signalled>,
+    now: SystemTime,
+) -> Assessment {
+    let human = |d: Duration| humantime::format_duration(d).to_string();
+    let waited = format!(
+        "the waiter has waited {:.1}s (min_wait {})",
+        waiter.wait.as_secs_f64(),
+        if rule.min_wait.is_zero() {
+            "0s".into()
+        } else {
+            human(rule.min_wait)
+        }
+    );
+    let Some(earlier) = earlier else {
+        if !idle_in_transaction(session) {
+            return Assessment::Send(Signal::Cancel, waited);
+        }
+        return match rule.terminate_after {
+            Some(_) => Assessment::Send(
+                Signal::Terminate,
+                format!("{waited}; the blocker is idle in transaction, which cancel cannot end"),
+            ),
+            None => Assessment::Refused(
+                Signal::Terminate,
+                "the blocker is idle in transaction, which cancel cannot end, and terminate_after = \"0s\" forbids terminating"
+                    .into(),
+            ),
+        };
+    };
+    if earlier.dry_run || earlier.signal == Signal::Terminate {
+        return Assessment::InHand;
+    }
+    let since = now.duration_since(earlier.at).unwrap_or(Duration::ZERO);
+    match rule.terminate_after {
+        Some(grace) if since >= grace => Assessment::Send(
+            Signal::Terminate,
+            format!("the blocker still blocks {:.1}s after its cancel", since.as_secs_f64()),
+        ),
+        None if since >= CANCEL_GRACE => Assessment::Refused(
+            Signal::Terminate,
+            format!(
+                "the blocker still blocks {:.1}s after its cancel, and terminate_after = \"0s\" forbids terminating",
+                since.as_secs_f64()
+            ),
+        ),
+        _ => Assessment::InHand,
+    }
+}
+
 /// Decides what to signal. `now` is the server's clock now; nothing is
 /// decided on a snapshot older than [`MAX_SNAPSHOT_AGE`].
-pub fn decide(graph: &LockGraph, policy: &Policy, memory: &Memory, now: SystemTime) -> Vec<Decision> {
+pub fn decide(graph: &LockGraph, policy: &Policy, memory: &Memory, now: SystemTime) -> Plan {
+    let mut plan = Plan::default();
     let age = now.duration_since(graph.taken_at).unwrap_or(Duration::ZERO);
     if !policy.enabled || age > MAX_SNAPSHOT_AGE {
-        return Vec::new();
+        return plan;
     }
     let mut budget = (policy.max_actions_per_minute as usize).saturating_sub(memory.actions_in_last_minute(now));
-    let mut decided_this_tick: HashSet<i32> = HashSet::new();
-    let mut decisions = Vec::new();
+    // One signal per pid per tick, and one report per (rule, pid, outcome).
+    let mut decided: HashSet<i32> = HashSet::new();
+    let mut reported: HashSet<(String, i32, Outcome)> = HashSet::new();
     // Longest waits first, so that the rate limit spends itself on the
     // oldest queue.
     let mut waiters: Vec<&Waiter> = graph.waiters.iter().collect();
     waiters.sort_by(|a, b| b.wait.cmp(&a.wait).then(a.session.pid.cmp(&b.session.pid)));
     for waiter in waiters {
-        let Some(rule) = policy.rules.iter().find(|rule| rule.matches(waiter)) else {
+        let rules: Vec<&Rule> = policy.rules.iter().filter(|rule| rule.matches(waiter)).collect();
+        if rules.is_empty() {
             continue;
-        };
-        let targets: Vec<(i32, Option<&Session>)> = match rule.action {
-            Action::CancelBlockers => waiter
-                .blocked_by
-                .iter()
-                .filter(|edge| edge.kind == BlockKind::Hard)
-                .map(|edge| {
-                    let session = graph
-                        .blockers
-                        .iter()
-                        .find(|b| b.pid == edge.pid)
-                        .and_then(|b| b.session.as_ref());
-                    (edge.pid, session)
+        }
+        let tree = graph.wait_tree(waiter.session.pid);
+        let roots: Vec<Blocker> = tree
+            .roots
+            .iter()
+            .filter_map(|pid| graph.blocker(*pid).cloned())
+            .collect();
+        // Rules that matched before this one but could signal nothing.
+        let mut passed: Vec<&str> = Vec::new();
+        for (index, rule) in rules.iter().enumerate() {
+            let targets: Vec<(i32, Option<&Session>)> = match rule.action {
+                Action::CancelBlockers => tree
+                    .roots
+                    .iter()
+                    .map(|pid| (*pid, graph.blocker(*pid).and_then(|b| b.session.as_ref())))
+                    .collect(),
+                Action::CancelWaiter => vec![(waiter.session.pid, Some(&waiter.session))],
+            };
+            if targets.is_empty() {
+                // No root: a deadlock, left to the server, or a tree in
+                // motion that the next sample shows settled.
+                if tree.deadlock && !memory.deadlocks.contains(&waiter_key(waiter)) {
+                    plan.deadlocks.push(Deadlock {
+                        rule: rule.name.clone(),
+                        waiter: waiter.clone(),
+                    });
+                }
+                break;
+            }
+            let assessed: Vec<(i32, Option<&Session>, Assessment)> = targets
+                .into_iter()
+                .map(|(pid, session)| {
+                    let assessment = if decided.contains(&pid) {
+                        Assessment::InHand
+                    } else {
+                        assess(rule, policy, waiter, pid, session, memory, now)
+                    };
+                    (pid, session, assessment)
                 })
-                .collect(),
-            Action::CancelWaiter => vec![(waiter.session.pid, Some(&waiter.session))],
-        };
-        for (pid, session) in targets {
-            // A session that ended between the reads is left alone; pid 0
-            // is reported.
-            if (session.is_none() && pid != 0) || !decided_this_tick.insert(pid) {
-                continue;
-            }
-            let target = session.map(Identity::of).unwrap_or(Identity {
-                pid,
-                backend_start: None,
-                xact_start: None,
-            });
-            let decision = |signal, verdict, reason: String| Decision {
-                rule: rule.name.clone(),
-                signal,
-                target: target.clone(),
-                target_session: session.cloned(),
-                waiter: waiter.clone(),
-                verdict,
-                reason,
+                .collect();
+            let handles = assessed
+                .iter()
+                .any(|(_, _, a)| matches!(a, Assessment::Send(..) | Assessment::InHand));
+            let handover = match (handles, rules.get(index + 1)) {
+                (true, _) => String::new(),
+                (false, Some(next)) => format!("; the waiter goes to rule `{}`", next.name),
+                (false, None) => "; no later rule matches: the waiter stays queued".into(),
             };
-            let reported = |outcome| memory.reported.contains(&(rule.name.clone(), target.clone(), outcome));
-            if let Some(reason) = protection(session, pid, rule) {
-                if !reported(Outcome::Protected) {
-                    decisions.push(decision(Signal::Cancel, Some(Outcome::Protected), reason));
-                }
-                continue;
-            }
-            if memory.denied.contains(&target) {
-                continue;
-            }
-            let session = session.expect("pid 0 is protected above");
-            let Some((signal, reason)) = choose_signal(rule, waiter, session, memory.signalled.get(&target), now)
-            else {
-                continue;
+            let preface = if passed.is_empty() {
+                String::new()
+            } else {
+                format!("rule `{}` could signal none of its targets; ", passed.join("`, `"))
             };
-            if signal == Signal::Terminate && rule.terminate_after.is_none() {
-                if !reported(Outcome::Protected) {
-                    decisions.push(decision(
-                        signal,
-                        Some(Outcome::Protected),
-                        format!("{reason}, but terminate_after = \"0s\" forbids terminating"),
-                    ));
+            for (pid, session, assessment) in assessed {
+                let target = session.map(Identity::of).unwrap_or(Identity {
+                    pid,
+                    backend_start: None,
+                    xact_start: None,
+                });
+                let decision = |signal, verdict, reason: String| Decision {
+                    rule: rule.name.clone(),
+                    action: rule.action,
+                    signal,
+                    target: target.clone(),
+                    target_session: session.cloned(),
+                    waiter: waiter.clone(),
+                    roots: roots.clone(),
+                    sampled_at: graph.taken_at,
+                    verdict,
+                    reason: format!("{preface}{reason}"),
+                };
+                let mut report_once = |outcome: Outcome| {
+                    !memory.reported.contains(&(rule.name.clone(), target.clone(), outcome))
+                        && reported.insert((rule.name.clone(), pid, outcome))
+                };
+                match assessment {
+                    Assessment::Refused(signal, reason) => {
+                        if report_once(Outcome::Protected) {
+                            plan.decisions.push(decision(
+                                signal,
+                                Some(Outcome::Protected),
+                                format!("{reason}{handover}"),
+                            ));
+                        }
+                    }
+                    Assessment::Send(signal, reason) => {
+                        if budget == 0 {
+                            if report_once(Outcome::RateLimited) {
+                                plan.decisions.push(decision(
+                                    signal,
+                                    Some(Outcome::RateLimited),
+                                    format!(
+                                        "max_actions_per_minute ({}) reached; {reason}",
+                                        policy.max_actions_per_minute
+                                    ),
+                                ));
+                            }
+                            continue;
+                        }
+                        budget -= 1;
+                        decided.insert(pid);
+                        let verdict = policy.dry_run.then_some(Outcome::DryRun);
+                        plan.decisions.push(decision(signal, verdict, reason));
+                    }
+                    Assessment::Denied | Assessment::InHand => {}
                 }
-                continue;
             }
-            if budget == 0 {
-                if !reported(Outcome::RateLimited) {
-                    decisions.push(decision(
-                        signal,
-                        Some(Outcome::RateLimited),
-                        format!("max_actions_per_minute ({}) reached", policy.max_actions_per_minute),
-                    ));
-                }
-                continue;
+            if handles {
+                break;
             }
-            budget -= 1;
-            let verdict = policy.dry_run.then_some(Outcome::DryRun);
-            decisions.push(decision(signal, verdict, reason));
+            passed.push(&rule.name);
         }
     }
-    decisions
-}
-
-/// Cancel first; terminate a session that cancel cannot help (idle in
-/// transaction) or that still blocks `terminate_after` after its cancel.
-/// `None`: nothing to send now.
-fn choose_signal(
-    rule: &Rule,
-    waiter: &Waiter,
-    session: &Session,
-    earlier: Option<&(Signal, SystemTime)>,
-    now: SystemTime,
-) -> Option<(Signal, String)> {
-    let grace = rule.terminate_after.unwrap_or(Duration::ZERO);
-    let waited = format!("{} has waited {:.1}s", waiter.lock.mode, waiter.wait.as_secs_f64());
-    if idle_in_transaction(session) {
-        // Cancel cannot end a transaction that runs no statement; the
-        // session gets the same grace an active one gets after its cancel.
-        if earlier.is_some() || waiter.wait < rule.min_wait + grace {
-            return None;
-        }
-        return Some((
-            Signal::Terminate,
-            format!("{waited}; the blocker is idle in transaction, which cancel cannot end"),
-        ));
-    }
-    match earlier {
-        None => Some((Signal::Cancel, waited)),
-        Some((Signal::Cancel, cancelled_at)) => {
-            let since = now.duration_since(*cancelled_at).unwrap_or(Duration::ZERO);
-            (rule.terminate_after.is_some() && since >= grace).then(|| {
-                (
-                    Signal::Terminate,
-                    format!(
-                        "{waited}; the blocker still blocks {:.1}s after its cancel",
-                        since.as_secs_f64()
-                    ),
-                )
-            })
-        }
-        Some((Signal::Terminate, _)) => None,
-    }
+    plan
 }
 
 #[cfg(test)]
@@ -498,6 +751,9 @@ mod tests {
     use crate::snapshot::{LockRow, Snapshot};
 
     const T0: u64 = 1_700_000_000;
+    const AX: &str = "AccessExclusiveLock";
+    const SRX: &str = "ShareRowExclusiveLock";
+    const RX: &str = "RowExclusiveLock";
 
     fn at(seconds: f64) -> SystemTime {
         SystemTime::UNIX_EPOCH + Duration::from_secs_f64(T0 as f64 + seconds)
@@ -540,10 +796,7 @@ mod tests {
         alter.application_name = Some("migrate".into());
         alter.blocked_by = Some(vec![10]);
         let mut sessions = vec![read.clone(), alter];
-        let mut locks = vec![
-            lock(10, true, "AccessShareLock", None),
-            lock(20, false, "AccessExclusiveLock", Some(50.0)),
-        ];
+        let mut locks = vec![lock(10, true, "AccessShareLock", None), lock(20, false, AX, Some(50.0))];
         for pid in 100..100 + selects {
             let mut select = session(pid, "active");
             select.blocked_by = Some(vec![20]);
@@ -559,6 +812,48 @@ mod tests {
         (snapshot, read)
     }
 
+    /// Incident 002 as the web and a migration tool stage it: the mailer
+    /// (10) updated row 1 of users and runs a long statement; a web UPDATE
+    /// of that row (11) waits for the mailer's transaction holding ROW
+    /// EXCLUSIVE on users; ADD FOREIGN KEY (20) waits for SHARE ROW
+    /// EXCLUSIVE behind both; writers (100..) queue behind it.
+    fn incident_002(writers: i32) -> Snapshot {
+        let mut mailer = session(10, "active");
+        mailer.application_name = Some("mailer".into());
+        let mut web = session(11, "active");
+        web.blocked_by = Some(vec![10]);
+        let mut migration = session(20, "active");
+        migration.application_name = Some("migrate".into());
+        migration.blocked_by = Some(vec![10, 11]);
+        let mut sessions = vec![mailer, web, migration];
+        let xid = |pid: i32, granted: bool, mode: &str| LockRow {
+            locktype: "transactionid".into(),
+            tag: "transactionid:777".into(),
+            relation: None,
+            datname: None,
+            ..lock(pid, granted, mode, (!granted).then_some(40.0))
+        };
+        let mut locks = vec![
+            lock(10, true, RX, None),
+            xid(10, true, "ExclusiveLock"),
+            lock(11, true, RX, None),
+            xid(11, false, "ShareLock"),
+            lock(20, false, SRX, Some(50.0)),
+        ];
+        for pid in 100..100 + writers {
+            let mut writer = session(pid, "active");
+            writer.blocked_by = Some(vec![20]);
+            sessions.push(writer);
+            locks.push(lock(pid, false, RX, Some(60.0)));
+        }
+        Snapshot {
+            taken_at: at(100.0),
+            activity: Vec::new(),
+            sessions,
+            locks,
+        }
+    }
+
     fn policy(rule: Rule) -> Policy {
         Policy::acting(vec![rule])
     }
@@ -567,12 +862,23 @@ mod tests {
         Rule::unblock_migrations(Duration::from_secs_f64(min_wait))
     }
 
+    fn protect_applications(glob: &str) -> Protections {
+        Protections {
+            applications: vec![Glob(glob.into())],
+            ..Protections::default()
+        }
+    }
+
     /// The same scene sampled at `t`.
     fn graph_at(snapshot: &Snapshot, t: f64) -> LockGraph {
         analyze(&Snapshot {
             taken_at: at(t),
             ..snapshot.clone()
         })
+    }
+
+    fn decisions(graph: &LockGraph, policy: &Policy, memory: &Memory, now: f64) -> Vec<Decision> {
+        decide(graph, policy, memory, at(now)).decisions
     }
 
     fn summary(decisions: &[Decision]) -> Vec<(i32, Signal, Option<Outcome>)> {
@@ -592,26 +898,67 @@ mod tests {
     }
 
     #[test]
-    fn cancels_the_hard_blocker_once_the_waiter_waited_long_enough() {
+    fn cancels_the_root_blocker_once_the_waiter_waited_long_enough() {
         let (snapshot, read) = incident("active", 3);
         let graph = analyze(&snapshot);
         let memory = Memory::default();
         assert!(
-            decide(&graph, &policy(rule(60.0)), &memory, at(100.0)).is_empty(),
+            decisions(&graph, &policy(rule(60.0)), &memory, 100.0).is_empty(),
             "waited 50s < 60s"
         );
-        let decisions = decide(&graph, &policy(rule(5.0)), &memory, at(100.0));
-        assert_eq!(summary(&decisions), vec![(10, Signal::Cancel, None)]);
-        assert_eq!(decisions[0].target, Identity::of(&read));
-        assert_eq!(decisions[0].waiter.session.pid, 20);
-        assert_eq!(decisions[0].rule, "unblock-migrations");
+        let decided = decisions(&graph, &policy(rule(5.0)), &memory, 100.0);
+        assert_eq!(summary(&decided), vec![(10, Signal::Cancel, None)]);
+        assert_eq!(decided[0].target, Identity::of(&read));
+        assert_eq!(decided[0].waiter.session.pid, 20);
+        assert_eq!(decided[0].rule, "unblock-migrations");
+        assert_eq!(decided[0].action, Action::CancelBlockers);
+        assert_eq!(decided[0].roots.iter().map(|r| r.pid).collect::<Vec<_>>(), vec![10]);
+        assert_eq!(decided[0].reason, "the waiter has waited 50.0s (min_wait 5s)");
+    }
+
+    #[test]
+    fn default_rule_matches_the_modes_migrations_queue_on_and_relation_waits_only() {
+        let (mut snapshot, _) = incident("active", 0);
+        let mode_of_alter = |snapshot: &mut Snapshot, mode: &str| {
+            snapshot.locks.iter_mut().find(|l| l.pid == 20).unwrap().mode = mode.into();
+        };
+        for (mode, matched) in [
+            (AX, true),
+            ("ExclusiveLock", true),
+            (SRX, true),
+            ("ShareLock", false),
+            ("ShareUpdateExclusiveLock", false),
+        ] {
+            mode_of_alter(&mut snapshot, mode);
+            let decided = decisions(&analyze(&snapshot), &policy(rule(5.0)), &Memory::default(), 100.0);
+            assert_eq!(!decided.is_empty(), matched, "{mode}");
+        }
+        // A SELECT ... FOR UPDATE waiting for a row's tuple lock asks for
+        // AccessExclusiveLock on locktype tuple: not a relation wait.
+        mode_of_alter(&mut snapshot, AX);
+        let row = snapshot.locks.iter_mut().find(|l| l.pid == 20).unwrap();
+        row.locktype = "tuple".into();
+        assert!(decisions(&analyze(&snapshot), &policy(rule(5.0)), &Memory::default(), 100.0).is_empty());
+        let opted_in = Rule {
+            waiter_locktypes: vec!["relation".into(), "tuple".into()],
+            ..rule(5.0)
+        };
+        assert_eq!(
+            summary(&decisions(
+                &analyze(&snapshot),
+                &policy(opted_in),
+                &Memory::default(),
+                100.0
+            )),
+            vec![(10, Signal::Cancel, None)]
+        );
     }
 
     #[test]
     fn rule_filters_modes_relations_databases_applications_and_queue() {
         let (snapshot, _) = incident("active", 3);
         let graph = analyze(&snapshot);
-        let none = |rule: Rule| decide(&graph, &policy(rule), &Memory::default(), at(100.0)).is_empty();
+        let none = |rule: Rule| decisions(&graph, &policy(rule), &Memory::default(), 100.0).is_empty();
         assert!(none(Rule {
             waiter_modes: vec!["ShareLock".into()],
             ..rule(5.0)
@@ -636,7 +983,7 @@ mod tests {
             min_queue: 3,
             ..rule(5.0)
         }));
-        // First match wins: a dry rule before an acting one.
+        // The first matching rule that can signal decides.
         let mut two = policy(Rule {
             name: "first".into(),
             ..rule(5.0)
@@ -645,29 +992,62 @@ mod tests {
             name: "second".into(),
             ..rule(0.0)
         });
-        assert_eq!(decide(&graph, &two, &Memory::default(), at(100.0))[0].rule, "first");
+        assert_eq!(decisions(&graph, &two, &Memory::default(), 100.0)[0].rule, "first");
     }
 
     #[test]
     fn soft_blockers_are_never_cancelled() {
-        // Rule on AccessShareLock waiters: the SELECTs' only blocker is the
-        // ALTER, a soft blocker ahead in the queue. Nothing to cancel.
+        // Rule on AccessShareLock waiters: the SELECTs wait only on the
+        // ALTER, itself waiting; their root is the read.
         let (snapshot, _) = incident("active", 3);
         let graph = analyze(&snapshot);
-        let decisions = decide(
+        let decided = decisions(
             &graph,
             &policy(Rule {
                 waiter_modes: vec!["AccessShareLock".into()],
                 ..rule(0.0)
             }),
             &Memory::default(),
-            at(100.0),
+            100.0,
         );
-        assert!(decisions.is_empty(), "{decisions:?}");
+        assert_eq!(summary(&decided), vec![(10, Signal::Cancel, None)], "{decided:?}");
     }
 
     #[test]
-    fn cancel_waiter_cancels_the_waiter_itself() {
+    fn victims_are_never_signalled_their_roots_are() {
+        // The web UPDATE (11) holds ROW EXCLUSIVE on users, which conflicts
+        // with the migration's request: a hard blocker, but it waits for
+        // the mailer. Only the mailer is cancelled.
+        let graph = analyze(&incident_002(5));
+        let migration = graph.waiter(20).unwrap();
+        assert_eq!(
+            migration.blocked_by.iter().map(|e| e.pid).collect::<Vec<_>>(),
+            vec![10, 11]
+        );
+        assert_eq!(graph.wait_tree(20).roots, vec![10]);
+        let decided = decisions(&graph, &policy(rule(2.0)), &Memory::default(), 100.0);
+        assert_eq!(summary(&decided), vec![(10, Signal::Cancel, None)]);
+        assert_eq!(decided[0].waiter.session.pid, 20);
+        let mailer = &decided[0].roots[0];
+        assert_eq!(
+            mailer.lock_held_against(&migration.lock).map(|l| l.mode.as_str()),
+            Some(RX),
+            "the lock the mailer holds on users"
+        );
+        // A rule on the writers (ROW EXCLUSIVE waiters): their root is the
+        // mailer too, through the migration, which is never signalled.
+        let writers = Rule {
+            waiter_modes: vec![RX.into()],
+            ..rule(0.0)
+        };
+        assert_eq!(
+            summary(&decisions(&graph, &policy(writers), &Memory::default(), 100.0)),
+            vec![(10, Signal::Cancel, None)]
+        );
+    }
+
+    #[test]
+    fn cancel_waiter_cancels_the_waiter_and_names_its_roots() {
         let (snapshot, _) = incident("active", 5);
         let graph = analyze(&snapshot);
         let waiter_rule = Rule {
@@ -675,30 +1055,118 @@ mod tests {
             min_queue: 5,
             ..rule(0.0)
         };
-        let decisions = decide(&graph, &policy(waiter_rule.clone()), &Memory::default(), at(100.0));
-        assert_eq!(summary(&decisions), vec![(20, Signal::Cancel, None)]);
+        let decided = decisions(&graph, &policy(waiter_rule.clone()), &Memory::default(), 100.0);
+        assert_eq!(summary(&decided), vec![(20, Signal::Cancel, None)]);
+        assert_eq!(decided[0].roots.iter().map(|r| r.pid).collect::<Vec<_>>(), vec![10]);
         let (short, _) = incident("active", 4);
-        assert!(decide(&analyze(&short), &policy(waiter_rule), &Memory::default(), at(100.0)).is_empty());
+        assert!(decisions(&analyze(&short), &policy(waiter_rule), &Memory::default(), 100.0).is_empty());
+    }
+
+    #[test]
+    fn protected_root_hands_the_waiter_to_the_next_rule() {
+        // Incident 001: the backup is protected by the policy; the first
+        // rule reports it once and hands the waiter to the second, which
+        // cancels the migration.
+        let (snapshot, _) = incident("active", 3);
+        let mut snapshot = snapshot;
+        snapshot.sessions[0].application_name = Some("pg_dump".into());
+        let graph = analyze(&snapshot);
+        let mut two = Policy::acting(vec![
+            rule(1.0),
+            Rule {
+                name: "migration-lock-timeout".into(),
+                action: Action::CancelWaiter,
+                ..rule(1.0)
+            },
+        ]);
+        two.protect = protect_applications("pg_dump*");
+        let mut memory = Memory::default();
+        let decided = decisions(&graph, &two, &memory, 100.0);
+        assert_eq!(
+            summary(&decided),
+            vec![
+                (10, Signal::Cancel, Some(Outcome::Protected)),
+                (20, Signal::Cancel, None)
+            ]
+        );
+        assert_eq!(
+            decided[0].reason,
+            "application `pg_dump` is protected; the waiter goes to rule `migration-lock-timeout`"
+        );
+        assert_eq!(decided[1].rule, "migration-lock-timeout");
+        assert!(
+            decided[1]
+                .reason
+                .starts_with("rule `unblock-migrations` could signal none of its targets; "),
+            "{}",
+            decided[1].reason
+        );
+        memory.record(&decided[0], Outcome::Protected, at(100.0));
+        memory.record(&decided[1], Outcome::Success, at(100.0));
+        // The migration was cancelled; if it still waits a tick later, the
+        // fallthrough holds without a second report.
+        assert!(decisions(&graph_at(&snapshot, 100.2), &two, &memory, 100.2).is_empty());
+
+        // With no later rule, the report says the waiter stays queued.
+        let mut one = policy(rule(1.0));
+        one.protect = protect_applications("pg_dump*");
+        let decided = decisions(&graph, &one, &Memory::default(), 100.0);
+        assert_eq!(
+            decided[0].reason,
+            "application `pg_dump` is protected; no later rule matches: the waiter stays queued"
+        );
+    }
+
+    #[test]
+    fn a_rule_that_can_signal_one_root_keeps_the_waiter() {
+        // Two roots, one protected: the other is cancelled, the protected
+        // one reported, and the next rule is not consulted.
+        let (mut snapshot, _) = incident("active", 1);
+        let mut other = session(11, "active");
+        other.application_name = Some("report".into());
+        snapshot.sessions.push(other);
+        snapshot.locks.push(lock(11, true, "AccessShareLock", None));
+        snapshot.sessions.iter_mut().find(|s| s.pid == 20).unwrap().blocked_by = Some(vec![10, 11]);
+        let two = Policy::acting(vec![
+            Rule {
+                protect: protect_applications("psql"),
+                ..rule(1.0)
+            },
+            Rule {
+                name: "timeout".into(),
+                action: Action::CancelWaiter,
+                ..rule(1.0)
+            },
+        ]);
+        let decided = decisions(&analyze(&snapshot), &two, &Memory::default(), 100.0);
+        assert_eq!(
+            summary(&decided),
+            vec![
+                (10, Signal::Cancel, Some(Outcome::Protected)),
+                (11, Signal::Cancel, None)
+            ]
+        );
+        assert_eq!(decided[0].reason, "application `psql` is protected");
     }
 
     #[test]
     fn protected_and_non_client_sessions_are_reported_once_never_signalled() {
         let (mut snapshot, _) = incident("active", 1);
         let protect = Rule {
-            protect_users: vec![Glob("analyst".into())],
+            protect: Protections {
+                users: vec![Glob("analyst".into())],
+                ..Protections::default()
+            },
             ..rule(5.0)
         };
         let graph = analyze(&snapshot);
         let mut memory = Memory::default();
-        let decisions = decide(&graph, &policy(protect.clone()), &memory, at(100.0));
-        assert_eq!(
-            summary(&decisions),
-            vec![(10, Signal::Cancel, Some(Outcome::Protected))]
-        );
-        assert!(decisions[0].reason.contains("user `analyst` is protected"));
-        memory.record(&decisions[0], Outcome::Protected, at(100.0));
+        let decided = decisions(&graph, &policy(protect.clone()), &memory, 100.0);
+        assert_eq!(summary(&decided), vec![(10, Signal::Cancel, Some(Outcome::Protected))]);
+        assert!(decided[0].reason.contains("user `analyst` is protected"));
+        memory.record(&decided[0], Outcome::Protected, at(100.0));
         assert!(
-            decide(&graph, &policy(protect), &memory, at(100.5)).is_empty(),
+            decisions(&graph, &policy(protect), &memory, 100.5).is_empty(),
             "reported once"
         );
 
@@ -724,13 +1192,26 @@ mod tests {
                 _ => read.backend_type = Some(value.into()),
             }
             let r = Rule {
-                protect_applications: vec![Glob("pg_dump".into())],
+                protect: protect_applications("pg_dump"),
                 ..rule(5.0)
             };
-            let decisions = decide(&analyze(&snapshot), &policy(r), &Memory::default(), at(100.0));
-            assert_eq!(decisions[0].verdict, Some(Outcome::Protected), "{value}");
-            assert!(decisions[0].reason.contains(reason), "{}", decisions[0].reason);
+            let decided = decisions(&analyze(&snapshot), &policy(r), &Memory::default(), 100.0);
+            assert_eq!(decided[0].verdict, Some(Outcome::Protected), "{value}");
+            assert!(decided[0].reason.contains(reason), "{}", decided[0].reason);
         }
+    }
+
+    #[test]
+    fn policy_protections_apply_to_every_rule() {
+        let (snapshot, _) = incident("active", 1);
+        let mut protected = policy(rule(5.0));
+        protected.protect = Protections {
+            databases: vec![Glob("ap?".into())],
+            ..Protections::default()
+        };
+        let decided = decisions(&analyze(&snapshot), &protected, &Memory::default(), 100.0);
+        assert_eq!(summary(&decided), vec![(10, Signal::Cancel, Some(Outcome::Protected))]);
+        assert!(decided[0].reason.starts_with("database `app` is protected"));
     }
 
     #[test]
@@ -739,30 +1220,42 @@ mod tests {
         snapshot.sessions.retain(|s| s.pid != 10);
         snapshot.locks.retain(|l| l.pid != 10);
         snapshot.sessions.iter_mut().find(|s| s.pid == 20).unwrap().blocked_by = Some(vec![0]);
-        let decisions = decide(&analyze(&snapshot), &policy(rule(5.0)), &Memory::default(), at(100.0));
-        assert_eq!(summary(&decisions), vec![(0, Signal::Cancel, Some(Outcome::Protected))]);
-        assert!(decisions[0].reason.contains("ROLLBACK PREPARED"));
+        let decided = decisions(&analyze(&snapshot), &policy(rule(5.0)), &Memory::default(), 100.0);
+        assert_eq!(summary(&decided), vec![(0, Signal::Cancel, Some(Outcome::Protected))]);
+        assert!(decided[0].reason.contains("ROLLBACK PREPARED"));
     }
 
     #[test]
-    fn idle_in_transaction_blocker_is_terminated_after_the_grace() {
+    fn idle_in_transaction_root_is_terminated_at_min_wait() {
         let (snapshot, _) = incident("idle in transaction", 1);
         let graph = analyze(&snapshot);
-        // Waited 50s: min_wait 30 + terminate_after 30 = 60 not reached.
-        let thirty = |r: Rule| Rule {
-            terminate_after: Some(Duration::from_secs(30)),
-            ..r
-        };
-        assert!(decide(&graph, &policy(thirty(rule(30.0))), &Memory::default(), at(100.0)).is_empty());
-        let decisions = decide(&graph, &policy(thirty(rule(20.0))), &Memory::default(), at(100.0));
-        assert_eq!(summary(&decisions), vec![(10, Signal::Terminate, None)]);
-        assert!(decisions[0].reason.contains("idle in transaction"));
+        assert!(decisions(&graph, &policy(rule(60.0)), &Memory::default(), 100.0).is_empty());
+        let decided = decisions(&graph, &policy(rule(50.0)), &Memory::default(), 100.0);
+        assert_eq!(summary(&decided), vec![(10, Signal::Terminate, None)]);
+        assert_eq!(
+            decided[0].reason,
+            "the waiter has waited 50.0s (min_wait 50s); the blocker is idle in transaction, which cancel cannot end"
+        );
+        let (aborted, _) = incident("idle in transaction (aborted)", 1);
+        assert_eq!(
+            summary(&decisions(
+                &analyze(&aborted),
+                &policy(rule(5.0)),
+                &Memory::default(),
+                100.0
+            )),
+            vec![(10, Signal::Terminate, None)]
+        );
         let never = Rule {
             terminate_after: None,
             ..rule(5.0)
         };
-        let decisions = decide(&graph, &policy(never), &Memory::default(), at(100.0));
-        assert_eq!(decisions[0].verdict, Some(Outcome::Protected));
+        let decided = decisions(&graph, &policy(never), &Memory::default(), 100.0);
+        assert_eq!(
+            summary(&decided),
+            vec![(10, Signal::Terminate, Some(Outcome::Protected))]
+        );
+        assert!(decided[0].reason.contains("forbids terminating"));
     }
 
     #[test]
@@ -770,25 +1263,55 @@ mod tests {
         let (snapshot, _) = incident("active", 1);
         let policy = policy(rule(5.0)); // terminate_after 10s
         let mut memory = Memory::default();
-        let first = decide(&graph_at(&snapshot, 100.0), &policy, &memory, at(100.0));
+        let first = decisions(&graph_at(&snapshot, 100.0), &policy, &memory, 100.0);
         memory.record(&first[0], Outcome::Success, at(100.0));
-        let waiting = decide(&graph_at(&snapshot, 105.0), &policy, &memory, at(105.0));
+        let waiting = decisions(&graph_at(&snapshot, 105.0), &policy, &memory, 105.0);
         assert!(waiting.is_empty(), "cancelled; waiting");
-        let later = decide(&graph_at(&snapshot, 110.0), &policy, &memory, at(110.0));
+        // A cancelled statement in a transaction block leaves it idle in
+        // transaction (aborted), still holding its locks: the same
+        // identity, escalated after terminate_after like an active one.
+        let (aborted, _) = incident("idle in transaction (aborted)", 1);
+        assert!(decisions(&graph_at(&aborted, 106.0), &policy, &memory, 106.0).is_empty());
+        let later = decisions(&graph_at(&snapshot, 110.0), &policy, &memory, 110.0);
         assert_eq!(summary(&later), vec![(10, Signal::Terminate, None)]);
-        assert!(
-            later[0].reason.contains("still blocks 10.0s after its cancel"),
-            "{}",
-            later[0].reason
-        );
+        assert_eq!(later[0].reason, "the blocker still blocks 10.0s after its cancel");
         memory.record(&later[0], Outcome::Success, at(110.0));
-        assert!(decide(&graph_at(&snapshot, 111.0), &policy, &memory, at(111.0)).is_empty());
+        assert!(decisions(&graph_at(&snapshot, 111.0), &policy, &memory, 111.0).is_empty());
 
         // The same pid in a new transaction is another identity: cancel again.
         let (mut moved, _) = incident("active", 1);
         moved.sessions.iter_mut().find(|s| s.pid == 10).unwrap().xact_start = Some(at(99.0));
-        let decisions = decide(&graph_at(&moved, 111.0), &policy, &memory, at(111.0));
-        assert_eq!(summary(&decisions), vec![(10, Signal::Cancel, None)]);
+        let decided = decisions(&graph_at(&moved, 111.0), &policy, &memory, 111.0);
+        assert_eq!(summary(&decided), vec![(10, Signal::Cancel, None)]);
+    }
+
+    #[test]
+    fn a_cancel_that_cannot_be_followed_by_terminate_hands_the_waiter_on() {
+        let (snapshot, _) = incident("active", 1);
+        let two = Policy::acting(vec![
+            Rule {
+                terminate_after: None,
+                ..rule(5.0)
+            },
+            Rule {
+                name: "timeout".into(),
+                action: Action::CancelWaiter,
+                ..rule(5.0)
+            },
+        ]);
+        let mut memory = Memory::default();
+        let first = decisions(&graph_at(&snapshot, 100.0), &two, &memory, 100.0);
+        assert_eq!(summary(&first), vec![(10, Signal::Cancel, None)]);
+        memory.record(&first[0], Outcome::Success, at(100.0));
+        assert!(decisions(&graph_at(&snapshot, 100.5), &two, &memory, 100.5).is_empty());
+        let later = decisions(&graph_at(&snapshot, 101.0), &two, &memory, 101.0);
+        assert_eq!(
+            summary(&later),
+            vec![
+                (10, Signal::Terminate, Some(Outcome::Protected)),
+                (20, Signal::Cancel, None)
+            ]
+        );
     }
 
     #[test]
@@ -804,55 +1327,136 @@ mod tests {
                 backend_start: None,
                 xact_start: None,
             },
-            ..decide(&graph, &limited, &memory, at(100.0)).remove(0)
+            ..decisions(&graph, &limited, &memory, 100.0).remove(0)
         };
         memory.record(&other, Outcome::Success, at(90.0));
-        let decisions = decide(&graph, &limited, &memory, at(100.0));
+        let decided = decisions(&graph, &limited, &memory, 100.0);
         assert_eq!(
-            summary(&decisions),
+            summary(&decided),
             vec![(10, Signal::Cancel, Some(Outcome::RateLimited))]
         );
-        memory.record(&decisions[0], Outcome::RateLimited, at(100.0));
+        memory.record(&decided[0], Outcome::RateLimited, at(100.0));
         let later = graph_at(&snapshot, 101.0);
-        assert!(decide(&later, &limited, &memory, at(101.0)).is_empty(), "reported once");
+        assert!(decisions(&later, &limited, &memory, 101.0).is_empty(), "reported once");
         // A minute after the earlier action, the budget is back.
-        let decisions = decide(&graph_at(&snapshot, 151.0), &limited, &memory, at(151.0));
-        assert_eq!(summary(&decisions), vec![(10, Signal::Cancel, None)]);
+        let decided = decisions(&graph_at(&snapshot, 151.0), &limited, &memory, 151.0);
+        assert_eq!(summary(&decided), vec![(10, Signal::Cancel, None)]);
 
         let mut dry = policy(rule(5.0));
         dry.dry_run = true;
-        let decisions = decide(&graph, &dry, &Memory::default(), at(100.0));
-        assert_eq!(summary(&decisions), vec![(10, Signal::Cancel, Some(Outcome::DryRun))]);
+        let mut memory = Memory::default();
+        let decided = decisions(&graph, &dry, &memory, 100.0);
+        assert_eq!(summary(&decided), vec![(10, Signal::Cancel, Some(Outcome::DryRun))]);
+        // In dry run nothing follows the cancel that was not sent: no
+        // escalation is reported, however long the blocker stays.
+        memory.record(&decided[0], Outcome::DryRun, at(100.0));
+        assert!(decisions(&graph_at(&snapshot, 130.0), &dry, &memory, 130.0).is_empty());
     }
 
     #[test]
     fn stale_snapshot_or_disabled_policy_decides_nothing() {
         let (snapshot, _) = incident("active", 1);
         let graph = analyze(&snapshot);
-        assert!(decide(&graph, &policy(rule(5.0)), &Memory::default(), at(101.5)).is_empty());
+        assert!(decisions(&graph, &policy(rule(5.0)), &Memory::default(), 101.5).is_empty());
         let mut off = policy(rule(5.0));
         off.enabled = false;
-        assert!(decide(&graph, &off, &Memory::default(), at(100.0)).is_empty());
+        assert!(decisions(&graph, &off, &Memory::default(), 100.0).is_empty());
     }
 
     #[test]
-    fn permission_denied_is_not_retried() {
+    fn permission_denied_is_not_retried_and_hands_the_waiter_on() {
         let (snapshot, _) = incident("active", 1);
         let graph = analyze(&snapshot);
         let mut memory = Memory::default();
-        let decisions = decide(&graph, &policy(rule(5.0)), &memory, at(100.0));
-        memory.record(&decisions[0], Outcome::PermissionDenied, at(100.0));
-        assert!(decide(&graph, &policy(rule(5.0)), &memory, at(120.0)).is_empty());
+        let decided = decisions(&graph, &policy(rule(5.0)), &memory, 100.0);
+        memory.record(&decided[0], Outcome::PermissionDenied, at(100.0));
+        let later = graph_at(&snapshot, 120.0);
+        assert!(decisions(&later, &policy(rule(5.0)), &memory, 120.0).is_empty());
+        let two = Policy::acting(vec![
+            rule(5.0),
+            Rule {
+                name: "timeout".into(),
+                action: Action::CancelWaiter,
+                ..rule(5.0)
+            },
+        ]);
+        assert_eq!(
+            summary(&decisions(&later, &two, &memory, 120.0)),
+            vec![(20, Signal::Cancel, None)]
+        );
     }
 
     #[test]
-    fn one_blocker_of_several_waiters_is_signalled_once_per_tick() {
+    fn one_root_of_several_waiters_is_signalled_once_per_tick() {
         let (mut snapshot, _) = incident("active", 0);
         let mut second = session(21, "active");
         second.blocked_by = Some(vec![10, 20]);
         snapshot.sessions.push(second);
-        snapshot.locks.push(lock(21, false, "AccessExclusiveLock", Some(55.0)));
-        let decisions = decide(&analyze(&snapshot), &policy(rule(5.0)), &Memory::default(), at(100.0));
-        assert_eq!(summary(&decisions), vec![(10, Signal::Cancel, None)]);
+        snapshot.locks.push(lock(21, false, AX, Some(55.0)));
+        let decided = decisions(&analyze(&snapshot), &policy(rule(5.0)), &Memory::default(), 100.0);
+        assert_eq!(summary(&decided), vec![(10, Signal::Cancel, None)]);
+    }
+
+    #[test]
+    fn a_deadlock_is_reported_once_and_left_to_the_server() {
+        let (mut snapshot, _) = incident("active", 0);
+        // 10 now waits for a lock 20 holds: a cycle with no root.
+        snapshot.sessions[0].blocked_by = Some(vec![20]);
+        snapshot.locks.push(LockRow {
+            tag: "relation:1:3".into(),
+            relation: Some("public.customers".into()),
+            ..lock(10, false, AX, Some(70.0))
+        });
+        snapshot.locks.push(LockRow {
+            tag: "relation:1:3".into(),
+            relation: Some("public.customers".into()),
+            ..lock(20, true, "RowShareLock", None)
+        });
+        let graph = analyze(&snapshot);
+        assert!(graph.wait_tree(20).deadlock);
+        let mut memory = Memory::default();
+        let plan = decide(&graph, &policy(rule(5.0)), &memory, at(100.0));
+        assert!(plan.decisions.is_empty());
+        let waiters: Vec<i32> = plan.deadlocks.iter().map(|d| d.waiter.session.pid).collect();
+        assert_eq!(waiters, vec![20, 10]);
+        for deadlock in &plan.deadlocks {
+            memory.record_deadlock(deadlock);
+        }
+        assert_eq!(decide(&graph, &policy(rule(5.0)), &memory, at(100.0)), Plan::default());
+    }
+
+    #[test]
+    fn a_waiting_session_not_yet_seen_as_a_waiter_is_no_root() {
+        // 10 began to wait between the reads: its session shows a lock wait,
+        // but its blockers are not known. Nothing is signalled this tick.
+        let (mut snapshot, _) = incident("active", 0);
+        snapshot.sessions[0].wait_event_type = Some("Lock".into());
+        let graph = analyze(&snapshot);
+        let tree = graph.wait_tree(20);
+        assert_eq!(tree, crate::analysis::WaitTree::default());
+        assert_eq!(
+            decide(&graph, &policy(rule(5.0)), &Memory::default(), at(100.0)),
+            Plan::default()
+        );
+    }
+
+    #[test]
+    fn rules_describe_themselves_in_one_line() {
+        let mut described = Rule {
+            protect: protect_applications("pg_dump*"),
+            min_queue: 3,
+            ..rule(2.0)
+        };
+        assert_eq!(
+            described.describe(),
+            "rule `unblock-migrations`: cancel_blockers when a relation wait for \
+             ShareRowExclusiveLock/ExclusiveLock/AccessExclusiveLock on * in database * from application * \
+             has waited 2s with 3 or more behind it; terminate after 10s; protects applications pg_dump*"
+        );
+        described.terminate_after = None;
+        described.protect = Protections::default();
+        assert!(described.describe().ends_with("; never terminate; protects none"));
+        assert_eq!(Policy::default().mode(), "off");
+        assert_eq!(Policy::acting(Vec::new()).mode(), "live");
     }
 }

@@ -14,7 +14,7 @@ use crate::analysis::{analyze, ended_waits, LockGraph};
 use crate::audit;
 use crate::config::{Config, LogConfig, SamplerConfig, Target};
 use crate::connect::{ConnectError, SessionSettings};
-use crate::enforcer::Enforcer;
+use crate::enforcer::{Enforcer, Sent};
 use crate::http::{HttpError, TlsReloader};
 use crate::policy::{decide, Memory, Policy};
 use crate::sampler::{SampleError, Sampler};
@@ -151,6 +151,9 @@ impl Service {
             targets = config.targets.len(),
             "lockjam is serving /metrics, /healthz, /readyz and /api/v1/snapshot"
         );
+        for note in &config.notes {
+            tracing::info!("{note}");
+        }
         Ok(Service {
             addr,
             listen: config.server.listen,
@@ -281,6 +284,7 @@ async fn watch_target(
         .expect("a target's state is declared before its task starts");
     let mut previous: Option<Arc<LockGraph>> = None;
     let mut failures = 0u32;
+    let mut announced = false;
     loop {
         let started = Instant::now();
         let outcome = tokio::select! {
@@ -311,8 +315,15 @@ async fn watch_target(
                     sampler.warnings(),
                     started.into_std(),
                 );
-                if let Some((enforcer, policy)) = policy.as_mut() {
-                    enforce(name, policy, enforcer, &mut memory, &graph, started, &shared).await;
+                let leader = match policy.as_mut() {
+                    Some((enforcer, policy)) => {
+                        Some(enforce(name, policy, enforcer, &mut memory, &graph, started, &shared).await)
+                    }
+                    None => None,
+                };
+                if !announced {
+                    announce_policy(name, policy.as_ref().map_or(&Policy::default(), |(_, p)| p), leader);
+                    announced = true;
                 }
                 if failures > 0 || previous.is_none() {
                     tracing::info!(
@@ -355,6 +366,7 @@ async fn watch_target(
 
 /// Runs the policy on a fresh graph: only the leader decides and signals,
 /// and every decision becomes a counter increment and an audit event.
+/// Returns whether this instance leads.
 async fn enforce(
     name: &str,
     policy: &Policy,
@@ -363,26 +375,70 @@ async fn enforce(
     graph: &LockGraph,
     sampled: Instant,
     shared: &SharedState,
-) {
+) -> bool {
     let leader = enforcer.lead().await;
     shared.metrics.set_policy_leader(name, leader);
     if !leader {
-        return;
+        return false;
     }
-    for decision in decide(graph, policy, memory, graph.taken_at + sampled.elapsed()) {
-        let (outcome, detail) = match decision.verdict {
-            Some(verdict) => (verdict, None),
+    // Times in events and the memory are on the server's clock.
+    let server_now = || graph.taken_at + sampled.elapsed();
+    let plan = decide(graph, policy, memory, server_now());
+    for deadlock in &plan.deadlocks {
+        let waiter = &deadlock.waiter;
+        tracing::warn!(
+            target = name,
+            rule = %deadlock.rule,
+            waiter_pid = waiter.session.pid,
+            "waiter pid {} ({} on {}, waiting {:.1}s) is in a deadlock cycle with no root blocker to signal; \
+             PostgreSQL's deadlock detector ends it after deadlock_timeout",
+            waiter.session.pid,
+            waiter.lock.mode,
+            waiter.lock.relation_label(),
+            waiter.wait.as_secs_f64()
+        );
+        memory.record_deadlock(deadlock);
+    }
+    for decision in plan.decisions {
+        let sent = match decision.verdict {
+            Some(verdict) => Sent {
+                outcome: verdict,
+                detail: None,
+                at: None,
+            },
             None => enforcer.signal(&decision).await,
         };
-        // Ages in the event and the memory are on the server's clock.
-        let now = graph.taken_at + sampled.elapsed();
-        memory.record(&decision, outcome, now);
+        let now = sent.at.unwrap_or_else(server_now);
+        memory.record(&decision, sent.outcome, now);
         shared
             .metrics
-            .record_policy_action(name, &decision.rule, decision.signal.as_str(), outcome.as_str());
-        let event = audit::event(name, &decision, outcome, detail, now);
+            .record_policy_action(name, &decision.rule, decision.signal.as_str(), sent.outcome.as_str());
+        let event = audit::event(name, &decision, sent.outcome, sent.detail, now);
         audit::log(&event);
         shared.events.push(event);
+    }
+    true
+}
+
+/// The start-up INFO lines of a target's policy: its mode, whether this
+/// instance leads, and each rule in one line.
+fn announce_policy(name: &str, policy: &Policy, leader: Option<bool>) {
+    let leads = match leader {
+        None => "",
+        Some(true) => ", this instance leads (holds the advisory lock) and acts",
+        Some(false) => ", another instance leads: this one watches and takes over if it goes",
+    };
+    tracing::info!(
+        target = name,
+        "policy {}{leads}; {} rule(s); protected from every rule: {}",
+        policy.mode(),
+        policy.rules.len(),
+        policy.protect.describe()
+    );
+    if policy.enabled {
+        for (index, rule) in policy.rules.iter().enumerate() {
+            tracing::info!(target = name, "policy {}. {}", index + 1, rule.describe());
+        }
     }
 }
 

@@ -79,6 +79,7 @@ pub fn lockjam_config(dsn: &str, policy: Policy) -> Config {
             level: "warn".into(),
         },
         policy,
+        notes: Vec::new(),
     }
 }
 

@@ -115,9 +115,9 @@ impl Enforcer {
 
     /// Sends the decision's signal, if everything it assumed still holds,
     /// and says what became of it (with the server's words for errors).
-    pub async fn signal(&mut self, decision: &Decision) -> (Outcome, Option<String>) {
+    pub async fn signal(&mut self, decision: &Decision) -> Sent {
         let Some(session) = self.session.as_ref().filter(|s| s.leader) else {
-            return (Outcome::Error, Some("not the leader".into()));
+            return Sent::failed(Outcome::Error, "not the leader".into());
         };
         let terminate_wait = session.terminate_wait;
         let target = &decision.target;
@@ -145,7 +145,8 @@ impl Enforcer {
                 let found: bool = row.get("target_found");
                 let blocking: bool = row.get("still_blocking");
                 let signalled: Option<bool> = row.get("signalled");
-                match (leader, found, blocking, signalled) {
+                let at: SystemTime = row.get("at");
+                let (outcome, detail) = match (leader, found, blocking, signalled) {
                     (false, ..) => {
                         self.session = None;
                         (Outcome::Error, Some("the leader lock was lost; nothing signalled".into()))
@@ -165,21 +166,47 @@ impl Enforcer {
                     // Otherwise false means the process was gone by the
                     // time the signal was sent.
                     _ => (Outcome::Gone, Some("the server could not signal the process".into())),
+                };
+                Sent {
+                    outcome,
+                    detail,
+                    at: Some(at),
                 }
             }
-            Err(e) if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) => (
+            Err(e) if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) => Sent::failed(
                 Outcome::PermissionDenied,
-                Some(format!(
+                format!(
                     "{}; grant pg_signal_backend to lockjam's role (superusers' sessions can only be signalled by a superuser)",
                     e.as_db_error().map_or(error_chain(&e), |d| d.message().to_string())
-                )),
+                ),
             ),
             Err(e) => {
                 if session.client.is_closed() {
                     self.session = None;
                 }
-                (Outcome::Error, Some(error_chain(&e)))
+                Sent::failed(Outcome::Error, error_chain(&e))
             }
+        }
+    }
+}
+
+/// What became of a signal.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sent {
+    pub outcome: Outcome,
+    /// The server's words, or lockjam's, for outcomes that need them.
+    pub detail: Option<String>,
+    /// When the signalling statement ran, by the server's clock; `None`
+    /// when it did not run.
+    pub at: Option<SystemTime>,
+}
+
+impl Sent {
+    fn failed(outcome: Outcome, detail: String) -> Sent {
+        Sent {
+            outcome,
+            detail: Some(detail),
+            at: None,
         }
     }
 }

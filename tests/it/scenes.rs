@@ -102,7 +102,7 @@ pub async fn staged(migration_sql: &str) -> Staged {
     };
     // The read is idle in transaction: the policy terminates it; the races
     // are the same for a cancel, which leaves the session to look at.
-    let mut decisions = decide(&graph, &Policy::acting(vec![rule]), &Memory::default(), graph.taken_at);
+    let mut decisions = decide(&graph, &Policy::acting(vec![rule]), &Memory::default(), graph.taken_at).decisions;
     assert_eq!(decisions.len(), 1, "{decisions:?}");
     let mut decision = decisions.remove(0);
     decision.signal = Signal::Cancel;

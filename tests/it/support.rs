@@ -52,6 +52,7 @@ pub fn config_with(targets: Vec<(&str, String)>, policy: Policy) -> Config {
             level: "warn".into(),
         },
         policy,
+        notes: Vec::new(),
     }
 }
 
@@ -197,6 +198,27 @@ impl TestEnv {
             pid,
             tokio::spawn(async move { client.simple_query(&sql).await.map(|_| ()) }),
         )
+    }
+
+    /// Runs `statements` in one transaction on a new session, as an
+    /// application with psycopg 3's `with conn.transaction():` does
+    /// (checked against psycopg 3.3.9): BEGIN, each statement, COMMIT; on
+    /// an error, ROLLBACK at once, and the error is the result.
+    pub async fn spawn_transaction(&self, application_name: &str, statements: &[&str]) -> (i32, Statement) {
+        let client = self.session(application_name).await;
+        let pid = backend_pid(&client).await;
+        let statements: Vec<String> = statements.iter().map(|s| s.to_string()).collect();
+        let run = tokio::spawn(async move {
+            client.batch_execute("BEGIN").await?;
+            for statement in &statements {
+                if let Err(error) = client.batch_execute(statement).await {
+                    let _ = client.batch_execute("ROLLBACK").await;
+                    return Err(error);
+                }
+            }
+            client.batch_execute("COMMIT").await
+        });
+        (pid, run)
     }
 
     /// Waits until `pid` holds a granted lock on `relation` (in `mode`, if given).

@@ -105,7 +105,8 @@ async fn terminate_waits_for_the_backend_to_exit_from_14() {
         assert!(status.success(), "kill {name}");
     };
     signal("-STOP");
-    let (outcome, detail) = s.enforcer.signal(&terminate).await;
+    let sent = s.enforcer.signal(&terminate).await;
+    let (outcome, detail) = (sent.outcome, sent.detail);
     signal("-CONT");
     if server_version >= 140_000 {
         assert_eq!(outcome, Outcome::Error, "PostgreSQL {server_version}");
