@@ -48,10 +48,13 @@ WITH RECURSIVE target AS (
 SELECT EXISTS (SELECT 1 FROM leader) AS leader,
        EXISTS (SELECT 1 FROM target) AS target_found,
        EXISTS (SELECT 1 FROM blocking) AS still_blocking,
+       -- The instant of the checks and the signal: read before the signal,
+       -- since a terminate with a wait returns up to 100 ms after the
+       -- backend exits.
+       pg_catalog.clock_timestamp() AS at,
        CASE WHEN EXISTS (SELECT 1 FROM leader) AND EXISTS (SELECT 1 FROM target) AND EXISTS (SELECT 1 FROM blocking)
             THEN CASE $6::pg_catalog.text
                      WHEN 'terminate' THEN {terminate}
                      ELSE pg_catalog.pg_cancel_backend($1)
                  END
-       END AS signalled,
-       pg_catalog.clock_timestamp() AS at
+       END AS signalled

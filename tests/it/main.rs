@@ -6,6 +6,7 @@ mod incidents;
 mod monitoring;
 mod policy;
 mod robustness;
+mod safety;
 mod scale;
 mod scenes;
 mod service;
