@@ -18,6 +18,7 @@ fn assert_drained(scrape: &crate::support::Scrape) {
         "lockjam_lock_queue_depth",
         "lockjam_lock_queue_head_wait_seconds",
         "lockjam_lock_waiters",
+        "lockjam_relation_lock_waiters",
     ] {
         assert!(
             scrape.matching(name, &[APP]).is_empty(),
@@ -410,5 +411,67 @@ async fn incident_003_rename_constraint_until_lock_timeout() {
         .await
         .unwrap();
     assert!(within("the report", report).await.unwrap().is_err());
+    env.stop().await;
+}
+
+/// A release's migration altered `orders` (it holds ACCESS EXCLUSIVE there)
+/// and now waits to drop `legacy`, which a backup reads. 17 queries on
+/// `orders` wait behind the migration's lock; 3 on `legacy` queue behind
+/// its request. The one queue is on `legacy`, with all 20 behind its head;
+/// `lockjam_relation_lock_waiters` says where the queries are stuck.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn queries_stuck_on_a_table_the_queue_head_altered() {
+    let env = TestEnv::start().await;
+    env.admin
+        .batch_execute(
+            "CREATE TABLE orders (id bigint PRIMARY KEY, total numeric);
+             CREATE TABLE legacy (id bigint PRIMARY KEY);",
+        )
+        .await
+        .unwrap();
+    let (backup_pid, _backup) = env
+        .spawn_statement("pg_dump", "SELECT pg_sleep(600), count(*) FROM legacy")
+        .await;
+    env.wait_until_holding(backup_pid, "legacy", None).await;
+    let (migration_pid, _migration) = env
+        .spawn_transaction(
+            "release",
+            &["ALTER TABLE orders ADD COLUMN note text", "DROP TABLE legacy"],
+        )
+        .await;
+    env.wait_until_waiting(migration_pid).await;
+    let mut queries = JoinSet::new();
+    for _ in 0..17 {
+        queries.spawn(env.spawn_statement("web", "SELECT count(*) FROM orders").await.1);
+    }
+    for _ in 0..3 {
+        queries.spawn(env.spawn_statement("web", "SELECT count(*) FROM legacy").await.1);
+    }
+    env.wait_until_waiting_count("web", 20).await;
+    let metrics = env
+        .wait_for_metrics("the queries stuck on both tables", |m| {
+            m.value("lockjam_relation_lock_waiters", &[APP, ("relation", "public.orders")]) == Some(17.0)
+                && m.value("lockjam_relation_lock_waiters", &[APP, ("relation", "public.legacy")]) == Some(4.0)
+        })
+        .await;
+    let queues: Vec<(String, f64)> = metrics
+        .matching("lockjam_lock_queue_depth", &[APP])
+        .iter()
+        .map(|(_, labels, depth)| (labels["relation"].clone(), *depth))
+        .collect();
+    assert_eq!(queues, vec![("public.legacy".to_string(), 20.0)]);
+    env.admin
+        .query_one("SELECT pg_terminate_backend($1)", &[&backup_pid])
+        .await
+        .unwrap();
+    // The queries on orders run once the migration commits; those on
+    // legacy fail, as legacy is gone by then.
+    let mut succeeded = 0;
+    while let Some(query) = within("the queries", queries.join_next()).await {
+        if query.unwrap().unwrap().is_ok() {
+            succeeded += 1;
+        }
+    }
+    assert_eq!(succeeded, 17);
     env.stop().await;
 }
