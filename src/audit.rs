@@ -194,13 +194,34 @@ pub fn event(
     }
 }
 
+/// Whether a character could break a log line or disguise it: control
+/// characters, line and paragraph separators, and bidirectional overrides.
+fn unsafe_in_a_line(c: char) -> bool {
+    c.is_control() || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
+}
+
+/// Text from the database (names, states) for a log line: what could break
+/// the line or disguise it is escaped, so that a table or role named with a
+/// newline cannot forge a second line.
+pub fn one_line(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if unsafe_in_a_line(c) {
+                c.escape_unicode().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
 /// A query for the log line: on one line, cut.
 fn short_query(query: Option<&str>) -> String {
     let query = query.unwrap_or("").trim();
     let mut short: String = query
         .chars()
         .take(LOG_QUERY_CHARS)
-        .map(|c| if c.is_control() { ' ' } else { c })
+        .map(|c| if unsafe_in_a_line(c) { ' ' } else { c })
         .collect();
     if query.chars().count() > LOG_QUERY_CHARS {
         short.push('…');
@@ -295,7 +316,7 @@ pub fn log(event: &AuditEvent) {
         pid = event.signalled_pid,
         waiter_pid = event.waiter.session.pid,
         "{}",
-        event.summary()
+        one_line(&event.summary())
     );
 }
 
@@ -520,5 +541,18 @@ mod tests {
             waiter.summary()
         );
         assert!(waiter.summary().contains(", behind root pid 4240 (analyst/psql"));
+    }
+
+    #[test]
+    fn hostile_names_cannot_forge_a_log_line() {
+        let mut decision = decision(4240, Action::CancelBlockers);
+        decision.roots[0].session.as_mut().unwrap().usename = Some("evil\n2026-01-01 WARN forged".into());
+        decision.waiter.lock.relation = Some("public.\"a\u{202E}b\"".into());
+        decision.waiter.session.query = Some("SELECT 1;\r\nSELECT 2".into());
+        let line = one_line(&event("main", &decision, Outcome::Success, None, at(100.0)).summary());
+        assert!(!line.chars().any(|c| c.is_control() || c == '\u{202E}'), "{line}");
+        assert!(line.contains("evil\\u{a}2026-01-01 WARN forged"), "{line}");
+        assert!(line.contains("public.\"a\\u{202e}b\""), "{line}");
+        assert!(line.contains("\"SELECT 1;  SELECT 2\""), "{line}");
     }
 }

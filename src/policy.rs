@@ -128,19 +128,41 @@ impl Outcome {
 pub struct Glob(pub String);
 
 impl Glob {
+    /// Matches in time proportional to pattern × text: on a mismatch after
+    /// a `*`, the `*` takes one more character and matching resumes there,
+    /// so patterns with many stars cannot be made to backtrack
+    /// exponentially by a session's name.
     pub fn matches(&self, text: &str) -> bool {
-        fn matches(pattern: &[char], text: &[char]) -> bool {
-            match (pattern.first(), text.first()) {
-                (None, None) => true,
-                (Some('*'), _) => matches(&pattern[1..], text) || (!text.is_empty() && matches(pattern, &text[1..])),
-                (Some('?'), Some(_)) => matches(&pattern[1..], &text[1..]),
-                (Some(p), Some(t)) if p == t => matches(&pattern[1..], &text[1..]),
-                _ => false,
-            }
-        }
         let pattern: Vec<char> = self.0.chars().collect();
         let text: Vec<char> = text.chars().collect();
-        matches(&pattern, &text)
+        let (mut p, mut t) = (0, 0);
+        // The last `*` seen, and the text position it currently reaches to.
+        let mut star: Option<(usize, usize)> = None;
+        while t < text.len() {
+            match pattern.get(p) {
+                Some('*') => {
+                    star = Some((p, t));
+                    p += 1;
+                }
+                Some('?') => {
+                    p += 1;
+                    t += 1;
+                }
+                Some(c) if *c == text[t] => {
+                    p += 1;
+                    t += 1;
+                }
+                _ => match star {
+                    Some((star_p, star_t)) => {
+                        star = Some((star_p, star_t + 1));
+                        p = star_p + 1;
+                        t = star_t + 1;
+                    }
+                    None => return false,
+                },
+            }
+        }
+        pattern[p..].iter().all(|c| *c == '*')
     }
 }
 
@@ -895,6 +917,41 @@ mod tests {
         assert!(glob("pg_dump*").matches("pg_dump"));
         assert!(!glob("pg_dump").matches("pg_dumpall"));
         assert!(glob("").matches(""));
+        assert!(!glob("").matches("x"));
+        assert!(glob("*").matches(""));
+        assert!(glob("a*b*c").matches("aXbYc"));
+        assert!(!glob("a*b*c").matches("aXbYcZ"));
+        assert!(glob("a*b*c*").matches("aXbYcZ"));
+        assert!(!glob("?").matches(""));
+        assert!(glob("*?").matches("x"));
+        assert!(glob("*ab").matches("aab"));
+        // Exponential for a backtracking matcher; immediate here.
+        let many = glob("*a*a*a*a*a*a*a*a*a*a*b");
+        assert!(!many.matches(&"a".repeat(63)));
+        assert!(many.matches(&format!("{}b", "a".repeat(62))));
+    }
+
+    proptest::proptest! {
+        /// The linear matcher agrees with the textbook recursive one.
+        #[test]
+        fn globs_match_as_the_recursive_definition_says(pattern in "[ab*?]{0,6}", text in "[ab]{0,8}") {
+            fn reference(pattern: &[char], text: &[char]) -> bool {
+                match (pattern.first(), text.first()) {
+                    (None, None) => true,
+                    (Some('*'), _) => {
+                        reference(&pattern[1..], text) || (!text.is_empty() && reference(pattern, &text[1..]))
+                    }
+                    (Some('?'), Some(_)) => reference(&pattern[1..], &text[1..]),
+                    (Some(p), Some(t)) if p == t => reference(&pattern[1..], &text[1..]),
+                    _ => false,
+                }
+            }
+            let chars = |s: &str| s.chars().collect::<Vec<_>>();
+            proptest::prop_assert_eq!(
+                Glob(pattern.clone()).matches(&text),
+                reference(&chars(&pattern), &chars(&text))
+            );
+        }
     }
 
     #[test]

@@ -394,7 +394,7 @@ async fn enforce(
              PostgreSQL's deadlock detector ends it after deadlock_timeout",
             waiter.session.pid,
             waiter.lock.mode,
-            waiter.lock.relation_label(),
+            audit::one_line(&waiter.lock.relation_label()),
             waiter.wait.as_secs_f64()
         );
         memory.record_deadlock(deadlock);
