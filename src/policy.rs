@@ -652,6 +652,17 @@ pub fn decide(graph: &LockGraph, policy: &Policy, memory: &Memory, now: SystemTi
             continue;
         }
         let tree = graph.wait_tree(waiter.session.pid);
+        if tree.deadlock {
+            // No root to signal: PostgreSQL's deadlock detector breaks the
+            // cycle after deadlock_timeout; no rule acts on it.
+            if !memory.deadlocks.contains(&waiter_key(waiter)) {
+                plan.deadlocks.push(Deadlock {
+                    rule: rules[0].name.clone(),
+                    waiter: waiter.clone(),
+                });
+            }
+            continue;
+        }
         let roots: Vec<Blocker> = tree
             .roots
             .iter()
@@ -669,14 +680,8 @@ pub fn decide(graph: &LockGraph, policy: &Policy, memory: &Memory, now: SystemTi
                 Action::CancelWaiter => vec![(waiter.session.pid, Some(&waiter.session))],
             };
             if targets.is_empty() {
-                // No root: a deadlock, left to the server, or a tree in
-                // motion that the next sample shows settled.
-                if tree.deadlock && !memory.deadlocks.contains(&waiter_key(waiter)) {
-                    plan.deadlocks.push(Deadlock {
-                        rule: rule.name.clone(),
-                        waiter: waiter.clone(),
-                    });
-                }
+                // No root yet: a tree in motion (a blocker began to wait
+                // between the reads), which the next sample shows settled.
                 break;
             }
             let assessed: Vec<(i32, Option<&Session>, Assessment)> = targets
@@ -1480,6 +1485,13 @@ mod tests {
             memory.record_deadlock(deadlock);
         }
         assert_eq!(decide(&graph, &policy(rule(5.0)), &memory, at(100.0)), Plan::default());
+        let timeout = policy(Rule {
+            action: Action::CancelWaiter,
+            ..rule(5.0)
+        });
+        let plan = decide(&graph, &timeout, &Memory::default(), at(100.0));
+        assert!(plan.decisions.is_empty(), "not even cancel_waiter: {plan:?}");
+        assert_eq!(plan.deadlocks.len(), 2);
     }
 
     #[test]
