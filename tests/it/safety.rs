@@ -264,8 +264,9 @@ impl Stage<'_> {
         }
     }
 
-    fn holder(&mut self, table: &str, start: Duration, waiter_after: Duration) {
-        let (application, user) = self.holder_identity();
+    /// A holder of a lock on `table` drawn at random: a read, a table lock
+    /// in a weak mode, a row update, a row lock, or an advisory lock.
+    fn holder(&mut self, table: &str, waiter_after: Duration) {
         let k = 1 + self.rng.below(10);
         let key = self.advisory_key();
         let acquire = match self.rng.below(6) {
@@ -287,13 +288,33 @@ impl Stage<'_> {
             ),
             _ => format!("SELECT pg_advisory_xact_lock({key}), count(*) FROM {table}"),
         };
+        self.holder_running(acquire, waiter_after);
+    }
+
+    /// A holder whose first statement is `acquire`, keeping its locks as
+    /// [`Stage::hold`] draws.
+    fn holder_running(&mut self, acquire: String, waiter_after: Duration) {
+        let (application, user) = self.holder_identity();
         let hold = self.hold(waiter_after);
         let keep = self.keep(hold);
         self.actors.push(Actor {
             application,
             user,
-            start,
+            start: Duration::ZERO,
             steps: vec![Step::Sql(acquire), keep],
+        });
+    }
+
+    /// A session that runs `statements` in one transaction from `start`,
+    /// then lingers 50 ms before it commits.
+    fn session(&mut self, application: &'static str, start: Duration, statements: &[String]) {
+        let mut steps: Vec<Step> = statements.iter().map(|s| Step::Sql(s.clone())).collect();
+        steps.push(Step::Sleep(Duration::from_millis(50)));
+        self.actors.push(Actor {
+            application,
+            user: "postgres",
+            start,
+            steps,
         });
     }
 
@@ -356,7 +377,7 @@ impl Stage<'_> {
         let followers = self.rng.below(5);
         match self.rng.below(7) {
             0 => {
-                self.holder(&a, ms(0), ms(200));
+                self.holder(&a, ms(200));
                 self.migration(&a, ms(200));
                 if self.rng.chance(0.3) {
                     self.migration(&a, ms(300));
@@ -367,24 +388,8 @@ impl Stage<'_> {
             1 => {
                 // Incident 002: a victim holds ROW EXCLUSIVE while it waits
                 // for the holder's row.
-                let (application, user) = self.holder_identity();
-                let hold = self.hold(ms(250));
-                let keep = self.keep(hold);
-                self.actors.push(Actor {
-                    application,
-                    user,
-                    start: ms(0),
-                    steps: vec![Step::Sql(format!("UPDATE {a} SET v = v + 1 WHERE id = {k}")), keep],
-                });
-                self.actors.push(Actor {
-                    application: "web",
-                    user: "postgres",
-                    start: ms(100),
-                    steps: vec![
-                        Step::Sql(format!("UPDATE {a} SET v = v WHERE id = {k}")),
-                        Step::Sleep(ms(50)),
-                    ],
-                });
+                self.holder_running(format!("UPDATE {a} SET v = v + 1 WHERE id = {k}"), ms(250));
+                self.session("web", ms(100), &[format!("UPDATE {a} SET v = v WHERE id = {k}")]);
                 self.migration(&a, ms(250));
                 self.followers(&a, followers, ms(400));
                 "victim holding the table waits for a row"
@@ -392,25 +397,9 @@ impl Stage<'_> {
             2 => {
                 // Row-lock queue: the second FOR UPDATE waits for the tuple
                 // lock the first holds while it waits for the row's owner.
-                let (application, user) = self.holder_identity();
-                let hold = self.hold(ms(300));
-                let keep = self.keep(hold);
-                self.actors.push(Actor {
-                    application,
-                    user,
-                    start: ms(0),
-                    steps: vec![Step::Sql(format!("UPDATE {a} SET v = v + 1 WHERE id = {k}")), keep],
-                });
+                self.holder_running(format!("UPDATE {a} SET v = v + 1 WHERE id = {k}"), ms(300));
                 for start in [ms(100), ms(200)] {
-                    self.actors.push(Actor {
-                        application: "web",
-                        user: "postgres",
-                        start,
-                        steps: vec![
-                            Step::Sql(format!("SELECT id FROM {a} WHERE id = {k} FOR UPDATE")),
-                            Step::Sleep(ms(50)),
-                        ],
-                    });
+                    self.session("web", start, &[format!("SELECT id FROM {a} WHERE id = {k} FOR UPDATE")]);
                 }
                 if self.rng.chance(0.5) {
                     self.migration(&a, ms(300));
@@ -421,18 +410,13 @@ impl Stage<'_> {
             3 => {
                 // A migration that holds b while it waits for a: the
                 // queries on b are stuck behind it.
-                self.holder(&a, ms(0), ms(200));
+                self.holder(&a, ms(200));
                 let statement = self.migration_statement(&a);
-                self.actors.push(Actor {
-                    application: "migrate",
-                    user: "postgres",
-                    start: ms(200),
-                    steps: vec![
-                        Step::Sql(format!("LOCK TABLE {b} IN ACCESS EXCLUSIVE MODE")),
-                        Step::Sql(statement),
-                        Step::Sleep(ms(30)),
-                    ],
-                });
+                self.session(
+                    "migrate",
+                    ms(200),
+                    &[format!("LOCK TABLE {b} IN ACCESS EXCLUSIVE MODE"), statement],
+                );
                 let on_b = 2 + self.rng.below(3);
                 self.followers(&b, on_b, ms(400));
                 self.followers(&a, followers.min(2), ms(450));
@@ -441,26 +425,16 @@ impl Stage<'_> {
             4 => {
                 // A chain through an advisory lock: the victim holds ROW
                 // EXCLUSIVE on a and waits for the holder's advisory lock.
-                let (application, user) = self.holder_identity();
                 let key = self.advisory_key();
-                let hold = self.hold(ms(250));
-                let keep = self.keep(hold);
-                self.actors.push(Actor {
-                    application,
-                    user,
-                    start: ms(0),
-                    steps: vec![Step::Sql(format!("SELECT pg_advisory_xact_lock({key})")), keep],
-                });
-                self.actors.push(Actor {
-                    application: "worker",
-                    user: "postgres",
-                    start: ms(100),
-                    steps: vec![
-                        Step::Sql(format!("LOCK TABLE {a} IN ROW EXCLUSIVE MODE")),
-                        Step::Sql(format!("SELECT pg_advisory_xact_lock({key})")),
-                        Step::Sleep(ms(50)),
+                self.holder_running(format!("SELECT pg_advisory_xact_lock({key})"), ms(250));
+                self.session(
+                    "worker",
+                    ms(100),
+                    &[
+                        format!("LOCK TABLE {a} IN ROW EXCLUSIVE MODE"),
+                        format!("SELECT pg_advisory_xact_lock({key})"),
                     ],
-                });
+                );
                 self.migration(&a, ms(250));
                 self.followers(&a, followers, ms(400));
                 "chain through an advisory lock"
@@ -485,7 +459,7 @@ impl Stage<'_> {
             }
             _ => {
                 // Several strong waiters on one table.
-                self.holder(&a, ms(0), ms(200));
+                self.holder(&a, ms(200));
                 self.migration(&a, ms(200));
                 self.migration(&a, ms(260));
                 self.migration(&a, ms(320));
