@@ -261,6 +261,12 @@ impl Rule {
     }
 
     fn matches(&self, waiter: &Waiter) -> bool {
+        self.concerns(waiter) && waiter.wait >= self.min_wait && waiter.behind >= self.min_queue
+    }
+
+    /// Whether the rule is about this waiter's kind of wait, however long
+    /// it has waited and however many wait behind it.
+    fn concerns(&self, waiter: &Waiter) -> bool {
         self.waiter_locktypes.contains(&waiter.lock.locktype)
             && self.waiter_modes.contains(&waiter.lock.mode)
             && any_matches(&self.relations, &waiter.lock.relation_label())
@@ -269,8 +275,6 @@ impl Rule {
                 &self.waiter_applications,
                 waiter.session.application_name.as_deref().unwrap_or(""),
             )
-            && waiter.wait >= self.min_wait
-            && waiter.behind >= self.min_queue
     }
 
     /// The rule in one line, for the start-up log.
@@ -630,6 +634,32 @@ fn choose_signal(
     }
 }
 
+/// Where a waiter goes when `rule` can signal none of its targets, in
+/// words: the next rule about its kind of wait, now or once it has waited
+/// long enough (or has enough behind it), or nowhere.
+fn handover(policy: &Policy, rule: &Rule, waiter: &Waiter) -> String {
+    let later = policy
+        .rules
+        .iter()
+        .skip_while(|r| r.name != rule.name)
+        .skip(1)
+        .find(|r| r.concerns(waiter));
+    match later {
+        Some(next) if next.matches(waiter) => format!("; the waiter goes to rule `{}`", next.name),
+        Some(next) => format!(
+            "; the waiter goes to rule `{}` once it has waited {} with {} or more behind it",
+            next.name,
+            if next.min_wait.is_zero() {
+                "0s".into()
+            } else {
+                humantime::format_duration(next.min_wait).to_string()
+            },
+            next.min_queue
+        ),
+        None => "; no later rule matches: the waiter stays queued".into(),
+    }
+}
+
 /// Decides what to signal. `now` is the server's clock now; nothing is
 /// decided on a snapshot older than [`MAX_SNAPSHOT_AGE`].
 pub fn decide(graph: &LockGraph, policy: &Policy, memory: &Memory, now: SystemTime) -> Plan {
@@ -670,7 +700,7 @@ pub fn decide(graph: &LockGraph, policy: &Policy, memory: &Memory, now: SystemTi
             .collect();
         // Rules that matched before this one but could signal nothing.
         let mut passed: Vec<&str> = Vec::new();
-        for (index, rule) in rules.iter().enumerate() {
+        for rule in &rules {
             let targets: Vec<(i32, Option<&Session>)> = match rule.action {
                 Action::CancelBlockers => tree
                     .roots
@@ -698,10 +728,10 @@ pub fn decide(graph: &LockGraph, policy: &Policy, memory: &Memory, now: SystemTi
             let handles = assessed
                 .iter()
                 .any(|(_, _, a)| matches!(a, Assessment::Send(..) | Assessment::InHand));
-            let handover = match (handles, rules.get(index + 1)) {
-                (true, _) => String::new(),
-                (false, Some(next)) => format!("; the waiter goes to rule `{}`", next.name),
-                (false, None) => "; no later rule matches: the waiter stays queued".into(),
+            let handover = if handles {
+                String::new()
+            } else {
+                handover(policy, rule, waiter)
             };
             let preface = if passed.is_empty() {
                 String::new()
@@ -1168,6 +1198,17 @@ mod tests {
         // The migration was cancelled; if it still waits a tick later, the
         // fallthrough holds without a second report.
         assert!(decisions(&graph_at(&snapshot, 100.2), &two, &memory, 100.2).is_empty());
+
+        // A later rule that will match once the waiter has waited longer.
+        let mut later = two.clone();
+        later.rules[1].min_wait = Duration::from_secs(60);
+        let decided = decisions(&graph, &later, &Memory::default(), 100.0);
+        assert_eq!(summary(&decided), vec![(10, Signal::Cancel, Some(Outcome::Protected))]);
+        assert_eq!(
+            decided[0].reason,
+            "application `pg_dump` is protected; the waiter goes to rule `migration-lock-timeout` once it has \
+             waited 1m with 0 or more behind it"
+        );
 
         // With no later rule, the report says the waiter stays queued.
         let mut one = policy(rule(1.0));
