@@ -686,9 +686,13 @@ fn validate_policy(
                 ));
             }
         }
-        if raw.dry_run.is_none() {
-            notes.push("--cancel-blockers-after turned the policy on with dry_run = false".into());
-        }
+        notes.push(match raw.dry_run {
+            None => "--cancel-blockers-after turned the policy on with dry_run = false".into(),
+            Some(true) => "--cancel-blockers-after turned the policy on; dry_run = true, set in the configuration, \
+                           keeps it from signalling: set dry_run = false to act"
+                .into(),
+            Some(false) => "--cancel-blockers-after turned the policy on; dry_run = false".into(),
+        });
     }
     let enabled = raw.enabled || flag.is_some();
     if enabled && rules.is_empty() {
@@ -1135,6 +1139,18 @@ mod tests {
             ("timeout", Action::CancelWaiter)
         );
         assert!(config.policy.enabled && !config.policy.dry_run);
+        let shipped = load(&Sources {
+            file: Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("config/lockjam.toml")),
+            cancel_blockers_after: Some("2s".into()),
+            ..Sources::default()
+        })
+        .unwrap();
+        assert!(shipped.policy.dry_run, "the shipped file sets dry_run = true");
+        assert!(
+            render_effective(&shipped).contains("dry_run = true, set in the configuration, keeps it from signalling"),
+            "{}",
+            render_effective(&shipped)
+        );
         assert!(render_effective(&config).starts_with(
             "# --cancel-blockers-after 2s set min_wait of rule `unblock-migrations`; its other keys and every other rule are the file's\n"
         ));
