@@ -828,6 +828,90 @@ async fn race_blocker_commits_just_before_the_signal() {
     s.env.stop().await;
 }
 
+/// The statement, not only the decision, refuses to signal a victim: a
+/// decision forged to cancel the web UPDATE of incident 002 (a hard
+/// blocker of the migration, but itself waiting for the mailer's row) is
+/// `not_blocking`, and the same statement cancels the mailer, the root.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_signalling_statement_refuses_a_waiting_session() {
+    let env = TestEnv::start().await;
+    env.admin
+        .batch_execute(
+            "CREATE TABLE users (id bigint PRIMARY KEY, email text);
+             INSERT INTO users SELECT g, 'u' || g FROM generate_series(1, 10) AS g;
+             CREATE TABLE invites (id bigint PRIMARY KEY, user_id bigint);",
+        )
+        .await
+        .unwrap();
+    let (mailer_pid, mailer) = env
+        .spawn_transaction(
+            "mailer",
+            &["UPDATE users SET email = email WHERE id = 1", "SELECT pg_sleep(600)"],
+        )
+        .await;
+    env.wait_until_holding(mailer_pid, "users", Some("RowExclusiveLock"))
+        .await;
+    let (web_pid, web) = env
+        .spawn_statement("web", "UPDATE users SET email = email WHERE id = 1")
+        .await;
+    env.wait_until_waiting(web_pid).await;
+    let (migration_pid, migration) = env
+        .spawn_statement(
+            "migrate",
+            "ALTER TABLE invites ADD FOREIGN KEY (user_id) REFERENCES users",
+        )
+        .await;
+    env.wait_until_waiting(migration_pid).await;
+
+    let target = lockjam::config::Target {
+        name: "it".into(),
+        dsn: lockjam::dsn::Dsn::parse(&env.cluster.dsn("postgres")).unwrap(),
+        default_user: None,
+    };
+    let mut sampler = lockjam::sampler::Sampler::new(&target, &crate::support::sampler_config()).unwrap();
+    let graph = lockjam::analysis::analyze(&sampler.sample().await.unwrap());
+    let waiter = graph.waiter(migration_pid).expect("the migration waits").clone();
+    let hard: Vec<i32> = waiter.blocked_by.iter().map(|edge| edge.pid).collect();
+    assert!(hard.contains(&web_pid) && hard.contains(&mailer_pid), "{hard:?}");
+    let mut enforcer = lockjam::enforcer::Enforcer::new(
+        &target,
+        lockjam::connect::SessionSettings::of(&crate::support::sampler_config()),
+    )
+    .unwrap();
+    assert!(enforcer.lead().await);
+    let forged = |pid: i32| {
+        let session = graph.blocker(pid).and_then(|b| b.session.clone()).unwrap();
+        lockjam::policy::Decision {
+            rule: "forged".into(),
+            action: Action::CancelBlockers,
+            signal: lockjam::policy::Signal::Cancel,
+            target: lockjam::policy::Identity::of(&session),
+            target_session: Some(session),
+            waiter: waiter.clone(),
+            roots: Vec::new(),
+            sampled_at: graph.taken_at,
+            verdict: None,
+            reason: "forged".into(),
+        }
+    };
+    let victim = enforcer.signal(&forged(web_pid)).await;
+    assert_eq!(victim.outcome, Outcome::NotBlocking, "{victim:?}");
+    assert!(!web.is_finished(), "the web UPDATE still waits, uncancelled");
+    let root = enforcer.signal(&forged(mailer_pid)).await;
+    assert_eq!(root.outcome, Outcome::Success, "{root:?}");
+    let error = within("the mailer", mailer).await.unwrap().unwrap_err();
+    assert_eq!(error.code(), Some(&SqlState::QUERY_CANCELED));
+    within("the web UPDATE", web)
+        .await
+        .unwrap()
+        .expect("the victim succeeds");
+    within("the migration", migration)
+        .await
+        .unwrap()
+        .expect("the migration succeeds");
+    env.stop().await;
+}
+
 /// Pid reuse cannot be staged on demand: the statement is run with a stale
 /// backend_start against a live pid that still blocks, and signals nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
