@@ -91,6 +91,23 @@ impl Connector {
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(self.settings.connect_timeout);
         }
+        // Pinned in the startup packet, so that they hold before any
+        // statement runs and win over ALTER DATABASE/ROLE ... SET: with
+        // search_path = pg_catalog, pg_temp, no function or operator a
+        // database owner or a role setting put in another schema resolves
+        // in lockjam's sessions, which hold pg_signal_backend. The user's
+        // own `options` come first; lockjam's, later, win.
+        let pinned = format!(
+            "-c search_path=pg_catalog,pg_temp -c statement_timeout={} -c lock_timeout={} \
+             -c default_transaction_read_only=on",
+            self.settings.statement_timeout.as_millis().max(1),
+            self.settings.lock_timeout.as_millis().max(1),
+        );
+        let options = match config.get_options() {
+            Some(user) if !user.trim().is_empty() => format!("{user} {pinned}"),
+            _ => pinned,
+        };
+        config.options(&options);
         let connect_error = |message: String| ConnectError::Connect {
             target: self.target.name.clone(),
             dsn: dsn.redacted(),
@@ -107,10 +124,13 @@ impl Connector {
                 tracing::debug!(target = %target, error = %error_chain(&e), "connection closed");
             }
         });
-        // Read-only and bounded: a lockjam session can never hold a lock
-        // that others queue behind, nor wait long for one.
+        // Again as the first statement, for a connection pooler that drops
+        // startup options: read-only and bounded (a lockjam session can
+        // never hold a lock that others queue behind, nor wait long for
+        // one), and no search_path but pg_catalog's.
         let setup = format!(
-            "SET statement_timeout = {}; SET lock_timeout = {}; SET default_transaction_read_only = on",
+            "SET search_path = pg_catalog, pg_temp; SET statement_timeout = {}; SET lock_timeout = {}; \
+             SET default_transaction_read_only = on",
             self.settings.statement_timeout.as_millis().max(1),
             self.settings.lock_timeout.as_millis().max(1),
         );

@@ -9,6 +9,7 @@ mod robustness;
 mod safety;
 mod scale;
 mod scenes;
+mod security;
 mod service;
 mod support;
 mod tls;

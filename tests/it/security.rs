@@ -1,0 +1,214 @@
+//! No one else's code runs as lockjam: a database owner or a role setting
+//! that puts a schema of hostile operators before `pg_catalog` in
+//! `search_path` neither runs code as lockjam's role nor hides a lock
+//! queue from it.
+
+use std::time::Duration;
+
+use lockjam::cluster::ClusterOptions;
+use lockjam::policy::{Policy, Rule};
+use lockjam::service::Service;
+use tokio_postgres::error::SqlState;
+
+use crate::support::{apply_lockjam_role_sql, config_with, connect, scrape, start_cluster, wait_until, within};
+
+/// Operators `=` on integer, oid and text, in schema `public` of the
+/// connected database, that record who called them in `public.pwned`
+/// where the caller may write, cancel every session named `canary` where
+/// the caller may signal (as lockjam's role may), and then answer as
+/// `pg_catalog.=` would (or `false`, with `lie`).
+fn hostile_operators(lie: bool) -> String {
+    let answer = if lie { "false" } else { "$1 OPERATOR(pg_catalog.=) $2" };
+    let mut sql = String::from(
+        "CREATE TABLE public.pwned (who text, what text);
+         GRANT INSERT ON public.pwned TO PUBLIC;",
+    );
+    for (name, kind) in [("int4", "integer"), ("oid", "oid"), ("text", "text")] {
+        sql.push_str(&format!(
+            "CREATE FUNCTION public.hostile_{name}_eq({kind}, {kind}) RETURNS boolean LANGUAGE plpgsql AS $$
+             BEGIN
+                 BEGIN
+                     INSERT INTO public.pwned VALUES (current_user, '{name}');
+                 EXCEPTION WHEN OTHERS THEN NULL;
+                 END;
+                 BEGIN
+                     PERFORM pg_catalog.pg_cancel_backend(a.pid) FROM pg_catalog.pg_stat_activity AS a
+                     WHERE a.application_name OPERATOR(pg_catalog.=) 'canary';
+                 EXCEPTION WHEN OTHERS THEN NULL;
+                 END;
+                 RETURN {answer};
+             END $$;
+             CREATE OPERATOR public.= (LEFTARG = {kind}, RIGHTARG = {kind}, FUNCTION = public.hostile_{name}_eq);"
+        ));
+    }
+    sql
+}
+
+/// A database owner with no other privilege puts `public` before
+/// `pg_catalog` for everyone who connects to their database and defines
+/// operators there. lockjam samples the queue in that database, resolves
+/// its relation names there (and, with the target's DSN in it, runs every
+/// statement there) and cancels the blocker: the trap, which does fire for
+/// an ordinary session, never runs as lockjam, whose role may cancel the
+/// `canary`, another role's session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_database_owners_search_path_runs_no_code_as_lockjam() {
+    let cluster = start_cluster(ClusterOptions::default()).await;
+    apply_lockjam_role_sql(&cluster, true);
+    let postgres = connect(&cluster.dsn("postgres"), "fixture").await;
+    postgres
+        .batch_execute("CREATE ROLE shop LOGIN; CREATE ROLE victim LOGIN")
+        .await
+        .unwrap();
+    postgres.batch_execute("CREATE DATABASE shop OWNER shop").await.unwrap();
+    let shop_dsn = |user: &str| {
+        format!(
+            "host=127.0.0.1 port={} user={user} dbname=shop sslmode=disable",
+            cluster.port()
+        )
+    };
+    let owner = connect(&shop_dsn("shop"), "owner").await;
+    owner
+        .batch_execute("ALTER DATABASE shop SET search_path = public, pg_catalog")
+        .await
+        .unwrap();
+    owner.batch_execute(&hostile_operators(false)).await.unwrap();
+    owner
+        .batch_execute("CREATE TABLE a (id int); CREATE TABLE b (id int)")
+        .await
+        .unwrap();
+    // The trap is armed: an ordinary new session runs it.
+    let ordinary = connect(&shop_dsn("shop"), "app").await;
+    ordinary.batch_execute("SELECT 1 = 1").await.unwrap();
+    let fired: i64 = owner.query_one("SELECT count(*) FROM pwned", &[]).await.unwrap().get(0);
+    assert!(fired > 0, "the hostile operator runs for an ordinary session");
+    owner.batch_execute("TRUNCATE pwned").await.unwrap();
+
+    let canary = connect(&shop_dsn("victim"), "canary").await;
+    let canary = tokio::spawn(async move { canary.simple_query("SELECT pg_catalog.pg_sleep(600)").await });
+
+    for (table, database) in [("a", "postgres"), ("b", "shop")] {
+        let dsn = format!(
+            "host=127.0.0.1 port={} user=lockjam dbname={database} sslmode=disable",
+            cluster.port()
+        );
+        let policy = Policy::acting(vec![Rule::unblock_migrations(Duration::from_secs(1))]);
+        let service = Service::start(&config_with(vec![("shop", dsn)], policy)).await.unwrap();
+        let reader = connect(&shop_dsn("shop"), "report").await;
+        let read = tokio::spawn(async move {
+            reader
+                .simple_query(&format!(
+                    "SELECT pg_sleep(600), count(*) FROM pg_catalog.pg_class, {table}"
+                ))
+                .await
+        });
+        wait_until("the read to hold its lock", || async {
+            ordinary
+                .query_one(
+                    "SELECT count(*) FROM pg_catalog.pg_locks WHERE relation OPERATOR(pg_catalog.=) $1::text::regclass AND granted",
+                    &[&table],
+                )
+                .await
+                .unwrap()
+                .get::<_, i64>(0)
+                > 0
+        })
+        .await;
+        let migrate = connect(&shop_dsn("shop"), "migrate").await;
+        let alter = tokio::spawn(async move {
+            migrate
+                .simple_query(&format!("ALTER TABLE {table} ADD COLUMN x int"))
+                .await
+        });
+        within("the ALTER, freed by lockjam", alter)
+            .await
+            .unwrap()
+            .expect("lockjam cancelled the read");
+        let error = within("the read", read).await.unwrap().unwrap_err();
+        assert_eq!(error.code(), Some(&SqlState::QUERY_CANCELED));
+        service.stop().await;
+        let pwned: Vec<String> = owner
+            .query("SELECT what FROM pwned WHERE who OPERATOR(pg_catalog.=) 'lockjam'", &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        assert_eq!(
+            pwned,
+            Vec::<String>::new(),
+            "code ran as lockjam (target in {database})"
+        );
+        assert!(!canary.is_finished(), "the canary was cancelled (target in {database})");
+    }
+    tokio::task::spawn_blocking(move || drop(cluster)).await.unwrap();
+}
+
+/// `ALTER ROLE lockjam SET search_path = public, pg_catalog` with a
+/// `public.=(text, text)` that always answers false would hide every lock
+/// queue (lockjam looks for `wait_event_type = 'Lock'`). The queue shows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_roles_search_path_cannot_hide_a_lock_queue() {
+    let cluster = start_cluster(ClusterOptions::default()).await;
+    apply_lockjam_role_sql(&cluster, false);
+    let postgres = connect(&cluster.dsn("postgres"), "fixture").await;
+    postgres
+        .batch_execute("ALTER ROLE lockjam SET search_path = public, pg_catalog")
+        .await
+        .unwrap();
+    postgres.batch_execute(&hostile_operators(true)).await.unwrap();
+    postgres.batch_execute("CREATE TABLE t (id int)").await.unwrap();
+    let dsn = format!(
+        "host=127.0.0.1 port={} user=lockjam dbname=postgres sslmode=disable",
+        cluster.port()
+    );
+    let service = Service::start(&config_with(vec![("role", dsn)], Policy::default()))
+        .await
+        .unwrap();
+    let reader = connect(&cluster.dsn("postgres"), "report").await;
+    let _read = tokio::spawn(async move { reader.simple_query("SELECT pg_sleep(600), count(*) FROM t").await });
+    wait_until("the read to hold its lock", || async {
+        postgres
+            .query_one(
+                "SELECT count(*) FROM pg_catalog.pg_locks WHERE relation OPERATOR(pg_catalog.=) 't'::regclass",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+            > 0
+    })
+    .await;
+    let migrate = connect(&cluster.dsn("postgres"), "migrate").await;
+    let _alter = tokio::spawn(async move { migrate.simple_query("ALTER TABLE t ADD COLUMN x int").await });
+    let mut selects = Vec::new();
+    for _ in 0..3 {
+        let web = connect(&cluster.dsn("postgres"), "web").await;
+        selects.push(tokio::spawn(
+            async move { web.simple_query("SELECT count(*) FROM t").await },
+        ));
+    }
+    let addr = service.local_addr();
+    wait_until("lockjam to see the queue", || async {
+        scrape(addr).await.value(
+            "lockjam_lock_queue_depth",
+            &[("relation", "public.t"), ("datname", "postgres")],
+        ) == Some(3.0)
+    })
+    .await;
+    let pwned: i64 = postgres
+        .query_one(
+            "SELECT count(*) FROM public.pwned WHERE who OPERATOR(pg_catalog.=) 'lockjam'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(pwned, 0, "no code ran as lockjam");
+    service.stop().await;
+    postgres
+        .batch_execute("SELECT pg_catalog.pg_terminate_backend(pid) FROM pg_catalog.pg_stat_activity WHERE application_name OPERATOR(pg_catalog.=) 'report'")
+        .await
+        .unwrap();
+    tokio::task::spawn_blocking(move || drop(cluster)).await.unwrap();
+}
