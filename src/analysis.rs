@@ -166,6 +166,9 @@ pub struct LockGraph {
     /// Every database with client sessions or waiters, even calm ones, so
     /// that their gauges read 0 rather than vanish.
     pub databases: BTreeMap<String, DatabaseLocks>,
+    /// This lockjam's own sessions, known by pid (the caller fills them
+    /// in): never signalled. A session's name proves nothing.
+    pub own_pids: Vec<i32>,
 }
 
 /// The sessions a waiter waits on, followed through the sessions that
@@ -432,6 +435,7 @@ pub fn analyze(snapshot: &Snapshot) -> LockGraph {
         blockers,
         queues,
         databases,
+        own_pids: Vec::new(),
     }
 }
 

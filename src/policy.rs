@@ -19,8 +19,6 @@ use crate::snapshot::Session;
 
 /// A snapshot older than this is stale: nothing is decided on it.
 pub const MAX_SNAPSHOT_AGE: Duration = Duration::from_secs(1);
-/// The application name of lockjam's own sessions, never signalled.
-pub const LOCKJAM_APPLICATION: &str = "lockjam";
 
 /// The lock modes migrations queue on, which rules match by default:
 /// SHARE ROW EXCLUSIVE (`ADD FOREIGN KEY`, `CREATE TRIGGER`), EXCLUSIVE
@@ -505,8 +503,10 @@ fn waiter_key(waiter: &Waiter) -> (i32, Option<SystemTime>) {
 }
 
 /// Why a session must never be signalled by `rule`, if it must not.
-fn protection(session: &Session, policy: &Policy, rule: &Rule) -> Option<String> {
-    let application = session.application_name.as_deref().unwrap_or("");
+fn protection(session: &Session, own_pids: &[i32], policy: &Policy, rule: &Rule) -> Option<String> {
+    if own_pids.contains(&session.pid) {
+        return Some("one of this lockjam's own sessions".into());
+    }
     let backend_type = session.backend_type.as_deref().unwrap_or("unknown");
     if backend_type == "autovacuum worker" {
         // pg_signal_autovacuum_worker (PostgreSQL 18) would let lockjam's
@@ -519,9 +519,6 @@ fn protection(session: &Session, policy: &Policy, rule: &Rule) -> Option<String>
     }
     if backend_type != "client backend" {
         return Some(format!("backend type `{backend_type}`, not a client backend"));
-    }
-    if application == LOCKJAM_APPLICATION {
-        return Some("one of lockjam's own sessions".into());
     }
     policy.protect.reason(session).or_else(|| rule.protect.reason(session))
 }
@@ -548,15 +545,22 @@ enum Assessment {
     InHand,
 }
 
+/// What a rule is about to signal, and what it decides with.
+struct Candidate<'a> {
+    pid: i32,
+    session: Option<&'a Session>,
+}
+
 fn assess(
     rule: &Rule,
     policy: &Policy,
+    graph: &LockGraph,
     waiter: &Waiter,
-    pid: i32,
-    session: Option<&Session>,
+    candidate: &Candidate,
     memory: &Memory,
     now: SystemTime,
 ) -> Assessment {
+    let (pid, session) = (candidate.pid, candidate.session);
     if pid == 0 {
         return Assessment::Refused(
             Signal::Cancel,
@@ -567,7 +571,7 @@ fn assess(
     let Some(session) = session else {
         return Assessment::InHand;
     };
-    if let Some(reason) = protection(session, policy, rule) {
+    if let Some(reason) = protection(session, &graph.own_pids, policy, rule) {
         return Assessment::Refused(Signal::Cancel, reason);
     }
     let identity = Identity::of(session);
@@ -720,7 +724,7 @@ pub fn decide(graph: &LockGraph, policy: &Policy, memory: &Memory, now: SystemTi
                     let assessment = if decided.contains(&pid) {
                         Assessment::InHand
                     } else {
-                        assess(rule, policy, waiter, pid, session, memory, now)
+                        assess(rule, policy, graph, waiter, &Candidate { pid, session }, memory, now)
                     };
                     (pid, session, assessment)
                 })
@@ -1275,7 +1279,6 @@ mod tests {
 
         for (field, value, reason) in [
             ("application", "pg_dump", "application `pg_dump` is protected"),
-            ("application", "lockjam", "lockjam's own sessions"),
             (
                 "backend_type",
                 "autovacuum worker",
@@ -1302,6 +1305,23 @@ mod tests {
             assert_eq!(decided[0].verdict, Some(Outcome::Protected), "{value}");
             assert!(decided[0].reason.contains(reason), "{}", decided[0].reason);
         }
+    }
+
+    #[test]
+    fn lockjam_s_own_sessions_are_known_by_pid_not_by_name() {
+        let (mut snapshot, _) = incident("active", 1);
+        snapshot.sessions[0].application_name = Some("lockjam".into());
+        let mut graph = analyze(&snapshot);
+        let decided = decisions(&graph, &policy(rule(5.0)), &Memory::default(), 100.0);
+        assert_eq!(
+            summary(&decided),
+            vec![(10, Signal::Cancel, None)],
+            "a name protects nothing"
+        );
+        graph.own_pids = vec![10];
+        let decided = decisions(&graph, &policy(rule(5.0)), &Memory::default(), 100.0);
+        assert_eq!(summary(&decided), vec![(10, Signal::Cancel, Some(Outcome::Protected))]);
+        assert!(decided[0].reason.starts_with("one of this lockjam's own sessions"));
     }
 
     #[test]

@@ -304,7 +304,12 @@ async fn watch_target(
         // sample took.
         let wake = match result {
             Ok(snapshot) => {
-                let graph = Arc::new(analyze(&snapshot));
+                let mut graph = analyze(&snapshot);
+                graph.own_pids = sampler.own_pids();
+                graph
+                    .own_pids
+                    .extend(policy.as_ref().and_then(|(enforcer, _)| enforcer.pid()));
+                let graph = Arc::new(graph);
                 let ended = previous.as_deref().map(|p| ended_waits(p, &graph)).unwrap_or_default();
                 shared
                     .metrics

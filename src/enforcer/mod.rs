@@ -20,6 +20,7 @@ pub const LEADER_LOCK_KEY: i64 = 0x006c_6f63_6b6a_616d;
 
 struct LeaderSession {
     client: Client,
+    pid: i32,
     signal: Statement,
     leader: bool,
     /// How long `pg_terminate_backend` waits for the backend to exit
@@ -42,6 +43,11 @@ impl Enforcer {
             settings,
             session: None,
         })
+    }
+
+    /// The pid of the leader session, while it is open.
+    pub fn pid(&self) -> Option<i32> {
+        self.session.as_ref().map(|s| s.pid)
     }
 
     /// Becomes or stays the leader: true while this instance holds the
@@ -86,14 +92,14 @@ impl Enforcer {
 
     async fn open(&self) -> Result<LeaderSession, String> {
         let client = self.connector.connect(None).await.map_err(|e| e.to_string())?;
-        let version: i32 = client
+        let row = client
             .query_one(
-                "SELECT pg_catalog.current_setting('server_version_num')::pg_catalog.int4",
+                "SELECT pg_catalog.current_setting('server_version_num')::pg_catalog.int4, pg_catalog.pg_backend_pid()",
                 &[],
             )
             .await
-            .map_err(|e| error_chain(&e))?
-            .get(0);
+            .map_err(|e| error_chain(&e))?;
+        let (version, pid): (i32, i32) = (row.get(0), row.get(1));
         // Waiting for the exit must fit well inside the statement timeout.
         let terminate_wait =
             (version >= 140_000).then(|| (self.settings.statement_timeout / 2).min(Duration::from_secs(1)));
@@ -107,6 +113,7 @@ impl Enforcer {
             .map_err(|e| error_chain(&e))?;
         Ok(LeaderSession {
             client,
+            pid,
             signal,
             leader: false,
             terminate_wait,

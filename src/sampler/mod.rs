@@ -220,7 +220,8 @@ impl Sampler {
         })
     }
 
-    fn own_pids(&self) -> Vec<i32> {
+    /// The pids of this sampler's open sessions.
+    pub fn own_pids(&self) -> Vec<i32> {
         self.main
             .iter()
             .map(|m| m.pid)

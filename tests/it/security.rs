@@ -212,3 +212,28 @@ async fn a_roles_search_path_cannot_hide_a_lock_queue() {
         .unwrap();
     tokio::task::spawn_blocking(move || drop(cluster)).await.unwrap();
 }
+
+/// A session that calls itself `lockjam` is no lockjam session: it blocks
+/// a migration and is cancelled like any other root. lockjam knows its own
+/// sessions by pid.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_session_named_lockjam_is_not_protected() {
+    let env = crate::support::TestEnv::start_full(
+        ClusterOptions::default(),
+        Policy::acting(vec![Rule::unblock_migrations(Duration::from_secs(1))]),
+    )
+    .await;
+    env.admin.batch_execute("CREATE TABLE t (id int)").await.unwrap();
+    let (impostor_pid, impostor) = env
+        .spawn_statement("lockjam", "SELECT pg_sleep(600), count(*) FROM t")
+        .await;
+    env.wait_until_holding(impostor_pid, "t", None).await;
+    let (_, alter) = env.spawn_statement("migrate", "ALTER TABLE t ADD COLUMN x int").await;
+    within("the ALTER", alter).await.unwrap().expect("the ALTER succeeds");
+    let error = within("the impostor", impostor).await.unwrap().unwrap_err();
+    assert_eq!(error.code(), Some(&SqlState::QUERY_CANCELED));
+    let event = env.wait_for_event("the signal", |e| e["outcome"] == "success").await;
+    assert_eq!(event["signalled_pid"], impostor_pid);
+    assert_eq!(event["blocker"]["application_name"], "lockjam");
+    env.stop().await;
+}
