@@ -143,14 +143,85 @@ fn fail(error: &dyn std::error::Error, code: u8) -> ExitCode {
 
 fn init_logging(config: &Config) {
     let filter = tracing_subscriber::EnvFilter::new(&config.log.level);
+    // Colour codes only for a person at a terminal, never into journald or
+    // a container log.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        // Colour codes only for a person at a terminal, never into journald
-        // or a container log.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+        .with_writer(move || OneLine {
+            inner: std::io::stderr(),
+            ansi,
+        })
+        .with_ansi(ansi);
     match config.log.format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
+    }
+}
+
+/// Writes each log record as one line: the formatter writes a record in
+/// one call, ending in a newline, and a newline or other control character
+/// inside it can only come from a value (a relation or role name, a
+/// server's message) that would otherwise forge a second record. Those are
+/// escaped; JSON records have none, as JSON escapes them itself.
+struct OneLine<W> {
+    inner: W,
+    /// Whether the formatter's own colour codes (ESC) are expected.
+    ansi: bool,
+}
+
+impl<W: std::io::Write> std::io::Write for OneLine<W> {
+    fn write(&mut self, record: &[u8]) -> std::io::Result<usize> {
+        self.inner.write_all(one_line_record(record, self.ansi).as_bytes())?;
+        Ok(record.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// One record on one line: control characters other than the final
+/// newline, a tab and (with colours on) ESC are written as `\u{..}`.
+fn one_line_record(record: &[u8], ansi: bool) -> String {
+    let text = String::from_utf8_lossy(record);
+    let (body, end) = match text.strip_suffix('\n') {
+        Some(body) => (body, "\n"),
+        None => (text.as_ref(), ""),
+    };
+    let mut line = String::with_capacity(body.len() + 1);
+    for c in body.chars() {
+        let keep = !c.is_control() || c == '\t' || (ansi && c == '\u{1b}');
+        if keep && !matches!(c, '\u{2028}' | '\u{2029}') {
+            line.push(c);
+        } else {
+            line.extend(c.escape_unicode());
+        }
+    }
+    line.push_str(end);
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::one_line_record;
+
+    #[test]
+    fn a_record_stays_one_line() {
+        let forged =
+            "2026-11-23T10:00:00Z  WARN lockjam::sampler: role `x\n2026-11-23T10:00:01Z ERROR forged\r` may not\n";
+        let line = one_line_record(forged.as_bytes(), false);
+        assert_eq!(line.matches('\n').count(), 1);
+        assert!(line.ends_with("may not\n"));
+        assert!(
+            line.contains("`x\\u{a}2026-11-23T10:00:01Z ERROR forged\\u{d}`"),
+            "{line}"
+        );
+        assert_eq!(
+            one_line_record(b"\x1b[32m INFO\x1b[0m ok\n", true),
+            "\u{1b}[32m INFO\u{1b}[0m ok\n"
+        );
+        assert_eq!(one_line_record(b"\x1b[2J\n", false), "\\u{1b}[2J\n");
+        assert_eq!(one_line_record(b"tab\tkept\n", false), "tab\tkept\n");
     }
 }

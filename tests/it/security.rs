@@ -237,3 +237,38 @@ async fn a_session_named_lockjam_is_not_protected() {
     assert_eq!(event["blocker"]["application_name"], "lockjam");
     env.stop().await;
 }
+
+/// A role named with a newline and a forged log record cannot forge a log
+/// line: lockjam's warning that the role lacks pg_monitor names it, and
+/// the text log writes each record on one line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_role_named_with_a_newline_cannot_forge_a_log_line() {
+    let env = crate::support::TestEnv::start().await;
+    let forged = "2026-01-01T00:00:00.000000Z ERROR lockjam::service: forged";
+    env.admin
+        .batch_execute(&format!("CREATE ROLE \"watch\n{forged}\" LOGIN"))
+        .await
+        .unwrap();
+    let dsn = format!(
+        "host=127.0.0.1 port={} dbname=postgres sslmode=disable user='watch\n{forged}'",
+        env.cluster.port()
+    );
+    let run = crate::support::LockjamRun::spawn(&["--dsn", &dsn]);
+    wait_until("lockjam run to sample", || async {
+        run.serving().await && scrape(run.addr).await.value("lockjam_up", &[]) == Some(1.0)
+    })
+    .await;
+    let (_, log) = run.terminate();
+    let warning: Vec<&str> = log.lines().filter(|l| l.contains("may not read other roles")).collect();
+    assert_eq!(warning.len(), 1, "{log}");
+    assert!(
+        warning[0].contains("watch\\u{a}2026-01-01T00:00:00.000000Z ERROR"),
+        "{}",
+        warning[0]
+    );
+    assert!(
+        !log.lines().any(|line| line.starts_with("2026-01-01T00:00:00.000000Z")),
+        "a forged line: {log}"
+    );
+    env.stop().await;
+}
