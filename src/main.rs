@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use lockjam::config::{self, Config, LogFormat, Sources};
 use lockjam::demo::{self, DemoOptions};
@@ -65,7 +65,13 @@ struct DemoArgs {
 const EXIT_CONFIG: u8 = 2;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    // Whether --dsn was typed on the command line, where every user of the
+    // machine can read it (`ps`, /proc), rather than given in LOCKJAM_DSN.
+    let dsn_on_command_line = matches
+        .subcommand_matches("run")
+        .is_some_and(|run| run.value_source("dsn") == Some(clap::parser::ValueSource::CommandLine));
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     match cli.command {
         Command::CheckConfig(args) => match load(&args) {
             Ok(config) => {
@@ -80,6 +86,12 @@ fn main() -> ExitCode {
                 Err(code) => return code,
             };
             init_logging(&config);
+            if dsn_on_command_line && config.targets.iter().any(|t| t.dsn.get("password").is_some()) {
+                tracing::warn!(
+                    "the password in --dsn can be read by every user of this machine (ps, /proc): give the \
+                     DSN in a file (dsn_file in [[targets]]) or in LOCKJAM_DSN, or the password in PGPASSWORD"
+                );
+            }
             runtime().block_on(async {
                 match Service::start(&config).await {
                     Ok(service) => {

@@ -272,3 +272,33 @@ async fn a_role_named_with_a_newline_cannot_forge_a_log_line() {
     );
     env.stop().await;
 }
+
+/// A password typed in `--dsn` shows in `ps`: lockjam warns once, naming
+/// the safer places, and never the password; in LOCKJAM_DSN it does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_password_on_the_command_line_is_warned_about_once() {
+    let env = crate::support::TestEnv::start().await;
+    env.admin
+        .batch_execute("CREATE ROLE watcher LOGIN PASSWORD 'Sup3r-Secret' IN ROLE pg_monitor")
+        .await
+        .unwrap();
+    let dsn = format!(
+        "host=127.0.0.1 port={} dbname=postgres sslmode=disable user=watcher password=Sup3r-Secret",
+        env.cluster.port()
+    );
+    let warning = "the password in --dsn can be read by every user of this machine";
+    for (args, variables, warned) in [
+        (vec!["--dsn", dsn.as_str()], vec![], 1),
+        (vec![], vec![("LOCKJAM_DSN", dsn.as_str())], 0),
+    ] {
+        let run = crate::support::LockjamRun::spawn_with_env(&args, &variables);
+        wait_until("lockjam run to sample", || async {
+            run.serving().await && scrape(run.addr).await.value("lockjam_up", &[]) == Some(1.0)
+        })
+        .await;
+        let (_, log) = run.terminate();
+        assert_eq!(log.matches(warning).count(), warned, "{log}");
+        assert!(!log.contains("Sup3r-Secret"), "{log}");
+    }
+    env.stop().await;
+}

@@ -492,11 +492,18 @@ pub struct LockjamRun {
 impl LockjamRun {
     /// Starts `lockjam run --listen <free port>` with `args`.
     pub fn spawn(args: &[&str]) -> LockjamRun {
+        LockjamRun::spawn_with_env(args, &[])
+    }
+
+    /// Starts `lockjam run --listen <free port>` with `args` and these
+    /// environment variables.
+    pub fn spawn_with_env(args: &[&str], env: &[(&str, &str)]) -> LockjamRun {
         let port = lockjam::cluster::free_port().unwrap();
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let child = lockjam()
             .args(["run", "--listen", &addr.to_string()])
             .args(args)
+            .envs(env.iter().copied())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
             .spawn()
