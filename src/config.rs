@@ -27,6 +27,16 @@ pub enum ConfigError {
         #[source]
         source: config::ConfigError,
     },
+    /// The line itself is not shown: it may hold a password.
+    #[error("{origin}: TOML syntax error at line {line}, column {column}: {message} (the line is not shown, as it may hold a secret)")]
+    Syntax {
+        origin: String,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    #[error("{origin}: {message}")]
+    Unreadable { origin: String, message: String },
     #[error("{origin}: {key}: {message}")]
     Invalid {
         origin: String,
@@ -346,7 +356,23 @@ pub fn load(sources: &Sources) -> Result<Config, ConfigError> {
     };
     let mut builder = config::Config::builder();
     if let Some(path) = &sources.file {
-        builder = builder.add_source(config::File::from(path.as_path()).format(config::FileFormat::Toml));
+        let text = read_small_file(path).map_err(|message| ConfigError::Unreadable {
+            origin: origin.clone(),
+            message,
+        })?;
+        // Parsed here first so that a syntax error is told by position: the
+        // parser's own message quotes the line, which may hold a DSN's
+        // password.
+        if let Err(error) = toml::from_str::<toml::Table>(&text) {
+            let (line, column) = error.span().map_or((0, 0), |span| line_and_column(&text, span.start));
+            return Err(ConfigError::Syntax {
+                origin,
+                line,
+                column,
+                message: error.message().trim().to_string(),
+            });
+        }
+        builder = builder.add_source(config::File::from_str(&text, config::FileFormat::Toml));
     }
     let environment = config::Environment::with_prefix("LOCKJAM")
         .prefix_separator("__")
@@ -757,18 +783,51 @@ fn target(
 ) -> Result<Target, DsnError> {
     Ok(Target {
         name: name.to_string(),
-        dsn: Dsn::parse(text)?.with_env_defaults(env),
+        dsn: Dsn::parse(text)?.with_env_defaults(env)?,
         default_user: default_user.clone(),
     })
 }
 
-fn read_secret(path: &Path) -> Result<String, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
+/// Files lockjam reads (configuration, DSN and credential files) are at
+/// most this large.
+const MAX_FILE_BYTES: u64 = 1 << 20;
+
+/// Reads a regular file of at most [`MAX_FILE_BYTES`]: a FIFO would hang
+/// and a device such as /dev/zero would never end.
+fn read_small_file(path: &Path) -> Result<String, String> {
+    use std::io::Read;
+    let cannot = |e: std::io::Error| {
         format!(
             "cannot read {}: {e}; check the path and that lockjam may read it",
             path.display()
         )
-    })?;
+    };
+    let metadata = std::fs::metadata(path).map_err(cannot)?;
+    if !metadata.is_file() {
+        return Err(format!("{} is not a regular file", path.display()));
+    }
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .map_err(cannot)?
+        .take(MAX_FILE_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(cannot)?;
+    if text.len() as u64 > MAX_FILE_BYTES {
+        return Err(format!("{} is larger than {MAX_FILE_BYTES} bytes", path.display()));
+    }
+    Ok(text)
+}
+
+/// The 1-based line and column of a byte offset.
+fn line_and_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = text.get(..offset).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
+
+fn read_secret(path: &Path) -> Result<String, String> {
+    let text = read_small_file(path)?;
     let text = text.trim();
     if text.is_empty() {
         return Err(format!("{} is empty", path.display()));
@@ -1028,7 +1087,7 @@ mod tests {
                 "[[targets]]\nname = \"a\"\ndsn_file = \"/nonexistent/lockjam-dsn\"\n",
                 "targets[0].dsn_file: cannot read /nonexistent/lockjam-dsn",
             ),
-            ("[sampler\n", "cannot load configuration from"),
+            ("[sampler\n", "TOML syntax error at line 1, column 9: unclosed table, expected `]`"),
             (
                 "[server]\ntls_cert_file = \"/etc/hostname\"\n",
                 "server.tls_key_file: set it with tls_cert_file",
@@ -1217,6 +1276,28 @@ mod tests {
             }
         }
 
+        /// A file holding a DSN with a password, damaged anywhere, loads or
+        /// is refused without the password in the message.
+        #[test]
+        fn no_error_shows_a_password(
+            password in "[A-Za-z0-9]{10,16}",
+            at in 0usize..200,
+            damage in "[\\[\\]\"'=# a-z\\\\\n{}.,]{1,3}",
+        ) {
+            let text = format!(
+                "[sampler]\ninterval = \"1s\"\n[[targets]]\nname = \"main\"\ndsn = \"host=db user=u password={password} dbname=app\"\n[log]\nlevel = \"info\"\n"
+            );
+            let at = text.char_indices().map(|(i, _)| i).nth(at % text.chars().count()).unwrap();
+            let damaged = format!("{}{damage}{}", &text[..at], &text[at..]);
+            if let Err(error) = load_text(&damaged, &[]) {
+                proptest::prop_assert!(!error.to_string().contains(&password), "{}", error);
+            }
+            let env = [("PGPASSWORD", password.as_str()), ("PGSSLMODE", "verify_full")];
+            if let Err(error) = load_text(&text, &env) {
+                proptest::prop_assert!(!error.to_string().contains(&password), "{}", error);
+            }
+        }
+
         /// Any file, TOML or not, loads or is refused naming the file.
         #[test]
         fn any_file_loads_or_names_itself(text in "(\\[[a-z]{1,8}\\]\n|[a-z_]{1,12} = (\"[ -~]{0,12}\"|[0-9]{1,4}|true)\n|[ -~]{0,20}\n){0,8}") {
@@ -1247,6 +1328,46 @@ mod tests {
         let shown = format!("{}\n{config:?}", render_effective(&config));
         assert!(!shown.contains("hunter2") && !shown.contains("t0ken"), "{shown}");
         assert!(shown.contains(&password.path().display().to_string()), "{shown}");
+    }
+
+    #[test]
+    fn only_small_regular_files_are_read() {
+        for (path, expected) in [
+            ("/dev/zero", "/dev/zero is not a regular file"),
+            ("/tmp", "/tmp is not a regular file"),
+        ] {
+            let message = error_of(&format!("[[targets]]\nname = \"a\"\ndsn_file = \"{path}\"\n"));
+            assert!(message.contains(expected), "{message}");
+        }
+        let big = file(&"#".repeat(2 << 20));
+        let message = load(&Sources {
+            file: Some(big.path().to_path_buf()),
+            ..Sources::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(message.contains("is larger than 1048576 bytes"), "{message}");
+        let message = load(&Sources {
+            file: Some("/dev/zero".into()),
+            ..Sources::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert_eq!(message, "/dev/zero: /dev/zero is not a regular file");
+    }
+
+    #[test]
+    fn syntax_errors_give_the_position_not_the_line() {
+        let message = error_of("[[targets]]\nname = \"main\"\ndsn = \"host=db password=Sup3r-Secret user=x\" junk\n");
+        assert!(!message.contains("Sup3r-Secret"), "{message}");
+        assert!(message.contains("TOML syntax error at line 3, column 46"), "{message}");
+        let message = load_text(ONE_TARGET, &[("PGSSLMODE", "VERIFY-FULL")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            message.contains("environment variable PGSSLMODE has invalid value `VERIFY-FULL`"),
+            "{message}"
+        );
     }
 
     #[test]

@@ -16,12 +16,29 @@ use tokio_postgres::config::{SslMode, TargetSessionAttrs};
 pub enum DsnError {
     #[error("invalid connection URL: {0}")]
     Url(String),
-    #[error("invalid connection string near `{0}`: expected key=value")]
-    Syntax(String),
+    /// The text at fault is not shown: it may be a piece of a password.
+    #[error(
+        "invalid connection string at character {0}: expected key=value; quote a value that holds spaces, \
+         as in password='two words'"
+    )]
+    Syntax(usize),
     #[error("unterminated quoted value for `{0}`")]
     Unterminated(String),
     #[error("unknown connection option `{0}`")]
     UnknownKey(String),
+    /// An unquoted password with a space splits into the password and a
+    /// word taken for a key: that word is not shown.
+    #[error(
+        "an unknown connection option follows `password`: if the password holds a space, quote it, as in \
+         password='two words'"
+    )]
+    UnknownKeyAfterPassword,
+    #[error("environment variable {variable} has invalid value `{value}`: expected {expected}")]
+    BadEnv {
+        variable: &'static str,
+        value: String,
+        expected: &'static str,
+    },
     #[error("connection option `{key}` has invalid value `{value}`: {expected}")]
     BadValue {
         key: String,
@@ -131,12 +148,17 @@ impl Dsn {
         } else {
             parse_key_values(text)?
         };
-        for (key, value) in &params {
+        for (index, (key, value)) in params.iter().enumerate() {
             if UNSUPPORTED.contains(&key.as_str()) {
                 return Err(DsnError::Unsupported(key.clone()));
             }
             if !KEYS.contains(&key.as_str()) {
-                return Err(DsnError::UnknownKey(key.clone()));
+                let after_password = index > 0 && params[index - 1].0 == "password";
+                return Err(if after_password {
+                    DsnError::UnknownKeyAfterPassword
+                } else {
+                    DsnError::UnknownKey(key.clone())
+                });
             }
             validate_value(key, value)?;
         }
@@ -147,23 +169,33 @@ impl Dsn {
     /// first, then `PG*`), or `None` when none is set.
     pub fn from_env(env: &HashMap<String, String>) -> Result<Option<Dsn>, DsnError> {
         if let Some(url) = env.get("DATABASE_URL").filter(|v| !v.is_empty()) {
-            return Dsn::parse(url).map(|dsn| Some(dsn.with_env_defaults(env)));
+            return Dsn::parse(url)?.with_env_defaults(env).map(Some);
         }
-        let empty = Dsn { params: Vec::new() }.with_env_defaults(env);
+        let empty = Dsn { params: Vec::new() }.with_env_defaults(env)?;
         Ok((!empty.params.is_empty()).then_some(empty))
     }
 
     /// Fills options the string does not set from `PGHOST` and friends, as
-    /// libpq does.
-    pub fn with_env_defaults(mut self, env: &HashMap<String, String>) -> Dsn {
+    /// libpq does. Every variable lockjam honours is checked like the
+    /// string, set or not: a misspelt `PGSSLMODE` is an error, never a
+    /// silent `prefer`.
+    pub fn with_env_defaults(mut self, env: &HashMap<String, String>) -> Result<Dsn, DsnError> {
         for (variable, key) in ENV_DEFAULTS {
-            if let Some(value) = env.get(*variable).filter(|v| !v.is_empty()) {
-                if self.get(key).is_none() {
-                    self.params.push((key.to_string(), value.clone()));
-                }
+            let Some(value) = env.get(*variable).filter(|v| !v.is_empty()) else {
+                continue;
+            };
+            if let Err(DsnError::BadValue { expected, .. }) = validate_value(key, value) {
+                return Err(DsnError::BadEnv {
+                    variable,
+                    value: value.clone(),
+                    expected,
+                });
+            }
+            if self.get(key).is_none() {
+                self.params.push((key.to_string(), value.clone()));
             }
         }
-        self
+        Ok(self)
     }
 
     pub fn get(&self, key: &str) -> Option<&str> {
@@ -346,39 +378,56 @@ fn parse_url(text: &str) -> Result<Vec<(String, String)>, DsnError> {
 /// libpq's `key = value` form: values may be single-quoted, backslash
 /// escapes `\'` and `\\`.
 fn parse_key_values(text: &str) -> Result<Vec<(String, String)>, DsnError> {
+    let chars: Vec<char> = text.chars().collect();
+    let mut at = 0;
+    let skip_spaces = |at: &mut usize| {
+        while chars.get(*at).is_some_and(|c| c.is_whitespace()) {
+            *at += 1;
+        }
+    };
     let mut params = Vec::new();
-    let mut chars = text.chars().peekable();
     loop {
-        while chars.next_if(|c| c.is_whitespace()).is_some() {}
-        if chars.peek().is_none() {
+        skip_spaces(&mut at);
+        if at >= chars.len() {
             return Ok(params);
         }
+        let start = at;
         let mut key = String::new();
-        while let Some(c) = chars.next_if(|c| *c != '=' && !c.is_whitespace()) {
+        while let Some(&c) = chars.get(at).filter(|c| **c != '=' && !c.is_whitespace()) {
             key.push(c);
+            at += 1;
         }
-        while chars.next_if(|c| c.is_whitespace()).is_some() {}
-        if chars.next() != Some('=') {
-            return Err(DsnError::Syntax(key));
+        skip_spaces(&mut at);
+        if chars.get(at) != Some(&'=') {
+            return Err(DsnError::Syntax(start + 1));
         }
-        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        at += 1;
+        skip_spaces(&mut at);
         let mut value = String::new();
-        if chars.next_if_eq(&'\'').is_some() {
+        if chars.get(at) == Some(&'\'') {
+            at += 1;
             loop {
-                match chars.next() {
+                match chars.get(at) {
                     None => return Err(DsnError::Unterminated(key)),
                     Some('\'') => break,
-                    Some('\\') => value.extend(chars.next()),
-                    Some(c) => value.push(c),
+                    Some('\\') => {
+                        at += 1;
+                        value.extend(chars.get(at));
+                    }
+                    Some(c) => value.push(*c),
                 }
+                at += 1;
             }
+            at += 1;
         } else {
-            while let Some(c) = chars.next_if(|c| !c.is_whitespace()) {
+            while let Some(&c) = chars.get(at).filter(|c| !c.is_whitespace()) {
                 if c == '\\' {
-                    value.extend(chars.next());
+                    at += 1;
+                    value.extend(chars.get(at));
                 } else {
                     value.push(c);
                 }
+                at += 1;
             }
         }
         params.push((key, value));
@@ -395,7 +444,8 @@ mod tests {
 
     #[test]
     fn key_value_form_with_quotes_and_escapes() {
-        assert_eq!(Dsn::parse("host=db oops"), Err(DsnError::Syntax("oops".into())));
+        assert_eq!(Dsn::parse("host=db oops"), Err(DsnError::Syntax(9)));
+        assert_eq!(Dsn::parse("host=db\\").unwrap().get("host"), Some("db"));
         let dsn =
             Dsn::parse(r"host=db.internal port = 6432 user=lockjam password='it\'s a secret' dbname=app").unwrap();
         assert_eq!(dsn.get("port"), Some("6432"));
@@ -441,9 +491,58 @@ mod tests {
     }
 
     #[test]
+    fn errors_never_show_a_piece_of_a_password() {
+        for text in [
+            "host=db user=u password=Sup3r Secret",
+            "host=db user=u password=Sup3r Secret=x",
+            "host=db password=Sup3r Secret user=u",
+        ] {
+            let message = Dsn::parse(text).unwrap_err().to_string();
+            assert!(
+                !message.contains("Secret") && !message.contains("Sup3r"),
+                "{text}: {message}"
+            );
+            assert!(message.contains("password='two words'"), "{message}");
+        }
+    }
+
+    #[test]
+    fn the_libpq_environment_is_checked_like_the_string() {
+        for value in ["verify_full", "VERIFY-FULL", "verify-full ", "on"] {
+            let err = Dsn::parse("host=db user=u")
+                .unwrap()
+                .with_env_defaults(&env(&[("PGSSLMODE", value)]))
+                .unwrap_err();
+            assert_eq!(
+                err.to_string(),
+                format!(
+                    "environment variable PGSSLMODE has invalid value `{value}`: expected one of disable, allow, \
+                     prefer, require, verify-ca, verify-full"
+                )
+            );
+        }
+        // Checked even where the string sets the option itself.
+        let err = Dsn::parse("host=db user=u port=5432")
+            .unwrap()
+            .with_env_defaults(&env(&[("PGPORT", "54x32")]))
+            .unwrap_err();
+        assert!(err
+            .to_string()
+            .starts_with("environment variable PGPORT has invalid value `54x32`"));
+        assert!(Dsn::from_env(&env(&[("PGHOST", "h"), ("PGCONNECT_TIMEOUT", "soon")])).is_err());
+        let ok = Dsn::parse("host=db user=u")
+            .unwrap()
+            .with_env_defaults(&env(&[("PGSSLMODE", "verify-full")]));
+        assert_eq!(ok.unwrap().tls().mode, TlsMode::VerifyFull);
+    }
+
+    #[test]
     fn libpq_environment_fills_what_the_dsn_leaves_out() {
         let vars = env(&[("PGHOST", "envhost"), ("PGPASSWORD", "pw"), ("PGUSER", "envuser")]);
-        let dsn = Dsn::parse("host=db user=app").unwrap().with_env_defaults(&vars);
+        let dsn = Dsn::parse("host=db user=app")
+            .unwrap()
+            .with_env_defaults(&vars)
+            .unwrap();
         assert_eq!(
             (dsn.get("host"), dsn.get("user"), dsn.get("password")),
             (Some("db"), Some("app"), Some("pw"))

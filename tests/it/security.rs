@@ -302,3 +302,33 @@ async fn a_password_on_the_command_line_is_warned_about_once() {
     }
     env.stop().await;
 }
+
+/// A misspelt `PGSSLMODE` is refused (exit 2, naming the variable, the
+/// value and the valid ones), never read as `prefer`: lockjam would have
+/// connected in plaintext. Likewise a bad `PGPORT`.
+#[test]
+fn invalid_libpq_environment_is_refused_never_downgraded() {
+    for (variable, value, expected) in [
+        ("PGSSLMODE", "verify_full", "one of disable, allow, prefer, require, verify-ca, verify-full"),
+        ("PGSSLMODE", "VERIFY-FULL", "one of disable, allow, prefer, require, verify-ca, verify-full"),
+        ("PGSSLMODE", "verify-full ", "one of disable, allow, prefer, require, verify-ca, verify-full"),
+        ("PGPORT", "five", "a port number"),
+    ] {
+        for command in ["check-config", "run"] {
+            let output = crate::support::lockjam()
+                .args([command, "--dsn", "host=db.internal user=u password=Sup3r-Secret"])
+                .env(variable, value)
+                .output()
+                .unwrap();
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            assert_eq!(output.status.code(), Some(2), "{command} {variable}={value:?}: {stderr}");
+            assert!(
+                stderr.contains(&format!(
+                    "environment variable {variable} has invalid value `{value}`: expected {expected}"
+                )),
+                "{stderr}"
+            );
+            assert!(!stderr.contains("Sup3r-Secret"), "{stderr}");
+        }
+    }
+}

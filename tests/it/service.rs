@@ -328,7 +328,7 @@ fn cli_check_config() {
     );
 
     let output = lockjam()
-        .args(["run", "--dsn", "host=x user=u password=s3cret flavour=mint"])
+        .args(["run", "--dsn", "host=x flavour=mint user=u password=s3cret"])
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
@@ -381,7 +381,11 @@ fn cli_bad_files_exit_2_naming_file_and_key_without_the_password() {
     let dir = tempfile::tempdir().unwrap();
     let target = "[[targets]]\nname = \"main\"\ndsn = \"postgres://lockjam:s3cret@db.internal/app\"\n";
     let cases = [
-        ("bad TOML", format!("{target}[sampler\n"), "lockjam.toml"),
+        (
+            "bad TOML",
+            format!("{target}[sampler\n"),
+            "lockjam.toml: TOML syntax error at line 4, column 9",
+        ),
         (
             "unknown key",
             format!("{target}[sampler]\nintervall = \"1s\"\n"),
@@ -399,8 +403,13 @@ fn cli_bad_files_exit_2_naming_file_and_key_without_the_password() {
         ),
         (
             "bad DSN",
-            "[[targets]]\nname = \"main\"\ndsn = \"host=x password=s3cret colour=red\"\n".into(),
+            "[[targets]]\nname = \"main\"\ndsn = \"host=x colour=red password=s3cret\"\n".into(),
             "targets[0].dsn: unknown connection option `colour`",
+        ),
+        (
+            "an unquoted password with a space",
+            "[[targets]]\nname = \"main\"\ndsn = \"host=x password=s3cret colour=red\"\n".into(),
+            "targets[0].dsn: an unknown connection option follows `password`",
         ),
         (
             "unreadable dsn_file",
