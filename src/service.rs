@@ -16,7 +16,7 @@ use crate::config::{Config, LogConfig, SamplerConfig, Target};
 use crate::connect::{ConnectError, SessionSettings};
 use crate::enforcer::{Enforcer, Sent};
 use crate::http::{HttpError, TlsReloader};
-use crate::policy::{decide, Memory, Policy};
+use crate::policy::{decide, Memory, Policy, MAX_SNAPSHOT_AGE};
 use crate::sampler::{SampleError, Sampler};
 use crate::state::{SharedState, TargetState};
 
@@ -405,6 +405,16 @@ async fn enforce(
         memory.record_deadlock(deadlock);
     }
     for decision in plan.decisions {
+        // A decision is carried out while its sample is fresh, or not at
+        // all: the next sample decides again on what is true then.
+        if decision.verdict.is_none() && sampled.elapsed() > MAX_SNAPSHOT_AGE {
+            tracing::warn!(
+                target = name,
+                "policy decisions dropped: their sample is {:.1}s old; the next sample decides again",
+                sampled.elapsed().as_secs_f64()
+            );
+            break;
+        }
         let sent = match decision.verdict {
             Some(verdict) => Sent {
                 outcome: verdict,

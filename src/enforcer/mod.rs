@@ -5,6 +5,7 @@
 
 use std::time::{Duration, SystemTime};
 
+use tokio::time::timeout;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, Statement};
 
@@ -54,40 +55,68 @@ impl Enforcer {
     /// leader lock. Another instance's lock, or an unreachable database,
     /// makes it false; it is tried again on the next call.
     pub async fn lead(&mut self) -> bool {
+        let deadline = self.deadline();
         if self.session.as_ref().is_some_and(|s| s.client.is_closed()) {
             tracing::warn!(target = %self.target, "lost the leader session; this instance no longer enforces");
             self.session = None;
         }
+        // A leader is one whose session answers now: a stopped backend or a
+        // silent network leaves the client believing it is connected.
+        if let Some(session) = self.session.as_ref().filter(|s| s.leader) {
+            if !matches!(timeout(deadline, session.client.simple_query("")).await, Ok(Ok(_))) {
+                tracing::warn!(
+                    target = %self.target,
+                    "the leader session did not answer within {deadline:?}; this instance no longer enforces \
+                     until it leads again"
+                );
+                self.session = None;
+                return false;
+            }
+        }
         if self.session.is_none() {
-            match self.open().await {
-                Ok(session) => self.session = Some(session),
-                Err(e) => {
+            match timeout(self.settings.connect_timeout + deadline, self.open()).await {
+                Ok(Ok(session)) => self.session = Some(session),
+                Ok(Err(e)) => {
                     tracing::debug!(target = %self.target, "cannot open the leader session: {e}");
+                    return false;
+                }
+                Err(_) => {
+                    tracing::debug!(target = %self.target, "the leader session did not open in time");
                     return false;
                 }
             }
         }
         let session = self.session.as_mut().expect("opened above");
         if !session.leader {
-            match session
+            let attempt = session
                 .client
-                .query_one("SELECT pg_catalog.pg_try_advisory_lock($1)", &[&LEADER_LOCK_KEY])
-                .await
-            {
-                Ok(row) => {
+                .query_one("SELECT pg_catalog.pg_try_advisory_lock($1)", &[&LEADER_LOCK_KEY]);
+            match timeout(deadline, attempt).await {
+                Ok(Ok(row)) => {
                     session.leader = row.get(0);
                     if session.leader {
                         tracing::info!(target = %self.target, "this instance is the policy leader");
                     }
                 }
-                Err(e) => {
+                Ok(Err(e)) => {
                     tracing::debug!(target = %self.target, "leader lock attempt failed: {}", error_chain(&e));
+                    self.session = None;
+                    return false;
+                }
+                Err(_) => {
+                    tracing::debug!(target = %self.target, "the leader lock attempt did not answer in time");
                     self.session = None;
                     return false;
                 }
             }
         }
         session.leader
+    }
+
+    /// How long lockjam waits for one statement on the leader session: the
+    /// server's statement_timeout cannot fire in a backend that is stopped.
+    fn deadline(&self) -> Duration {
+        self.settings.statement_timeout * 2
     }
 
     async fn open(&self) -> Result<LeaderSession, String> {
@@ -131,9 +160,10 @@ impl Enforcer {
         let waiter = &decision.waiter.session;
         let signal: &str = decision.signal.as_str();
         let backend_start: Option<SystemTime> = target.backend_start;
-        let row = session
-            .client
-            .query_one(
+        let deadline = self.deadline();
+        let row = timeout(
+            deadline,
+            session.client.query_one(
                 &session.signal,
                 &[
                     &target.pid,
@@ -144,8 +174,18 @@ impl Enforcer {
                     &signal,
                     &LEADER_LOCK_KEY,
                 ],
-            )
-            .await;
+            ),
+        )
+        .await;
+        let Ok(row) = row else {
+            // Whether the signal went out is unknown; the session cannot be
+            // trusted with another.
+            self.session = None;
+            return Sent::failed(
+                Outcome::Error,
+                format!("the leader session did not answer within {deadline:?}; it is dropped"),
+            );
+        };
         match row {
             Ok(row) => {
                 let leader: bool = row.get("leader");

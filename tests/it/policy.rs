@@ -1148,3 +1148,69 @@ async fn two_lockjam_run_processes_fail_over_when_the_leader_is_killed() {
     .await;
     env.stop().await;
 }
+
+/// The leader's backend stops (SIGSTOP) while a queue forms: the target
+/// keeps sampling, the instance stops calling itself the leader within a
+/// few seconds, and no decision is carried out late. Once the backend
+/// resumes and the old session is gone, the instance leads again and acts
+/// on a fresh sample.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stalled_leader_session_neither_freezes_sampling_nor_acts_late() {
+    let env = TestEnv::start_full(ClusterOptions::default(), acting(unblock(1))).await;
+    env.wait_for_metrics("the leader", |m| m.value("lockjam_policy_leader", &[]) == Some(1.0))
+        .await;
+    let leader_pid: i32 = env
+        .admin
+        .query_one(
+            "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted
+               AND objid = ($1::int8 & 4294967295)::oid AND classid = ($1::int8 >> 32)::oid",
+            &[&lockjam::enforcer::LEADER_LOCK_KEY],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let signal = |name: &str| {
+        let sent = std::process::Command::new("kill")
+            .args([name, &leader_pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success(), "kill {name}");
+    };
+    signal("-STOP");
+    let (reader_pid, read, _, alter) = migration_behind_long_read(&env).await;
+    let stalled = env
+        .wait_for_metrics("the instance to stop leading", |m| {
+            m.value("lockjam_policy_leader", &[]) == Some(0.0)
+                && m.value("lockjam_lock_waiters", &[("mode", "AccessExclusiveLock")]) == Some(1.0)
+        })
+        .await;
+    let sampled_at = stalled.value("lockjam_last_sample_timestamp_seconds", &[]).unwrap();
+    env.wait_for_metrics("sampling to go on", |m| {
+        m.value("lockjam_last_sample_timestamp_seconds", &[]).unwrap() > sampled_at + 2.0
+    })
+    .await;
+    assert_eq!(
+        state_of(&env, reader_pid).await.as_deref(),
+        Some("active"),
+        "nothing signalled yet"
+    );
+    signal("-CONT");
+    within("the ALTER, once an instance leads again", alter)
+        .await
+        .unwrap()
+        .expect("the ALTER succeeds");
+    assert!(within("the read", read).await.unwrap().is_err());
+    let events = env.events().await;
+    let signals: Vec<&Value> = events.iter().filter(|e| e["outcome"] == "success").collect();
+    assert_eq!(signals.len(), 1, "{events:#?}");
+    let age = |e: &Value, field: &str| {
+        humantime::parse_rfc3339(e[field].as_str().unwrap())
+            .unwrap()
+            .duration_since(std::time::SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64()
+    };
+    let late = age(signals[0], "time") - age(signals[0], "sampled_at");
+    assert!(late < 1.0, "carried out {late:.1}s after its sample");
+    env.stop().await;
+}

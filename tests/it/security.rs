@@ -309,9 +309,21 @@ async fn a_password_on_the_command_line_is_warned_about_once() {
 #[test]
 fn invalid_libpq_environment_is_refused_never_downgraded() {
     for (variable, value, expected) in [
-        ("PGSSLMODE", "verify_full", "one of disable, allow, prefer, require, verify-ca, verify-full"),
-        ("PGSSLMODE", "VERIFY-FULL", "one of disable, allow, prefer, require, verify-ca, verify-full"),
-        ("PGSSLMODE", "verify-full ", "one of disable, allow, prefer, require, verify-ca, verify-full"),
+        (
+            "PGSSLMODE",
+            "verify_full",
+            "one of disable, allow, prefer, require, verify-ca, verify-full",
+        ),
+        (
+            "PGSSLMODE",
+            "VERIFY-FULL",
+            "one of disable, allow, prefer, require, verify-ca, verify-full",
+        ),
+        (
+            "PGSSLMODE",
+            "verify-full ",
+            "one of disable, allow, prefer, require, verify-ca, verify-full",
+        ),
         ("PGPORT", "five", "a port number"),
     ] {
         for command in ["check-config", "run"] {
@@ -321,7 +333,11 @@ fn invalid_libpq_environment_is_refused_never_downgraded() {
                 .output()
                 .unwrap();
             let stderr = String::from_utf8_lossy(&output.stderr);
-            assert_eq!(output.status.code(), Some(2), "{command} {variable}={value:?}: {stderr}");
+            assert_eq!(
+                output.status.code(),
+                Some(2),
+                "{command} {variable}={value:?}: {stderr}"
+            );
             assert!(
                 stderr.contains(&format!(
                     "environment variable {variable} has invalid value `{value}`: expected {expected}"
