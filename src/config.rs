@@ -147,6 +147,9 @@ pub struct SamplerConfig {
     pub lock_timeout: Duration,
     pub connect_timeout: Duration,
     pub max_relations: usize,
+    /// A session to another database (opened to name its relations)
+    /// closes after this long unused.
+    pub database_session_idle: Duration,
 }
 
 impl Default for SamplerConfig {
@@ -161,6 +164,7 @@ impl Default for SamplerConfig {
             lock_timeout: duration(&raw.lock_timeout),
             connect_timeout: duration(&raw.connect_timeout),
             max_relations: raw.max_relations,
+            database_session_idle: duration(&raw.database_session_idle),
         }
     }
 }
@@ -242,6 +246,7 @@ struct RawSampler {
     lock_timeout: String,
     connect_timeout: String,
     max_relations: usize,
+    database_session_idle: String,
 }
 
 impl Default for RawSampler {
@@ -253,6 +258,7 @@ impl Default for RawSampler {
             lock_timeout: "500ms".into(),
             connect_timeout: "5s".into(),
             max_relations: 20,
+            database_session_idle: "60s".into(),
         }
     }
 }
@@ -427,6 +433,7 @@ fn validate(raw: RawConfig, sources: &Sources, origin: &str) -> Result<Config, C
         lock_timeout: duration("lock_timeout", &raw.sampler.lock_timeout)?,
         connect_timeout: duration("connect_timeout", &raw.sampler.connect_timeout)?,
         max_relations: raw.sampler.max_relations,
+        database_session_idle: duration("database_session_idle", &raw.sampler.database_session_idle)?,
     };
     if sampler.fast_interval > sampler.interval {
         return Err(invalid(
@@ -879,6 +886,7 @@ pub fn render_effective(config: &Config) -> String {
             lock_timeout: human(config.sampler.lock_timeout),
             connect_timeout: human(config.sampler.connect_timeout),
             max_relations: config.sampler.max_relations,
+            database_session_idle: human(config.sampler.database_session_idle),
         },
         log: RawLog {
             format: config.log.format.as_str().to_string(),
@@ -1016,6 +1024,7 @@ mod tests {
                 lock_timeout: Duration::from_millis(500),
                 connect_timeout: Duration::from_secs(5),
                 max_relations: 20,
+                database_session_idle: Duration::from_secs(60),
             }
         );
         assert_eq!(defaults.server.listen.to_string(), DEFAULT_LISTEN);

@@ -27,8 +27,6 @@ pub const QUERY_TEXT_LENGTH: i32 = 200;
 /// Relation names are cached per (database, oid); past this many entries
 /// the cache starts afresh.
 const RELATION_CACHE_LIMIT: usize = 10_000;
-/// A connection to another database closes after this long unused.
-const DATABASE_SESSION_IDLE: Duration = Duration::from_secs(600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum SampleError {
@@ -92,6 +90,7 @@ pub struct Sampler {
     databases: HashMap<String, DatabaseSession>,
     relation_names: HashMap<(u32, u32), String>,
     first_seen: HashMap<WaitKey, SystemTime>,
+    database_session_idle: Duration,
     /// What the target's role may not see, said once.
     warnings: Vec<String>,
 }
@@ -107,6 +106,7 @@ impl Sampler {
             databases: HashMap::new(),
             relation_names: HashMap::new(),
             first_seen: HashMap::new(),
+            database_session_idle: config.database_session_idle,
             warnings: Vec::new(),
         })
     }
@@ -177,6 +177,7 @@ impl Sampler {
             .collect();
         if lock_waiters == 0 {
             self.first_seen.clear();
+            self.close_idle_database_sessions();
             return Ok(Snapshot::calm(taken_at, activity));
         }
 
@@ -371,9 +372,14 @@ impl Sampler {
         })
     }
 
+    /// Closes sessions to other databases unused for
+    /// `database_session_idle`, and forgets those the server ended (a
+    /// dropped database): checked every sample, calm or not, so that
+    /// lockjam does not keep `DROP DATABASE` from going through.
     fn close_idle_database_sessions(&mut self) {
+        let idle = self.database_session_idle;
         self.databases
-            .retain(|_, session| session.last_used.elapsed() < DATABASE_SESSION_IDLE);
+            .retain(|_, session| session.last_used.elapsed() < idle && !session.client.is_closed());
     }
 
     /// Before PostgreSQL 14, and for the moment after a wait begins on

@@ -459,3 +459,53 @@ async fn one_dead_target_of_ten_delays_no_other() {
     held.abort();
     env.stop().await;
 }
+
+/// A wait in another database makes lockjam open a session there to name
+/// its relations; once calm and `database_session_idle` has passed, the
+/// session closes, so that `DROP DATABASE` goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn idle_sessions_to_other_databases_close_while_calm() {
+    let cluster = crate::support::start_cluster(lockjam::cluster::ClusterOptions::default()).await;
+    let postgres = crate::support::connect(&cluster.dsn("postgres"), "fixture").await;
+    postgres.batch_execute("CREATE DATABASE tenant").await.unwrap();
+    let tenant = crate::support::connect(&cluster.dsn("tenant"), "fixture").await;
+    tenant.batch_execute("CREATE TABLE t (id int)").await.unwrap();
+    let mut config = crate::support::config_for(vec![("it", cluster.dsn("postgres"))]);
+    config.sampler.database_session_idle = Duration::from_secs(2);
+    let service = lockjam::service::Service::start(&config).await.unwrap();
+    let lockjam_in_tenant = || async {
+        postgres
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = 'tenant' AND application_name = 'lockjam'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+    };
+    let reader = crate::support::connect(&cluster.dsn("tenant"), "report").await;
+    reader.batch_execute("BEGIN; SELECT count(*) FROM t").await.unwrap();
+    let migrate = crate::support::connect(&cluster.dsn("tenant"), "migrate").await;
+    let alter = tokio::spawn(async move { migrate.batch_execute("ALTER TABLE t ADD COLUMN x int").await });
+    crate::support::wait_until("lockjam to name the relation in tenant", || async {
+        crate::support::scrape(service.local_addr()).await.value(
+            "lockjam_relation_lock_waiters",
+            &[("datname", "tenant"), ("relation", "public.t")],
+        ) == Some(1.0)
+    })
+    .await;
+    assert_eq!(lockjam_in_tenant().await, 1);
+    reader.batch_execute("COMMIT").await.unwrap();
+    alter.await.unwrap().unwrap();
+    drop((reader, tenant));
+    crate::support::wait_until("lockjam's session in tenant to close", || async {
+        lockjam_in_tenant().await == 0
+    })
+    .await;
+    postgres
+        .batch_execute("DROP DATABASE tenant")
+        .await
+        .expect("nothing of lockjam's holds the database");
+    service.stop().await;
+    tokio::task::spawn_blocking(move || drop(cluster)).await.unwrap();
+}
