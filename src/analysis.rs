@@ -169,6 +169,8 @@ pub struct LockGraph {
     /// This lockjam's own sessions, known by pid (the caller fills them
     /// in): never signalled. A session's name proves nothing.
     pub own_pids: Vec<i32>,
+    /// The snapshot's list of the server's databases, when it read one.
+    pub existing_databases: Option<Vec<String>>,
 }
 
 /// The sessions a waiter waits on, followed through the sessions that
@@ -436,6 +438,7 @@ pub fn analyze(snapshot: &Snapshot) -> LockGraph {
         queues,
         databases,
         own_pids: Vec::new(),
+        existing_databases: snapshot.existing_databases.clone(),
     }
 }
 

@@ -381,6 +381,16 @@ impl Metrics {
                 .with_label_values(&[target, &wait.datname])
                 .observe(seconds(wait.wait));
         }
+        // A dropped database's histogram goes with it.
+        if let Some(existing) = &graph.existing_databases {
+            databases.retain(|datname| {
+                let keep = existing.contains(datname);
+                if !keep {
+                    let _ = f.lock_wait.remove_label_values(&[target, datname]);
+                }
+                keep
+            });
+        }
         let taken_at = graph.taken_at;
         f.sessions.replace(
             target,
@@ -652,6 +662,54 @@ mod tests {
             "no stale figures while down: {text}"
         );
         assert!(text.contains("lockjam_last_sample_timestamp_seconds{target=\"db1\"} 1000"));
+    }
+
+    #[test]
+    fn a_dropped_database_s_histogram_goes_with_it() {
+        let metrics = Metrics::new();
+        let groups = |names: &[&str]| {
+            names
+                .iter()
+                .map(|datname| ActivityGroup {
+                    datname: datname.to_string(),
+                    state: "idle".into(),
+                    sessions: 1,
+                    oldest_xact_start: None,
+                })
+                .collect::<Vec<_>>()
+        };
+        let at = SystemTime::UNIX_EPOCH + Duration::from_secs(1000);
+        metrics.record_sample(
+            "db1",
+            &analyze(&Snapshot::calm(at, groups(&["app", "tmp"]))),
+            &[],
+            Duration::ZERO,
+            20,
+        );
+        let histograms = |text: &str, datname: &str| {
+            text.lines()
+                .filter(|l| l.starts_with("lockjam_lock_wait_seconds") && l.contains(&format!("datname=\"{datname}\"")))
+                .count()
+        };
+        assert_eq!(histograms(&metrics.render(), "tmp"), 15);
+        // tmp has no session any more, but exists: its histogram stays.
+        metrics.record_sample(
+            "db1",
+            &analyze(&Snapshot::calm(at, groups(&["app"]))),
+            &[],
+            Duration::ZERO,
+            20,
+        );
+        assert_eq!(histograms(&metrics.render(), "tmp"), 15);
+        // The sample that read the server's databases finds it dropped.
+        let dropped = Snapshot {
+            existing_databases: Some(vec!["app".into(), "postgres".into()]),
+            ..Snapshot::calm(at, groups(&["app"]))
+        };
+        metrics.record_sample("db1", &analyze(&dropped), &[], Duration::ZERO, 20);
+        let text = metrics.render();
+        assert_eq!(histograms(&text, "tmp"), 0, "{text}");
+        assert_eq!(histograms(&text, "app"), 15);
     }
 
     #[test]

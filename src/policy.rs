@@ -869,6 +869,7 @@ mod tests {
             activity: Vec::new(),
             sessions,
             locks,
+            existing_databases: None,
         };
         (snapshot, read)
     }
@@ -912,6 +913,7 @@ mod tests {
             activity: Vec::new(),
             sessions,
             locks,
+            existing_databases: None,
         }
     }
 

@@ -69,6 +69,10 @@ pub struct Snapshot {
     pub activity: Vec<ActivityGroup>,
     pub sessions: Vec<Session>,
     pub locks: Vec<LockRow>,
+    /// Every database of the server, read only when a database that had
+    /// client sessions has none any more (it may have been dropped);
+    /// `None` otherwise.
+    pub existing_databases: Option<Vec<String>>,
 }
 
 impl Snapshot {
@@ -79,6 +83,7 @@ impl Snapshot {
             activity,
             sessions: Vec::new(),
             locks: Vec::new(),
+            existing_databases: None,
         }
     }
 }

@@ -24,6 +24,9 @@ const SESSION_SQL: &str = include_str!("session.sql");
 /// Characters of query text kept: enough to recognise a statement, bounded
 /// so that a sample stays small.
 pub const QUERY_TEXT_LENGTH: i32 = 200;
+/// The server's list of databases is read at least this often, so that
+/// the series of a dropped database go.
+const DATABASE_LIST_PERIOD: Duration = Duration::from_secs(60);
 /// Relation names are cached per (database, oid); past this many entries
 /// the cache starts afresh.
 const RELATION_CACHE_LIMIT: usize = 10_000;
@@ -91,6 +94,10 @@ pub struct Sampler {
     relation_names: HashMap<(u32, u32), String>,
     first_seen: HashMap<WaitKey, SystemTime>,
     database_session_idle: Duration,
+    /// Databases with client sessions in the last sample.
+    databases_with_sessions: HashSet<String>,
+    /// When the server's list of databases was last read.
+    databases_read_at: Option<Instant>,
     /// What the target's role may not see, said once.
     warnings: Vec<String>,
 }
@@ -107,6 +114,8 @@ impl Sampler {
             relation_names: HashMap::new(),
             first_seen: HashMap::new(),
             database_session_idle: config.database_session_idle,
+            databases_with_sessions: HashSet::new(),
+            databases_read_at: None,
             warnings: Vec::new(),
         })
     }
@@ -164,7 +173,7 @@ impl Sampler {
             .map_err(|e| self.query_error("reading pg_stat_activity", &e))?;
         let taken_at: SystemTime = rows[0].get("taken_at");
         let lock_waiters: i64 = rows[0].get("lock_waiters");
-        let activity = rows
+        let activity: Vec<ActivityGroup> = rows
             .iter()
             .filter_map(|row| {
                 Some(ActivityGroup {
@@ -175,11 +184,16 @@ impl Sampler {
                 })
             })
             .collect();
+        let existing_databases = self.databases_if_one_vanished(&activity).await?;
         if lock_waiters == 0 {
             self.first_seen.clear();
             self.close_idle_database_sessions();
-            return Ok(Snapshot::calm(taken_at, activity));
+            return Ok(Snapshot {
+                existing_databases,
+                ..Snapshot::calm(taken_at, activity)
+            });
         }
+        let main = self.main.as_ref().expect("opened above");
 
         let rows = main
             .client
@@ -218,6 +232,7 @@ impl Sampler {
             activity,
             sessions,
             locks,
+            existing_databases,
         })
     }
 
@@ -370,6 +385,34 @@ impl Sampler {
             relations,
             last_used: Instant::now(),
         })
+    }
+
+    /// The server's databases, read when a database that had client
+    /// sessions in the last sample has none now (it may have been dropped,
+    /// and its series must go with it); `None`, with no query, otherwise.
+    async fn databases_if_one_vanished(
+        &mut self,
+        activity: &[ActivityGroup],
+    ) -> Result<Option<Vec<String>>, SampleError> {
+        let now: HashSet<String> = activity.iter().map(|g| g.datname.clone()).collect();
+        let vanished = self.databases_with_sessions.iter().any(|d| !now.contains(d));
+        self.databases_with_sessions = now;
+        // Also now and then: a database can be dropped long after its
+        // last session left.
+        let due = self
+            .databases_read_at
+            .map_or(true, |at| at.elapsed() >= DATABASE_LIST_PERIOD);
+        if !vanished && !due {
+            return Ok(None);
+        }
+        self.databases_read_at = Some(Instant::now());
+        let main = self.main.as_ref().expect("opened before the activity read");
+        let rows = main
+            .client
+            .query("SELECT datname::pg_catalog.text FROM pg_catalog.pg_database", &[])
+            .await
+            .map_err(|e| self.query_error("reading pg_database", &e))?;
+        Ok(Some(rows.iter().map(|row| row.get(0)).collect()))
     }
 
     /// Closes sessions to other databases unused for

@@ -462,7 +462,8 @@ async fn one_dead_target_of_ten_delays_no_other() {
 
 /// A wait in another database makes lockjam open a session there to name
 /// its relations; once calm and `database_session_idle` has passed, the
-/// session closes, so that `DROP DATABASE` goes through.
+/// session closes, so that nothing of lockjam's holds the database. Once
+/// dropped, the database's series go.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn idle_sessions_to_other_databases_close_while_calm() {
     let cluster = crate::support::start_cluster(lockjam::cluster::ClusterOptions::default()).await;
@@ -497,15 +498,27 @@ async fn idle_sessions_to_other_databases_close_while_calm() {
     assert_eq!(lockjam_in_tenant().await, 1);
     reader.batch_execute("COMMIT").await.unwrap();
     alter.await.unwrap().unwrap();
-    drop((reader, tenant));
+    drop(reader);
     crate::support::wait_until("lockjam's session in tenant to close", || async {
         lockjam_in_tenant().await == 0
     })
     .await;
+    // The fixture's idle session is the only one left in tenant: FORCE
+    // ends it with the database, which lockjam sees at its next sample.
     postgres
-        .batch_execute("DROP DATABASE tenant")
+        .batch_execute("DROP DATABASE tenant WITH (FORCE)")
         .await
-        .expect("nothing of lockjam's holds the database");
+        .expect("the database drops");
+    drop(tenant);
+    // Its series go with it: the wait histogram, declared at the first
+    // sample that saw a session there, and every gauge.
+    crate::support::wait_until("the dropped database's series to go", || async {
+        !crate::support::scrape(service.local_addr())
+            .await
+            .text
+            .contains("datname=\"tenant\"")
+    })
+    .await;
     service.stop().await;
     tokio::task::spawn_blocking(move || drop(cluster)).await.unwrap();
 }
