@@ -147,9 +147,9 @@ pub struct DatabaseLocks {
     pub root_blockers: u64,
     pub root_blocker_max_age: Duration,
     pub chain_max_depth: u32,
-    /// Waiters by the relation whose lock, or whose row's or page's lock,
-    /// they ask for: where queries are stuck. Row-lock waits on a
-    /// transaction id name no relation and are not counted here.
+    /// Waiters by the relation whose lock, or whose tuple or page lock,
+    /// they ask for: where queries are stuck. A wait for the transaction
+    /// that holds a row names no relation and is not counted here.
     pub relation_waiters: BTreeMap<String, u64>,
 }
 

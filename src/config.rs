@@ -402,7 +402,15 @@ pub fn load(sources: &Sources) -> Result<Config, ConfigError> {
             "." => "(top level)".to_string(),
             path => path.to_string(),
         },
-        message: err.into_inner().to_string(),
+        // The config crate appends its own rendering of the key, without
+        // the dot after an index (`rules[0]name`): the key is named above.
+        message: {
+            let message = err.into_inner().to_string();
+            match message.find(" for key `") {
+                Some(at) => message[..at].to_string(),
+                None => message,
+            }
+        },
     })?;
     validate(raw, sources, &origin)
 }
@@ -624,6 +632,12 @@ fn validate_policy(
                 "every rule needs a name (it is the `rule` label)".into(),
             ));
         }
+        if rule.name != rule.name.trim() || rule.name.chars().any(char::is_control) || rule.name.len() > 64 {
+            return Err(invalid(
+                &key("name"),
+                "at most 64 characters, no control characters, no space at either end (it is the `rule` label)".into(),
+            ));
+        }
         if !names.insert(rule.name.clone()) {
             return Err(invalid(&key("name"), format!("duplicate rule name `{}`", rule.name)));
         }
@@ -842,12 +856,10 @@ fn read_secret(path: &Path) -> Result<String, String> {
     Ok(text.to_string())
 }
 
-/// Like [`parse_duration`], but `0s` is allowed.
+/// Like [`parse_duration`], but zero (`0s`, `0ms`, `0 s`) is allowed.
 fn parse_duration_or_zero(text: &str) -> Result<Duration, String> {
-    if text.trim().trim_end_matches(char::is_alphabetic) == "0" {
-        return Ok(Duration::ZERO);
-    }
-    parse_duration(text)
+    humantime::parse_duration(text.trim())
+        .map_err(|e| format!("`{text}` is not a duration ({e}); write it like 0s, 250ms, 5s or 1m"))
 }
 
 /// Parses a human duration such as `250ms`, `5s` or `1m 30s`.
@@ -1084,6 +1096,9 @@ mod tests {
                 "policy.rules[0].relations: an empty list matches nothing",
             ),
             ("[[policy.rules]]\nname = \"a\"\nmin_wait = \"soon\"\n", "policy.rules[0].min_wait: `soon`"),
+            ("[[policy.rules]]\nname = \"a\"\nmin_wait = \"0banana\"\n", "policy.rules[0].min_wait: `0banana` is not a duration"),
+            ("[[policy.rules]]\nname = \"a \"\n", "policy.rules[0].name: at most 64 characters, no control characters"),
+            ("[[policy.rules]]\nname = \"a\"\nwaiter_locktypes = \"relation\"\n", "policy.rules[0].waiter_locktypes: invalid type"),
             ("targets = []\n", "targets: no database to watch"),
             ("[[targets]]\nname = \"\"\ndsn = \"host=x user=u\"\n", "targets[0].name: every target needs a name"),
             (
@@ -1160,6 +1175,9 @@ mod tests {
         .unwrap();
         assert_eq!(never.policy.rules[0].terminate_after, None);
         assert_eq!(never.policy.rules[0].min_wait, Duration::ZERO);
+        for zero in ["0s", "0ms", "0 s", "00s", " 0s "] {
+            assert_eq!(parse_duration_or_zero(zero), Ok(Duration::ZERO), "{zero:?}");
+        }
         assert!(!never.policy.enabled && never.policy.dry_run);
     }
 

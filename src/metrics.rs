@@ -325,7 +325,7 @@ impl Metrics {
             ),
             relation_waiters: family(
                 "lockjam_relation_lock_waiters",
-                "Sessions waiting for a lock on relation, or on one of its rows or pages: where queries are stuck.",
+                "Sessions waiting for a lock on relation, or for a tuple or page lock of it: where queries are stuck.",
                 &["target", "datname", "relation"],
             ),
             policy_actions,

@@ -413,6 +413,8 @@ struct Signalled {
     signal: Signal,
     /// When the first signal to this session was sent.
     at: SystemTime,
+    /// When the last one was.
+    last: SystemTime,
     dry_run: bool,
 }
 
@@ -427,10 +429,19 @@ pub struct Memory {
     deadlocks: HashSet<(i32, Option<SystemTime>)>,
     /// Sessions lockjam may not signal (permission denied): not retried.
     denied: HashSet<Identity>,
+    /// Sessions whose signal failed (a backend that did not exit, a lost
+    /// session): how many times in a row, and when to try again, so that
+    /// one stuck backend neither floods the log nor spends the rate limit
+    /// that other queues need.
+    failed: HashMap<Identity, (u32, SystemTime)>,
     /// When signalling statements were sent, for the rate limit.
     recent: VecDeque<SystemTime>,
 }
 
+/// After a failed signal, a session is tried again after this long,
+/// doubling with each failure in a row, up to [`MAX_RETRY_PAUSE`].
+const RETRY_PAUSE: Duration = Duration::from_secs(2);
+const MAX_RETRY_PAUSE: Duration = Duration::from_secs(60);
 /// Entries older than this are forgotten.
 const MEMORY_HORIZON: Duration = Duration::from_secs(3600);
 /// Sets of reports larger than this start afresh.
@@ -442,18 +453,28 @@ impl Memory {
         let identity = decision.target.clone();
         match outcome {
             Outcome::Success | Outcome::DryRun => {
+                self.failed.remove(&identity);
                 let first = self.signalled.get(&identity).map_or(now, |earlier| earlier.at);
                 self.signalled.insert(
                     identity,
                     Signalled {
                         signal: decision.signal,
                         at: first,
+                        last: now,
                         dry_run: outcome == Outcome::DryRun,
                     },
                 );
                 self.recent.push_back(now);
             }
-            Outcome::Gone | Outcome::NotBlocking | Outcome::Error => self.recent.push_back(now),
+            Outcome::Error => {
+                let failures = self.failed.get(&identity).map_or(0, |(n, _)| *n) + 1;
+                let pause = RETRY_PAUSE
+                    .saturating_mul(1 << (failures - 1).min(6))
+                    .min(MAX_RETRY_PAUSE);
+                self.failed.insert(identity, (failures, now + pause));
+                self.recent.push_back(now);
+            }
+            Outcome::Gone | Outcome::NotBlocking => self.recent.push_back(now),
             Outcome::Protected | Outcome::RateLimited => {
                 self.reported.insert((decision.rule.clone(), identity, outcome));
             }
@@ -488,6 +509,7 @@ impl Memory {
         if self.denied.len() > MEMORY_LIMIT {
             self.denied.clear();
         }
+        self.failed.retain(|_, (_, retry_at)| *retry_at >= horizon);
     }
 
     fn actions_in_last_minute(&self, now: SystemTime) -> usize {
@@ -578,6 +600,13 @@ fn assess(
     if memory.denied.contains(&identity) {
         return Assessment::Denied;
     }
+    if memory
+        .failed
+        .get(&identity)
+        .is_some_and(|(_, retry_at)| *retry_at > now)
+    {
+        return Assessment::InHand;
+    }
     choose_signal(rule, waiter, session, memory.signalled.get(&identity), now)
 }
 
@@ -602,6 +631,17 @@ fn choose_signal(
             human(rule.min_wait)
         }
     );
+    if rule.action == Action::CancelWaiter {
+        // A server-side lock_timeout: each wait is cancelled once, and
+        // never escalated. A wait that began after the last cancel (a
+        // retry in the same transaction) is another wait.
+        let waits_again = earlier.is_some_and(|e| !e.dry_run && waiter.wait_start.is_some_and(|start| start > e.last));
+        return match earlier {
+            None => Assessment::Send(Signal::Cancel, waited),
+            Some(_) if waits_again => Assessment::Send(Signal::Cancel, format!("{waited}, again after its cancel")),
+            Some(_) => Assessment::InHand,
+        };
+    }
     let Some(earlier) = earlier else {
         if !idle_in_transaction(session) {
             return Assessment::Send(Signal::Cancel, waited);
@@ -1161,6 +1201,34 @@ mod tests {
     }
 
     #[test]
+    fn cancel_waiter_cancels_each_wait_once_and_never_terminates() {
+        let (snapshot, _) = incident("active", 1);
+        let timeout = policy(Rule {
+            action: Action::CancelWaiter,
+            ..rule(5.0)
+        });
+        let mut memory = Memory::default();
+        let first = decisions(&graph_at(&snapshot, 100.0), &timeout, &memory, 100.0);
+        assert_eq!(summary(&first), vec![(20, Signal::Cancel, None)]);
+        memory.record(&first[0], Outcome::Success, at(100.0));
+        // Still the same wait long after (terminate_after is 10s): nothing.
+        assert!(decisions(&graph_at(&snapshot, 130.0), &timeout, &memory, 130.0).is_empty());
+        // The migration retries in the same transaction: a new wait, which
+        // is cancelled once it has waited min_wait.
+        let mut retry = snapshot.clone();
+        retry.locks.iter_mut().find(|l| l.pid == 20).unwrap().wait_start = Some(at(131.0));
+        assert!(decisions(&graph_at(&retry, 133.0), &timeout, &memory, 133.0).is_empty());
+        let again = decisions(&graph_at(&retry, 136.0), &timeout, &memory, 136.0);
+        assert_eq!(summary(&again), vec![(20, Signal::Cancel, None)]);
+        assert_eq!(
+            again[0].reason,
+            "the waiter has waited 5.0s (min_wait 5s), again after its cancel"
+        );
+        memory.record(&again[0], Outcome::Success, at(136.0));
+        assert!(decisions(&graph_at(&retry, 136.2), &timeout, &memory, 136.2).is_empty());
+    }
+
+    #[test]
     fn protected_root_hands_the_waiter_to_the_next_rule() {
         // Incident 001: the backup is protected by the policy; the first
         // rule reports it once and hands the waiter to the second, which
@@ -1509,6 +1577,32 @@ mod tests {
             summary(&decisions(&later, &two, &memory, 120.0)),
             vec![(20, Signal::Cancel, None)]
         );
+    }
+
+    #[test]
+    fn a_failed_signal_is_retried_after_a_growing_pause() {
+        let (snapshot, _) = incident("active", 1);
+        let policy = policy(Rule {
+            terminate_after: Some(Duration::from_secs(1)),
+            ..rule(5.0)
+        });
+        let mut memory = Memory::default();
+        let first = decisions(&graph_at(&snapshot, 100.0), &policy, &memory, 100.0);
+        memory.record(&first[0], Outcome::Success, at(100.0));
+        let mut tried = Vec::new();
+        let mut t = 101.0;
+        while t < 140.0 {
+            let decided = decisions(&graph_at(&snapshot, t), &policy, &memory, t);
+            if let Some(terminate) = decided.first() {
+                assert_eq!(terminate.signal, Signal::Terminate);
+                // The backend did not exit within the wait.
+                memory.record(terminate, Outcome::Error, at(t));
+                tried.push(t);
+            }
+            t += 0.25;
+        }
+        // 2 s, 4 s, 8 s, 16 s between the attempts, not one per sample.
+        assert_eq!(tried, vec![101.0, 103.0, 107.0, 115.0, 131.0]);
     }
 
     #[test]

@@ -440,6 +440,7 @@ async fn enforce(
 fn announce_policy(name: &str, policy: &Policy, leader: Option<bool>) {
     let leads = match leader {
         None => "",
+        Some(true) if policy.dry_run => ", this instance leads (holds the advisory lock) and logs what it would do",
         Some(true) => ", this instance leads (holds the advisory lock) and acts",
         Some(false) => ", another instance leads: this one watches and takes over if it goes",
     };

@@ -27,9 +27,6 @@ pub const QUERY_TEXT_LENGTH: i32 = 200;
 /// The server's list of databases is read at least this often, so that
 /// the series of a dropped database go.
 const DATABASE_LIST_PERIOD: Duration = Duration::from_secs(60);
-/// Relation names are cached per (database, oid); past this many entries
-/// the cache starts afresh.
-const RELATION_CACHE_LIMIT: usize = 10_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SampleError {
@@ -91,7 +88,6 @@ pub struct Sampler {
     settings: SessionSettings,
     main: Option<MainSession>,
     databases: HashMap<String, DatabaseSession>,
-    relation_names: HashMap<(u32, u32), String>,
     first_seen: HashMap<WaitKey, SystemTime>,
     database_session_idle: Duration,
     /// Databases with client sessions in the last sample.
@@ -111,7 +107,6 @@ impl Sampler {
             settings,
             main: None,
             databases: HashMap::new(),
-            relation_names: HashMap::new(),
             first_seen: HashMap::new(),
             database_session_idle: config.database_session_idle,
             databases_with_sessions: HashSet::new(),
@@ -290,29 +285,28 @@ impl Sampler {
         Ok((main, warning))
     }
 
-    /// Fills `relation` of every ungranted lock on a relation with its
-    /// schema-qualified name, looked up in the database that owns it.
+    /// Fills `relation` of every lock on a relation with its
+    /// schema-qualified name, looked up in the database that owns it. Names
+    /// are looked up afresh in every sample that has waiters, never cached:
+    /// a migration may rename a table while others wait, and a rule's
+    /// `relations` glob must match the name the table has now.
     async fn name_relations(&mut self, locks: &mut [(LockRow, Option<u32>, Option<u32>)]) {
         let mut wanted: HashMap<(u32, Option<String>), HashSet<u32>> = HashMap::new();
         for (lock, database, relation) in locks.iter() {
             if let (Some(database), Some(relation)) = (database, relation) {
-                if !self.relation_names.contains_key(&(*database, *relation)) {
-                    wanted
-                        .entry((*database, lock.datname.clone()))
-                        .or_default()
-                        .insert(*relation);
-                }
+                wanted
+                    .entry((*database, lock.datname.clone()))
+                    .or_default()
+                    .insert(*relation);
             }
         }
-        if self.relation_names.len() > RELATION_CACHE_LIMIT {
-            self.relation_names.clear();
-        }
+        let mut names: HashMap<(u32, u32), String> = HashMap::new();
         for ((database, datname), oids) in wanted {
             let oids: Vec<u32> = oids.into_iter().collect();
             match self.lookup_relations(datname.as_deref(), &oids).await {
-                Ok(names) => {
-                    for (oid, name) in names {
-                        self.relation_names.insert((database, oid), name);
+                Ok(found) => {
+                    for (oid, name) in found {
+                        names.insert((database, oid), name);
                     }
                 }
                 Err(message) => tracing::warn!(
@@ -325,7 +319,7 @@ impl Sampler {
         for (lock, database, relation) in locks.iter_mut() {
             if let (Some(database), Some(relation)) = (database, relation) {
                 lock.relation = Some(
-                    self.relation_names
+                    names
                         .get(&(*database, *relation))
                         .cloned()
                         .unwrap_or_else(|| format!("oid {relation}")),

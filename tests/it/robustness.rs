@@ -522,3 +522,59 @@ async fn idle_sessions_to_other_databases_close_while_calm() {
     service.stop().await;
     tokio::task::spawn_blocking(move || drop(cluster)).await.unwrap();
 }
+
+/// A table renamed while lockjam watches shows its new name at once: a
+/// rule's `relations` glob must match the table as it is now (a cached
+/// name once let a rule on `public.orders` cancel the reader of the table
+/// renamed from it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_renamed_table_shows_its_new_name() {
+    let env = crate::support::TestEnv::start().await;
+    env.admin
+        .batch_execute("CREATE TABLE orders (id int); CREATE TABLE orders_new (id int)")
+        .await
+        .unwrap();
+    let waiters_on = |relation: &'static str| {
+        move |m: &crate::support::Scrape| {
+            m.value("lockjam_relation_lock_waiters", &[("relation", relation)]) == Some(1.0)
+        }
+    };
+    let watched = &env;
+    let stage = |table: &'static str| async move {
+        let reader = watched.session("report").await;
+        reader
+            .batch_execute(&format!("BEGIN; SELECT count(*) FROM {table}"))
+            .await
+            .unwrap();
+        let (pid, alter) = watched
+            .spawn_statement(
+                "migrate",
+                &format!("ALTER TABLE {table} ADD COLUMN x{} int", table.len()),
+            )
+            .await;
+        watched.wait_until_waiting(pid).await;
+        (reader, alter)
+    };
+    let (reader, alter) = stage("orders").await;
+    env.wait_for_metrics("the wait on orders", waiters_on("public.orders"))
+        .await;
+    reader.batch_execute("COMMIT").await.unwrap();
+    alter.await.unwrap().unwrap();
+    env.admin
+        .batch_execute(
+            "BEGIN; ALTER TABLE orders RENAME TO orders_old; ALTER TABLE orders_new RENAME TO orders; COMMIT",
+        )
+        .await
+        .unwrap();
+    let (reader, alter) = stage("orders_old").await;
+    let metrics = env
+        .wait_for_metrics("the wait on orders_old", waiters_on("public.orders_old"))
+        .await;
+    assert_eq!(
+        metrics.value("lockjam_relation_lock_waiters", &[("relation", "public.orders")]),
+        None
+    );
+    reader.batch_execute("COMMIT").await.unwrap();
+    alter.await.unwrap().unwrap();
+    env.stop().await;
+}
