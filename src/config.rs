@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::analysis::{is_lock_mode, is_lock_type};
 use crate::dsn::{Dsn, DsnError};
+use crate::http::ConnectionLimits;
 use crate::policy::{
     Action, Glob, Policy, Protections, Rule, DEFAULT_WAITER_LOCKTYPES, DEFAULT_WAITER_MODES, UNBLOCK_MIGRATIONS,
 };
@@ -18,6 +19,10 @@ use crate::policy::{
 /// The default listen address: loopback, so that query texts on
 /// `/api/v1/snapshot` are not exposed by accident.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:9863";
+
+/// The highest `server.max_connections`: beyond it, the file descriptors
+/// alone outgrow any sensible `LimitNOFILE`.
+const MAX_HTTP_CONNECTIONS: usize = 60_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -82,6 +87,8 @@ pub struct ServerConfig {
     pub tls: Option<TlsFiles>,
     /// Credentials `/metrics` and `/api/*` require; none when empty.
     pub auth: HttpAuth,
+    /// Bounds on HTTP clients.
+    pub limits: ConnectionLimits,
 }
 
 impl ServerConfig {
@@ -91,6 +98,10 @@ impl ServerConfig {
             listen,
             tls: None,
             auth: HttpAuth::default(),
+            limits: ConnectionLimits {
+                header_timeout: Duration::from_secs(10),
+                max_connections: 512,
+            },
         }
     }
 }
@@ -222,6 +233,8 @@ struct RawServer {
     basic_auth_user: String,
     basic_auth_password_file: String,
     bearer_token_file: String,
+    header_timeout: String,
+    max_connections: usize,
 }
 
 impl Default for RawServer {
@@ -233,6 +246,8 @@ impl Default for RawServer {
             basic_auth_user: String::new(),
             basic_auth_password_file: String::new(),
             bearer_token_file: String::new(),
+            header_timeout: "10s".into(),
+            max_connections: 512,
         }
     }
 }
@@ -578,10 +593,26 @@ fn validate_server(
     let bearer_token = path(&raw.bearer_token_file)
         .map(|file| file_secret("server.bearer_token_file", file))
         .transpose()?;
+    let header_timeout =
+        parse_duration(&raw.header_timeout).map_err(|message| invalid("server.header_timeout", message))?;
+    if !(1..=MAX_HTTP_CONNECTIONS).contains(&raw.max_connections) {
+        return Err(invalid(
+            "server.max_connections",
+            format!(
+                "{} is out of range: give 1 to {MAX_HTTP_CONNECTIONS}, and keep it below the open-file limit \
+                 (LimitNOFILE)",
+                raw.max_connections
+            ),
+        ));
+    }
     Ok(ServerConfig {
         listen,
         tls,
         auth: HttpAuth { basic, bearer_token },
+        limits: ConnectionLimits {
+            header_timeout,
+            max_connections: raw.max_connections,
+        },
     })
 }
 
@@ -942,6 +973,8 @@ fn raw_server(server: &ServerConfig) -> RawServer {
             .as_ref()
             .map(|t| path(&t.file))
             .unwrap_or_default(),
+        header_timeout: humantime::format_duration(server.limits.header_timeout).to_string(),
+        max_connections: server.limits.max_connections,
     }
 }
 

@@ -15,7 +15,7 @@ use crate::audit;
 use crate::config::{Config, LogConfig, SamplerConfig, Target};
 use crate::connect::{ConnectError, SessionSettings};
 use crate::enforcer::{Enforcer, Sent};
-use crate::http::{HttpError, TlsReloader};
+use crate::http::{ConnectionLimits, HttpError, TlsReloader};
 use crate::policy::{decide, Memory, Policy, MAX_SNAPSHOT_AGE};
 use crate::sampler::{SampleError, Sampler};
 use crate::state::{SharedState, TargetState};
@@ -42,6 +42,7 @@ pub struct Service {
     addr: SocketAddr,
     /// What a reload cannot change: the configured address and logging.
     listen: SocketAddr,
+    limits: ConnectionLimits,
     log: LogConfig,
     shared: Arc<SharedState>,
     tls: Option<TlsReloader>,
@@ -141,9 +142,15 @@ impl Service {
         let shared = Arc::new(SharedState::new(Vec::new(), config.server.auth.clone()));
         let targets = prepared.start(config, &shared);
         let (server_shutdown, mut stop) = watch::channel(false);
-        let server = tokio::spawn(crate::http::serve(listener, shared.clone(), tls.clone(), async move {
-            let _ = stop.wait_for(|stopped| *stopped).await;
-        }));
+        let server = tokio::spawn(crate::http::serve(
+            listener,
+            shared.clone(),
+            tls.clone(),
+            config.server.limits,
+            async move {
+                let _ = stop.wait_for(|stopped| *stopped).await;
+            },
+        ));
         tracing::info!(
             listen = %addr,
             https = tls.is_some(),
@@ -157,6 +164,7 @@ impl Service {
         Ok(Service {
             addr,
             listen: config.server.listen,
+            limits: config.server.limits,
             log: config.log.clone(),
             shared,
             tls,
@@ -192,6 +200,9 @@ impl Service {
                 "server.listen changed to {}: that takes a restart; still listening on the old address",
                 config.server.listen
             );
+        }
+        if config.server.limits != self.limits {
+            tracing::warn!("server.header_timeout and server.max_connections take a restart; serving as before");
         }
         if config.log != self.log {
             tracing::warn!("log settings changed: they take effect at the next restart");

@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use tokio::io::AsyncWriteExt;
+
 use lockjam::config::{BasicAuth, FileSecret, HttpAuth, Secret, TlsFiles};
 use lockjam::service::Service;
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
@@ -308,4 +310,126 @@ async fn sighup_reloads_targets_and_policy_and_refuses_a_bad_file() {
     );
     assert_eq!(log.matches("configuration reloaded").count(), 1, "{log}");
     tokio::task::spawn_blocking(move || drop(cluster)).await.unwrap();
+}
+
+/// Raises this process's open-file limit to `wanted` (or its hard limit),
+/// for tests that hold thousands of client sockets. Returns the limit.
+fn raise_open_files(wanted: u64) -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain calls with a valid pointer.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0);
+        if limit.rlim_cur < wanted {
+            limit.rlim_cur = wanted.min(limit.rlim_max);
+            assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &limit), 0);
+        }
+    }
+    limit.rlim_cur
+}
+
+/// Resident memory of a process, in KiB, and how many descriptors it has open.
+fn rss_and_open_files(pid: u32) -> (u64, usize) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let rss = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|kib| kib.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    let open = std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count();
+    (rss, open)
+}
+
+/// Whether the server has closed `stream`: a read sees end of file or a reset.
+async fn closed_by_server(stream: &mut tokio::net::TcpStream) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut byte = [0u8; 1];
+    matches!(
+        tokio::time::timeout(Duration::from_millis(50), stream.read(&mut byte)).await,
+        Ok(Ok(0) | Err(_))
+    )
+}
+
+/// 3,000 idle connections against a lockjam limited to 1,024 open files
+/// (the default `ulimit -n`): surplus connections push out the oldest, idle
+/// ones and a slowloris client are closed after `header_timeout`, and a
+/// fresh scrape is answered throughout. Before the bounds, the accept loop
+/// ran out of descriptors and `/metrics` timed out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_fresh_scrape_answers_through_thousands_of_idle_connections() {
+    const IDLE: usize = 3_000;
+    let own_limit = raise_open_files(IDLE as u64 + 512);
+    assert!(
+        own_limit > IDLE as u64 + 100,
+        "this test needs {IDLE} client sockets; ulimit -Hn is {own_limit}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("lockjam.toml");
+    write_config(
+        &file,
+        "[server]\nheader_timeout = \"2s\"\nmax_connections = 500\n\n[[targets]]\nname = \"gone\"\n\
+         dsn = \"host=127.0.0.1 port=1 dbname=app user=app\"\n",
+    );
+    let run = LockjamRun::spawn_with_open_files(&["--config", file.to_str().unwrap()], 1024);
+    wait_until("lockjam listens", || run.serving()).await;
+    let (rss_before, _) = rss_and_open_files(run.pid());
+
+    let mut idle = Vec::with_capacity(IDLE);
+    for _ in 0..IDLE {
+        idle.push(tokio::net::TcpStream::connect(run.addr).await.unwrap());
+    }
+    let started = std::time::Instant::now();
+    let (status, body) = crate::support::within("a fresh scrape", crate::support::http_get(run.addr, "/metrics")).await;
+    let latency = started.elapsed();
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("lockjam_up{target=\"gone\"} 0"), "{body}");
+    // At most the cap, plus the listener, logs and runtime's own, once the
+    // pushed-out connections have had their turn to close.
+    wait_until("lockjam to hold at most max_connections", || async {
+        rss_and_open_files(run.pid()).1 <= 500 + 32
+    })
+    .await;
+    let (rss_flooded, open_flooded) = rss_and_open_files(run.pid());
+
+    // The oldest connections were pushed out to admit the newest.
+    let mut oldest_closed = 0;
+    for stream in idle.iter_mut().take(100) {
+        oldest_closed += usize::from(closed_by_server(stream).await);
+    }
+    assert_eq!(oldest_closed, 100, "the 100 oldest idle connections are closed");
+
+    // A slowloris client, a request head trickled a line at a time, never
+    // completes it: closed after header_timeout.
+    let mut slow = tokio::net::TcpStream::connect(run.addr).await.unwrap();
+    slow.write_all(b"GET /metrics HTTP/1.1\r\nHost: lockjam\r\n")
+        .await
+        .unwrap();
+    let mut trickled = 0;
+    loop {
+        if slow.write_all(b"X-Trickle: 1\r\n").await.is_err() || closed_by_server(&mut slow).await {
+            break;
+        }
+        trickled += 1;
+        assert!(trickled < 40, "a slowloris client stayed connected for 20 s");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // The newest idle connections went quiet past header_timeout too.
+    let mut newest_closed = 0;
+    for stream in idle.iter_mut().rev().take(100) {
+        newest_closed += usize::from(closed_by_server(stream).await);
+    }
+    assert_eq!(newest_closed, 100, "idle connections outlived header_timeout");
+    let (status, _) = crate::support::http_get(run.addr, "/healthz").await;
+    assert_eq!(status, 200);
+    eprintln!(
+        "flood figures: {IDLE} idle connections; lockjam held {open_flooded} descriptors; RSS {rss_before} KiB \
+         before, {rss_flooded} KiB under the flood; fresh scrape answered in {} ms; slowloris closed after {trickled} \
+         trickled lines",
+        latency.as_millis()
+    );
+    drop(idle);
+    let (exit, log) = run.terminate();
+    assert!(exit.success(), "{log}");
 }

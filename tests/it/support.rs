@@ -498,9 +498,36 @@ impl LockjamRun {
     /// Starts `lockjam run --listen <free port>` with `args` and these
     /// environment variables.
     pub fn spawn_with_env(args: &[&str], env: &[(&str, &str)]) -> LockjamRun {
+        LockjamRun::spawn_from(lockjam(), args, env)
+    }
+
+    /// Starts `lockjam run --listen <free port>` with `args` and at most
+    /// `open_files` file descriptors, as systemd's `LimitNOFILE` would.
+    pub fn spawn_with_open_files(args: &[&str], open_files: u64) -> LockjamRun {
+        use std::os::unix::process::CommandExt;
+        let mut command = lockjam();
+        // SAFETY: setrlimit is async-signal-safe, and nothing else runs
+        // between fork and exec.
+        unsafe {
+            command.pre_exec(move || {
+                let limit = libc::rlimit {
+                    rlim_cur: open_files,
+                    rlim_max: open_files,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
+        LockjamRun::spawn_from(command, args, &[])
+    }
+
+    fn spawn_from(mut command: std::process::Command, args: &[&str], env: &[(&str, &str)]) -> LockjamRun {
         let port = lockjam::cluster::free_port().unwrap();
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        let child = lockjam()
+        let child = command
             .args(["run", "--listen", &addr.to_string()])
             .args(args)
             .envs(env.iter().copied())
@@ -509,6 +536,10 @@ impl LockjamRun {
             .spawn()
             .expect("the lockjam binary runs");
         LockjamRun { addr, child }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Whether the HTTP port accepts connections yet.
