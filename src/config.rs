@@ -393,8 +393,23 @@ pub fn load(sources: &Sources) -> Result<Config, ConfigError> {
                 message: error.message().trim().to_string(),
             });
         }
+        // Types are checked on the file as written, strictly: the config
+        // crate would coerce `1.5` or `true` into a count and `"false"` or
+        // `0` into a boolean.
+        let strict = toml::Deserializer::parse(&text).ok();
+        if let Some(Err(error)) = strict.map(serde_path_to_error::deserialize::<_, RawConfig>) {
+            return Err(ConfigError::Invalid {
+                origin,
+                key: match error.path().to_string().as_str() {
+                    "." => "(top level)".to_string(),
+                    path => path.to_string(),
+                },
+                message: without_quoted_text(error.inner().message()),
+            });
+        }
         builder = builder.add_source(config::File::from_str(&text, config::FileFormat::Toml));
     }
+    check_environment_types(&sources.env, &origin)?;
     let environment = config::Environment::with_prefix("LOCKJAM")
         .prefix_separator("__")
         .separator("__")
@@ -420,7 +435,7 @@ pub fn load(sources: &Sources) -> Result<Config, ConfigError> {
         // The config crate appends its own rendering of the key, without
         // the dot after an index (`rules[0]name`): the key is named above.
         message: {
-            let message = err.into_inner().to_string();
+            let message = without_quoted_text(&err.into_inner().to_string());
             match message.find(" for key `") {
                 Some(at) => message[..at].to_string(),
                 None => message,
@@ -887,20 +902,108 @@ fn read_secret(path: &Path) -> Result<String, String> {
     Ok(text.to_string())
 }
 
+/// The longest duration lockjam accepts: PostgreSQL's longest timeout
+/// (`statement_timeout` and friends are `int` milliseconds), about 24.8
+/// days. Anything longer could not be sent, or would overflow a clock.
+pub const MAX_DURATION: Duration = Duration::from_millis(i32::MAX as u64);
+
 /// Like [`parse_duration`], but zero (`0s`, `0ms`, `0 s`) is allowed.
 fn parse_duration_or_zero(text: &str) -> Result<Duration, String> {
-    humantime::parse_duration(text.trim())
-        .map_err(|e| format!("`{text}` is not a duration ({e}); write it like 0s, 250ms, 5s or 1m"))
+    let duration = humantime::parse_duration(text.trim())
+        .map_err(|e| format!("`{text}` is not a duration ({e}); write it like 0s, 250ms, 5s or 1m"))?;
+    if duration > MAX_DURATION {
+        return Err(format!(
+            "`{text}` is too long: at most 24d 20h 31m 23s 647ms (PostgreSQL's longest timeout)"
+        ));
+    }
+    if !duration.is_zero() && duration < Duration::from_millis(1) {
+        return Err(format!(
+            "`{text}` is shorter than 1ms, the finest step PostgreSQL's timeouts take"
+        ));
+    }
+    Ok(duration)
 }
 
-/// Parses a human duration such as `250ms`, `5s` or `1m 30s`.
+/// Parses a human duration such as `250ms`, `5s` or `1m 30s`, from 1ms to
+/// [`MAX_DURATION`].
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let duration = humantime::parse_duration(text.trim())
-        .map_err(|e| format!("`{text}` is not a duration ({e}); write it like 250ms, 5s or 1m"))?;
+    let duration = parse_duration_or_zero(text)
+        .map_err(|message| message.replace("write it like 0s, 250ms", "write it like 250ms"))?;
     if duration.is_zero() {
         return Err(format!("`{text}` must be longer than zero"));
     }
     Ok(duration)
+}
+
+/// Environment values are strings; the config crate would read `1.5` or
+/// `true` as a count and `yes` or `0` as a boolean. A `LOCKJAM__` variable
+/// for a count must hold a whole number, one for a switch `true` or
+/// `false`, as the file would.
+fn check_environment_types(env: &HashMap<String, String>, origin: &str) -> Result<(), ConfigError> {
+    #[derive(Serialize)]
+    struct Sections {
+        server: RawServer,
+        sampler: RawSampler,
+        log: RawLog,
+        policy: RawPolicy,
+    }
+    let Ok(toml::Value::Table(defaults)) = toml::Value::try_from(Sections {
+        server: RawServer::default(),
+        sampler: RawSampler::default(),
+        log: RawLog::default(),
+        policy: RawPolicy {
+            dry_run: Some(true),
+            ..RawPolicy::default()
+        },
+    }) else {
+        return Ok(());
+    };
+    let mut names: Vec<&String> = env.keys().filter(|name| name.starts_with("LOCKJAM__")).collect();
+    names.sort();
+    for name in names {
+        let value = env[name].trim();
+        let mut path = name["LOCKJAM__".len()..].split("__").map(str::to_ascii_lowercase);
+        let (Some(section), Some(key), None) = (path.next(), path.next(), path.next()) else {
+            continue;
+        };
+        let refused = match defaults.get(&section).and_then(|s| s.get(&key)) {
+            Some(toml::Value::Integer(_)) if value.parse::<u64>().is_err() => "a whole number, 0 or more",
+            Some(toml::Value::Boolean(_)) if value != "true" && value != "false" => "`true` or `false`",
+            _ => continue,
+        };
+        return Err(ConfigError::Invalid {
+            origin: origin.to_string(),
+            key: format!("{section}.{key}"),
+            // The value is not shown: whatever was put here by mistake
+            // might be a secret.
+            message: format!("{name} must be {refused}"),
+        });
+    }
+    Ok(())
+}
+
+/// A deserializer's message without the text it quotes: `invalid type:
+/// string "…", expected usize` may quote a secret put under the wrong key.
+fn without_quoted_text(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(start) = rest.find("string \"") {
+        out.push_str(&rest[..start]);
+        out.push_str("a string");
+        let quoted = &rest[start + "string \"".len()..];
+        rest = match quoted.find("\", ") {
+            Some(end) => &quoted[end + 1..],
+            None => match quoted.rfind('"') {
+                Some(end) => &quoted[end + 1..],
+                None => "",
+            },
+        };
+    }
+    out.push_str(rest);
+    for unsigned in ["usize", "u64", "u32", "u16", "u8"] {
+        out = out.replace(&format!("expected {unsigned}"), "expected a whole number, 0 or more");
+    }
+    out
 }
 
 /// The effective configuration as TOML, secrets redacted, for
@@ -1325,7 +1428,11 @@ mod tests {
     }
 
     proptest::proptest! {
-        #![proptest_config(proptest::test_runner::Config::with_cases(64))]
+        // 64 cases a run; PROPTEST_CASES=5000 for the figures in
+        // docs/reliability.md.
+        #![proptest_config(proptest::test_runner::Config::with_cases(
+            std::env::var("PROPTEST_CASES").ok().and_then(|n| n.parse().ok()).unwrap_or(64)
+        ))]
 
         /// Any duration text is parsed or refused with a message, never a panic.
         #[test]
@@ -1355,6 +1462,30 @@ mod tests {
             let env = [("PGPASSWORD", password.as_str()), ("PGSSLMODE", "verify_full")];
             if let Err(error) = load_text(&text, &env) {
                 proptest::prop_assert!(!error.to_string().contains(&password), "{}", error);
+            }
+        }
+
+        /// A secret put under a count, a switch or a list, in the file or
+        /// the environment, is refused without being shown. (A bad
+        /// duration, address or format is quoted, so that the mistake can
+        /// be seen.)
+        #[test]
+        fn a_misplaced_secret_is_never_shown(
+            password in "[A-Za-z0-9 .:/@-]{8,24}",
+            key in proptest::sample::select(&[
+                ("server", "max_connections"), ("sampler", "max_relations"),
+                ("policy", "enabled"), ("policy", "dry_run"),
+                ("policy", "max_actions_per_minute"), ("policy", "protect_users"),
+            ][..]),
+        ) {
+            let (section, name) = key;
+            let text = format!("{ONE_TARGET}[{section}]\n{name} = \"{password}\"\n");
+            if let Err(error) = load_text(&text, &[]) {
+                proptest::prop_assert!(!error.to_string().contains(password.trim()), "{}", error);
+            }
+            let variable = format!("LOCKJAM__{}__{}", section.to_uppercase(), name.to_uppercase());
+            if let Err(error) = load_text(ONE_TARGET, &[(variable.as_str(), password.as_str())]) {
+                proptest::prop_assert!(!error.to_string().contains(password.trim()), "{}", error);
             }
         }
 

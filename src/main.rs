@@ -74,10 +74,13 @@ fn main() -> ExitCode {
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     match cli.command {
         Command::CheckConfig(args) => match load(&args) {
-            Ok(config) => {
-                print!("{}", config::render_effective(&config));
-                ExitCode::SUCCESS
-            }
+            Ok(config) => match lockjam::service::preflight(&config) {
+                Ok(()) => {
+                    print!("{}", config::render_effective(&config));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(&e, EXIT_CONFIG),
+            },
             Err(code) => code,
         },
         Command::Run(args) => {
@@ -102,7 +105,7 @@ fn main() -> ExitCode {
                             .await;
                         ExitCode::SUCCESS
                     }
-                    Err(e) => fail(&e, 1),
+                    Err(e) => fail(&e, if e.is_configuration() { EXIT_CONFIG } else { 1 }),
                 }
             })
         }

@@ -123,6 +123,28 @@ impl Prepared {
     }
 }
 
+impl ServiceError {
+    /// Whether the configuration is at fault (a file that is no PEM, a DSN
+    /// that cannot be used), so that no restart can help: exit status 2.
+    pub fn is_configuration(&self) -> bool {
+        match self {
+            ServiceError::Bind { .. } => false,
+            ServiceError::Target(ConnectError::Dsn { .. } | ConnectError::Tls { .. }) => true,
+            ServiceError::Target(_) => false,
+            ServiceError::Http(_) => true,
+        }
+    }
+}
+
+/// Everything [`Service::start`] checks before it connects or listens:
+/// certificates and keys parse, each target's TLS settings and DSN can be
+/// used. `check-config` runs it, so that whatever it accepts, `run` does.
+pub fn preflight(config: &Config) -> Result<(), ServiceError> {
+    Prepared::new(config)?;
+    config.server.tls.as_ref().map(TlsReloader::load).transpose()?;
+    Ok(())
+}
+
 impl Service {
     /// Binds the listener and starts sampling every target. A target that
     /// cannot be reached is no error: it is retried with backoff.

@@ -439,6 +439,142 @@ fn cli_bad_files_exit_2_naming_file_and_key_without_the_password() {
     }
 }
 
+/// Values the config crate would coerce, and durations no clock or
+/// PostgreSQL timeout can take: refused by `run` and `check-config` alike,
+/// exit 2, the key named.
+#[test]
+fn cli_refuses_coerced_types_and_unbounded_durations() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = "[[targets]]\nname = \"main\"\ndsn = \"host=db.internal dbname=app user=app\"\n";
+    let cases = [
+        (
+            "[sampler]\nmax_relations = 1.5\n",
+            "sampler.max_relations: invalid type: floating point `1.5`",
+        ),
+        (
+            "[sampler]\nmax_relations = true\n",
+            "sampler.max_relations: invalid type: boolean `true`",
+        ),
+        (
+            "[policy]\ndry_run = \"false\"\n",
+            "policy.dry_run: invalid type: a string, expected a boolean",
+        ),
+        (
+            "[policy]\ndry_run = 0\n",
+            "policy.dry_run: invalid type: integer `0`, expected a boolean",
+        ),
+        (
+            "[policy]\nenabled = \"yes\"\n",
+            "policy.enabled: invalid type: a string, expected a boolean",
+        ),
+        (
+            "[sampler]\nstatement_timeout = \"30days\"\n",
+            "sampler.statement_timeout: `30days` is too long",
+        ),
+        (
+            "[sampler]\ninterval = \"300000000000years\"\n",
+            "sampler.interval: `300000000000years` is too long",
+        ),
+        (
+            "[sampler]\nlock_timeout = \"500us\"\n",
+            "sampler.lock_timeout: `500us` is shorter than 1ms",
+        ),
+        (
+            "[[policy.rules]]\nname = \"r\"\nmin_wait = \"0x\"\n",
+            "policy.rules[0].min_wait: `0x` is not a duration",
+        ),
+        (
+            "[server]\nmax_connections = 0\n",
+            "server.max_connections: 0 is out of range",
+        ),
+        (
+            "[server]\nheader_timeout = \"0s\"\n",
+            "server.header_timeout: `0s` must be longer than zero",
+        ),
+    ];
+    let file = dir.path().join("lockjam.toml");
+    for (text, expected) in cases {
+        std::fs::write(&file, format!("{target}{text}")).unwrap();
+        for command in ["check-config", "run"] {
+            let output = lockjam().args([command, "--config"]).arg(&file).output().unwrap();
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            assert_eq!(output.status.code(), Some(2), "{text:?}, {command}: {stderr}");
+            assert!(stderr.contains(expected), "{text:?}, {command}: {stderr}");
+        }
+    }
+    // The environment's strings are held to the file's types.
+    std::fs::write(&file, target).unwrap();
+    let environment = [
+        ("LOCKJAM__SAMPLER__MAX_RELATIONS", "1.5", "a whole number"),
+        ("LOCKJAM__SAMPLER__MAX_RELATIONS", "true", "a whole number"),
+        ("LOCKJAM__POLICY__DRY_RUN", "yes", "`true` or `false`"),
+        ("LOCKJAM__POLICY__ENABLED", "0", "`true` or `false`"),
+        ("LOCKJAM__SAMPLER__CONNECT_TIMEOUT", "30days", "`30days` is too long"),
+    ];
+    for (name, value, expected) in environment {
+        for command in ["check-config", "run"] {
+            let output = lockjam()
+                .args([command, "--config"])
+                .arg(&file)
+                .env(name, value)
+                .output()
+                .unwrap();
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            assert_eq!(output.status.code(), Some(2), "{name}={value}, {command}: {stderr}");
+            assert!(
+                stderr.contains(name) || stderr.contains("sampler.connect_timeout"),
+                "{stderr}"
+            );
+            assert!(stderr.contains(expected), "{name}={value}, {command}: {stderr}");
+        }
+    }
+}
+
+/// What `check-config` accepts, `run` accepts: certificates and keys that
+/// are no PEM, a missing or non-PEM `sslrootcert`, fail both, exit 2 (the
+/// systemd unit does not restart on 2), where `check-config` once said 0
+/// and `run` exited 1.
+#[test]
+fn check_config_refuses_what_run_refuses() {
+    let dir = tempfile::tempdir().unwrap();
+    let not_pem = dir.path().join("not-pem.txt");
+    std::fs::write(&not_pem, "this is no certificate\n").unwrap();
+    let not_pem = not_pem.display().to_string();
+    let target = |dsn: &str| format!("[[targets]]\nname = \"main\"\ndsn = \"{dsn}\"\n");
+    let plain = target("host=127.0.0.1 port=1 dbname=app user=app");
+    let cases = [
+        (
+            format!("[server]\ntls_cert_file = \"{not_pem}\"\ntls_key_file = \"{not_pem}\"\n{plain}"),
+            format!("cannot use {not_pem} for HTTPS: no PEM certificate in it"),
+        ),
+        (
+            target("host=127.0.0.1 port=1 dbname=app user=app sslmode=verify-full sslrootcert=/nonexistent/root.crt"),
+            "target `main`: TLS setup failed: cannot read sslrootcert /nonexistent/root.crt".to_string(),
+        ),
+        (
+            target("host=127.0.0.1 port=1 dbname=app user=app sslmode=require sslrootcert=/nonexistent/root.crt"),
+            "target `main`: TLS setup failed: cannot read sslrootcert /nonexistent/root.crt".to_string(),
+        ),
+        (
+            target(&format!(
+                "host=127.0.0.1 port=1 dbname=app user=app sslmode=verify-ca sslrootcert={not_pem}"
+            )),
+            "target `main`: TLS setup failed:".to_string(),
+        ),
+    ];
+    let file = dir.path().join("lockjam.toml");
+    for (text, expected) in cases {
+        std::fs::write(&file, &text).unwrap();
+        for command in ["check-config", "run"] {
+            let output = lockjam().args([command, "--config"]).arg(&file).output().unwrap();
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            assert_eq!(output.status.code(), Some(2), "{text:?}, {command}: {stderr}");
+            assert!(stderr.contains(&expected), "{text:?}, {command}: {stderr}");
+            assert!(output.stdout.is_empty(), "{text:?}, {command}");
+        }
+    }
+}
+
 /// `lockjam run` serves, then exits 0 on SIGTERM.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_run_stops_on_sigterm() {
