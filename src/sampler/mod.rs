@@ -47,6 +47,8 @@ struct MainSession {
     client: Client,
     pid: i32,
     dbname: String,
+    /// The role lockjam is, as named in warnings.
+    role: String,
     server_version: i32,
     activity: Statement,
     waiters: Statement,
@@ -150,14 +152,8 @@ impl Sampler {
 
     async fn read(&mut self) -> Result<Snapshot, SampleError> {
         if self.main.is_none() {
-            let (main, warning) = self.open_main().await?;
+            let main = self.open_main().await?;
             self.main = Some(main);
-            if self.warnings.is_empty() {
-                if let Some(warning) = warning {
-                    tracing::warn!(target = %self.target.name, "{warning}");
-                    self.warnings.push(warning);
-                }
-            }
         }
         let own_pids = self.own_pids();
         let main = self.main.as_ref().expect("opened above");
@@ -168,6 +164,7 @@ impl Sampler {
             .map_err(|e| self.query_error("reading pg_stat_activity", &e))?;
         let taken_at: SystemTime = rows[0].get("taken_at");
         let lock_waiters: i64 = rows[0].get("lock_waiters");
+        self.note_privilege(rows[0].get("reads_all_stats"));
         let activity: Vec<ActivityGroup> = rows
             .iter()
             .filter_map(|row| {
@@ -248,9 +245,29 @@ impl Sampler {
         }
     }
 
-    /// Opens the main session; the second value says what grant the role
-    /// lacks, if it lacks one.
-    async fn open_main(&self) -> Result<(MainSession, Option<String>), SampleError> {
+    /// Warns when the role may no longer read other roles' activity (at
+    /// start, or after a REVOKE mid-run), and says so when it may again.
+    fn note_privilege(&mut self, reads_all_stats: bool) {
+        let role = &self.main.as_ref().expect("open").role;
+        match (reads_all_stats, self.warnings.is_empty()) {
+            (false, true) => {
+                let warning = format!(
+                    "role `{role}` may not read other roles' activity: their sessions count as state \"unknown\", \
+                     show no query, and their lock waits go unseen; GRANT pg_monitor TO \"{role}\""
+                );
+                tracing::warn!(target = %self.target.name, "{warning}");
+                self.warnings.push(warning);
+            }
+            (true, false) => {
+                tracing::info!(target = %self.target.name, "role `{role}` may read other roles' activity again");
+                self.warnings.clear();
+            }
+            _ => {}
+        }
+    }
+
+    /// Opens the main session.
+    async fn open_main(&self) -> Result<MainSession, SampleError> {
         let client = self.connector.connect(None).await?;
         let row = client
             .query_one(SESSION_SQL, &[])
@@ -266,13 +283,8 @@ impl Sampler {
         let waiters = prepare(waiters, "preparing the waiters query").await?;
         let locks = prepare(locks, "preparing the pg_locks query").await?;
         let relations = prepare(RELATIONS_SQL.into(), "preparing the relation-name query").await?;
-        let role: String = row.get("role");
-        let warning = (!row.get::<_, bool>("reads_all_stats")).then(|| {
-            format!(
-                "role `{role}` may not read other roles' activity: their sessions count as state \"unknown\" and show no query; GRANT pg_monitor TO \"{role}\""
-            )
-        });
         let main = MainSession {
+            role: row.get("role"),
             pid: row.get("pid"),
             dbname: row.get("dbname"),
             server_version,
@@ -282,7 +294,7 @@ impl Sampler {
             locks,
             relations,
         };
-        Ok((main, warning))
+        Ok(main)
     }
 
     /// Fills `relation` of every lock on a relation with its

@@ -2,7 +2,4 @@
 SELECT pg_catalog.pg_backend_pid() AS pid,
        pg_catalog.current_database()::pg_catalog.text AS dbname,
        pg_catalog.current_setting('server_version_num')::pg_catalog.int4 AS server_version,
-       CURRENT_USER::pg_catalog.text AS role,
-       -- pg_monitor includes pg_read_all_stats: without it, other roles'
-       -- sessions show no state, wait event or query text.
-       pg_catalog.pg_has_role('pg_read_all_stats', 'USAGE') AS reads_all_stats
+       CURRENT_USER::pg_catalog.text AS role

@@ -348,3 +348,82 @@ fn invalid_libpq_environment_is_refused_never_downgraded() {
         }
     }
 }
+
+/// `REVOKE pg_monitor` mid-run blinds lockjam to other roles' lock waits:
+/// it notices at the next sample, warns as it does at start (log and the
+/// snapshot's warnings), and says so again when the grant comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_revoked_pg_monitor_is_noticed_mid_run() {
+    let env = crate::support::TestEnv::start().await;
+    env.admin
+        .batch_execute("CREATE ROLE watcher LOGIN IN ROLE pg_monitor; CREATE TABLE held (id int)")
+        .await
+        .unwrap();
+    let dsn = format!(
+        "host=127.0.0.1 port={} dbname=postgres sslmode=disable user=watcher",
+        env.cluster.port()
+    );
+    let run = crate::support::LockjamRun::spawn(&["--dsn", &dsn]);
+    let warnings = || async {
+        let (status, body) = crate::support::http_get(run.addr, "/api/v1/snapshot").await;
+        assert_eq!(status, 200, "{body}");
+        let snapshot: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let target = &snapshot["targets"][0];
+        (
+            target["up"] == true,
+            target["warnings"].as_array().cloned().unwrap_or_default(),
+        )
+    };
+    wait_until("lockjam run to sample", || async {
+        run.serving().await && warnings().await.0
+    })
+    .await;
+    assert!(warnings().await.1.is_empty());
+    // The superuser's lock queue is seen while the grant holds...
+    let (holder, _) = env
+        .spawn_transaction(
+            "holder",
+            &["LOCK TABLE held IN ACCESS EXCLUSIVE MODE", "SELECT pg_sleep(60)"],
+        )
+        .await;
+    env.wait_until_holding(holder, "held", Some("AccessExclusiveLock"))
+        .await;
+    let (_waiter, _) = env.spawn_statement("waiter", "SELECT count(*) FROM held").await;
+    let waiting = || async {
+        let scrape = scrape(run.addr).await;
+        scrape
+            .matching("lockjam_lock_waiters", &[])
+            .iter()
+            .map(|(_, _, v)| v)
+            .sum::<f64>()
+    };
+    wait_until("the waiter to be seen", || async { waiting().await == 1.0 }).await;
+
+    env.admin.batch_execute("REVOKE pg_monitor FROM watcher").await.unwrap();
+    wait_until("the revoke to be noticed", || async {
+        warnings().await.1.iter().any(|w| {
+            w.as_str()
+                .is_some_and(|w| w.contains("role `watcher` may not read other roles' activity"))
+        })
+    })
+    .await;
+    env.admin.batch_execute("GRANT pg_monitor TO watcher").await.unwrap();
+    wait_until("the grant to be noticed", || async { warnings().await.1.is_empty() }).await;
+    wait_until("the waiter to be seen again", || async { waiting().await == 1.0 }).await;
+
+    let (_, log) = run.terminate();
+    let warned: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("may not read other roles' activity"))
+        .collect();
+    assert_eq!(warned.len(), 1, "{log}");
+    assert!(warned[0].contains("WARN"), "{}", warned[0]);
+    assert!(warned[0].contains("GRANT pg_monitor TO"), "{}", warned[0]);
+    assert_eq!(
+        log.matches("role `watcher` may read other roles' activity again")
+            .count(),
+        1,
+        "{log}"
+    );
+    env.stop().await;
+}
