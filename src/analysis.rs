@@ -171,6 +171,8 @@ pub struct LockGraph {
     pub own_pids: Vec<i32>,
     /// The snapshot's list of the server's databases, when it read one.
     pub existing_databases: Option<Vec<String>>,
+    /// A hot standby: the policy acts only by rules with `on_standby`.
+    pub in_recovery: bool,
 }
 
 /// The sessions a waiter waits on, followed through the sessions that
@@ -439,6 +441,7 @@ pub fn analyze(snapshot: &Snapshot) -> LockGraph {
         databases,
         own_pids: Vec::new(),
         existing_databases: snapshot.existing_databases.clone(),
+        in_recovery: snapshot.in_recovery,
     }
 }
 

@@ -423,6 +423,7 @@ mod tests {
             },
             roots: vec![root],
             sampled_at: at(99.9),
+            in_recovery: false,
             verdict: None,
             reason: "the waiter has waited 2.5s (min_wait 2s)".into(),
         }

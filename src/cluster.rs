@@ -333,6 +333,65 @@ impl Cluster {
         Ok(())
     }
 
+    /// A hot standby of this cluster, streaming from it, with `settings`
+    /// added to its `postgresql.conf`: this server is stopped cleanly, its
+    /// data directory copied, and started again (a copy of a cleanly shut
+    /// down cluster needs no base backup). Returns once the standby
+    /// accepts connections.
+    pub fn start_standby(&self, settings: &[(&str, &str)]) -> Result<Cluster, ClusterError> {
+        self.stop("fast")?;
+        let dir = tempfile::Builder::new().prefix("lockjam-pg-standby-").tempdir()?;
+        let copied = Command::new("cp")
+            .args(["-a", path_str(&self.data_dir()), path_str(&dir.path().join("data"))])
+            .output()?;
+        let restarted = self.start_server();
+        check("cp -a", copied)?;
+        restarted?;
+        if let Some(user) = &self.run_as {
+            std::os::unix::fs::chown(dir.path(), Some(user.uid), Some(user.gid))?;
+        }
+        let mut standby = Cluster {
+            bindir: self.bindir.clone(),
+            dir,
+            port: 0,
+            run_as: self.run_as.clone(),
+            version: self.version.clone(),
+        };
+        let data = standby.data_dir();
+        let mut conf = std::fs::read_to_string(data.join("postgresql.conf"))?;
+        conf.push_str("\n# lockjam throwaway standby\n");
+        let primary = format!(
+            "host=127.0.0.1 port={} user=postgres application_name=standby",
+            self.port
+        );
+        let socket_dir = path_str(standby.dir.path()).to_string();
+        for (name, value) in [
+            ("unix_socket_directories", socket_dir.as_str()),
+            ("primary_conninfo", primary.as_str()),
+            ("hot_standby", "on"),
+        ]
+        .into_iter()
+        .chain(settings.iter().copied())
+        {
+            conf.push_str(&format!("{name} = {}\n", quote(value)));
+        }
+        std::fs::write(data.join("postgresql.conf"), conf)?;
+        std::fs::write(data.join("standby.signal"), "")?;
+        if let Some(user) = &standby.run_as {
+            std::os::unix::fs::chown(data.join("standby.signal"), Some(user.uid), Some(user.gid))?;
+        }
+        let mut last_error = None;
+        for _ in 0..5 {
+            standby.port = free_port()?;
+            standby.write_port()?;
+            match standby.start_server() {
+                Ok(()) => return Ok(standby),
+                Err(e) => last_error = Some(e),
+            }
+        }
+        Err(last_error.expect("tried at least once"))
+    }
+
     /// Stops the server: `mode` is pg_ctl's `smart`, `fast` or `immediate`.
     pub fn stop(&self, mode: &str) -> Result<(), ClusterError> {
         let data = self.data_dir();

@@ -346,6 +346,7 @@ struct RawRule {
     protect_users: Vec<String>,
     protect_applications: Vec<String>,
     protect_databases: Vec<String>,
+    on_standby: bool,
 }
 
 impl Default for RawRule {
@@ -365,6 +366,7 @@ impl Default for RawRule {
             protect_users: Vec::new(),
             protect_applications: Vec::new(),
             protect_databases: Vec::new(),
+            on_standby: false,
         }
     }
 }
@@ -747,6 +749,7 @@ fn validate_policy(
                 &rule.protect_applications,
                 &rule.protect_databases,
             )?,
+            on_standby: rule.on_standby,
         });
     }
     let mut notes = Vec::new();
@@ -1113,6 +1116,7 @@ fn raw_policy(policy: &Policy) -> RawPolicy {
                 protect_users: patterns(&rule.protect.users),
                 protect_applications: patterns(&rule.protect.applications),
                 protect_databases: patterns(&rule.protect.databases),
+                on_standby: rule.on_standby,
             })
             .collect(),
     }

@@ -236,6 +236,11 @@ pub struct Rule {
     pub terminate_after: Option<Duration>,
     /// Protected from this rule, in addition to the policy's protections.
     pub protect: Protections,
+    /// Whether the rule acts on a hot standby too. Off by default: there,
+    /// PostgreSQL resolves a recovery conflict itself after
+    /// `max_standby_streaming_delay`, and a standby query may be a report
+    /// someone waits for.
+    pub on_standby: bool,
 }
 
 impl Rule {
@@ -255,6 +260,7 @@ impl Rule {
             action: Action::CancelBlockers,
             terminate_after: Some(Duration::from_secs(10)),
             protect: Protections::default(),
+            on_standby: false,
         }
     }
 
@@ -279,7 +285,7 @@ impl Rule {
     pub fn describe(&self) -> String {
         let human = |d: Duration| humantime::format_duration(d).to_string();
         format!(
-            "rule `{}`: {} when a {} wait for {} on {} in database {} from application {} has waited {}{}; {}; protects {}",
+            "rule `{}`: {} when a {} wait for {} on {} in database {} from application {} has waited {}{}; {}; protects {}; {}",
             self.name,
             self.action.as_str(),
             self.waiter_locktypes.join("/"),
@@ -297,7 +303,12 @@ impl Rule {
                 Some(after) => format!("terminate after {}", human(after)),
                 None => "never terminate".into(),
             },
-            self.protect.describe()
+            self.protect.describe(),
+            if self.on_standby {
+                "acts on a hot standby too"
+            } else {
+                "not on a hot standby"
+            }
         )
     }
 }
@@ -385,6 +396,9 @@ pub struct Decision {
     pub roots: Vec<Blocker>,
     /// When the sample the decision was made on was taken (server clock).
     pub sampled_at: SystemTime,
+    /// Whether the server was a hot standby: the enforcer then follows
+    /// WAL replay's waits too, which pg_blocking_pids does not know.
+    pub in_recovery: bool,
     /// The outcome already known without the database (dry run, protected,
     /// rate limited); `None` means: send the signal.
     pub verdict: Option<Outcome>,
@@ -721,7 +735,11 @@ pub fn decide(graph: &LockGraph, policy: &Policy, memory: &Memory, now: SystemTi
     let mut waiters: Vec<&Waiter> = graph.waiters.iter().collect();
     waiters.sort_by(|a, b| b.wait.cmp(&a.wait).then(a.session.pid.cmp(&b.session.pid)));
     for waiter in waiters {
-        let rules: Vec<&Rule> = policy.rules.iter().filter(|rule| rule.matches(waiter)).collect();
+        let rules: Vec<&Rule> = policy
+            .rules
+            .iter()
+            .filter(|rule| (rule.on_standby || !graph.in_recovery) && rule.matches(waiter))
+            .collect();
         if rules.is_empty() {
             continue;
         }
@@ -797,6 +815,7 @@ pub fn decide(graph: &LockGraph, policy: &Policy, memory: &Memory, now: SystemTi
                     waiter: waiter.clone(),
                     roots: roots.clone(),
                     sampled_at: graph.taken_at,
+                    in_recovery: graph.in_recovery,
                     verdict,
                     reason: format!("{preface}{reason}"),
                 };
@@ -910,6 +929,7 @@ mod tests {
             sessions,
             locks,
             existing_databases: None,
+            in_recovery: false,
         };
         (snapshot, read)
     }
@@ -954,6 +974,7 @@ mod tests {
             sessions,
             locks,
             existing_databases: None,
+            in_recovery: false,
         }
     }
 
@@ -1557,6 +1578,21 @@ mod tests {
     }
 
     #[test]
+    fn on_a_hot_standby_only_rules_that_say_so_act() {
+        let (mut snapshot, _) = incident("active", 1);
+        snapshot.in_recovery = true;
+        let graph = analyze(&snapshot);
+        assert!(decisions(&graph, &policy(rule(5.0)), &Memory::default(), 100.0).is_empty());
+        let on_standby = Rule {
+            on_standby: true,
+            ..rule(5.0)
+        };
+        let decided = decisions(&graph, &policy(on_standby), &Memory::default(), 100.0);
+        assert_eq!(summary(&decided), vec![(10, Signal::Cancel, None)]);
+        assert!(decided[0].in_recovery);
+    }
+
+    #[test]
     fn permission_denied_is_not_retried_and_hands_the_waiter_on() {
         let (snapshot, _) = incident("active", 1);
         let graph = analyze(&snapshot);
@@ -1677,11 +1713,15 @@ mod tests {
             described.describe(),
             "rule `unblock-migrations`: cancel_blockers when a relation wait for \
              ShareRowExclusiveLock/ExclusiveLock/AccessExclusiveLock on * in database * from application * \
-             has waited 2s with 3 or more behind it; terminate after 10s; protects applications pg_dump*"
+             has waited 2s with 3 or more behind it; terminate after 10s; protects applications pg_dump*; \
+             not on a hot standby"
         );
         described.terminate_after = None;
         described.protect = Protections::default();
-        assert!(described.describe().ends_with("; never terminate; protects none"));
+        described.on_standby = true;
+        assert!(described
+            .describe()
+            .ends_with("; never terminate; protects none; acts on a hot standby too"));
         assert_eq!(Policy::default().mode(), "off");
         assert_eq!(Policy::acting(Vec::new()).mode(), "live");
     }

@@ -318,6 +318,7 @@ async fn watch_target(
     let mut previous: Option<Arc<LockGraph>> = None;
     let mut failures = 0u32;
     let mut announced = false;
+    let mut in_recovery = false;
     loop {
         let started = Instant::now();
         let outcome = tokio::select! {
@@ -362,6 +363,12 @@ async fn watch_target(
                 if !announced {
                     announce_policy(name, policy.as_ref().map_or(&Policy::default(), |(_, p)| p), leader);
                     announced = true;
+                }
+                if graph.in_recovery != in_recovery {
+                    in_recovery = graph.in_recovery;
+                    if let Some((_, policy)) = policy.as_ref().filter(|(_, p)| p.enabled) {
+                        announce_standby(name, policy, in_recovery);
+                    }
                 }
                 if failures > 0 || previous.is_none() {
                     tracing::info!(
@@ -488,6 +495,30 @@ fn announce_policy(name: &str, policy: &Policy, leader: Option<bool>) {
         for (index, rule) in policy.rules.iter().enumerate() {
             tracing::info!(target = name, "policy {}. {}", index + 1, rule.describe());
         }
+    }
+}
+
+/// Says what the policy does on a hot standby, when a target turns out to
+/// be one (or is promoted).
+fn announce_standby(name: &str, policy: &Policy, in_recovery: bool) {
+    let on_standby: Vec<&str> = policy
+        .rules
+        .iter()
+        .filter(|rule| rule.on_standby)
+        .map(|rule| rule.name.as_str())
+        .collect();
+    match (in_recovery, on_standby.is_empty()) {
+        (true, true) => tracing::info!(
+            target = name,
+            "the server is a hot standby: the policy does not act here, as no rule sets on_standby; PostgreSQL \
+             cancels the standby queries that hold up replay after max_standby_streaming_delay"
+        ),
+        (true, false) => tracing::info!(
+            target = name,
+            "the server is a hot standby: only rule(s) `{}` act here (on_standby = true)",
+            on_standby.join("`, `")
+        ),
+        (false, _) => tracing::info!(target = name, "the server is out of recovery: every rule acts"),
     }
 }
 

@@ -73,6 +73,8 @@ pub struct Snapshot {
     /// client sessions has none any more (it may have been dropped);
     /// `None` otherwise.
     pub existing_databases: Option<Vec<String>>,
+    /// Whether the server is a standby (`pg_is_in_recovery()`).
+    pub in_recovery: bool,
 }
 
 impl Snapshot {
@@ -84,6 +86,7 @@ impl Snapshot {
             sessions: Vec::new(),
             locks: Vec::new(),
             existing_databases: None,
+            in_recovery: false,
         }
     }
 }

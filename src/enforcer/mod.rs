@@ -173,6 +173,7 @@ impl Enforcer {
                     &waiter.backend_start,
                     &signal,
                     &LEADER_LOCK_KEY,
+                    &decision.in_recovery,
                 ],
             ),
         )

@@ -17,7 +17,8 @@
 -- One pid per statement: signalling a superuser raises an error, which
 -- must not take other signals down with it.
 -- $1 pid, $2 its backend_start, $3 its xact_start, $4 waiter pid,
--- $5 waiter backend_start, $6 'cancel' or 'terminate', $7 leader lock key.
+-- $5 waiter backend_start, $6 'cancel' or 'terminate', $7 leader lock key,
+-- $8 whether the server is in recovery.
 -- {terminate} is pg_terminate_backend($1, <ms>) from PostgreSQL 14, which
 -- returns once the backend has exited (and its locks are released), and
 -- pg_terminate_backend($1) before 14.
@@ -28,10 +29,41 @@ WITH RECURSIVE target AS (
     SELECT w.pid FROM pg_catalog.pg_stat_activity AS w
     WHERE w.pid = $4 AND w.backend_start = $5
       AND EXISTS (SELECT 1 FROM pg_catalog.pg_locks AS l WHERE l.pid = w.pid AND NOT l.granted)
+), replay (waiter, holder) AS (
+    -- On a hot standby ($8), WAL replay (the startup process) waits for
+    -- the standby sessions holding the object it must lock, and
+    -- pg_blocking_pids knows nothing of it: those holders are its blockers.
+    SELECT r.pid, h.pid
+    FROM pg_catalog.pg_stat_activity AS a
+    JOIN pg_catalog.pg_locks AS r ON r.pid = a.pid AND NOT r.granted
+    JOIN pg_catalog.pg_locks AS h
+      ON h.granted AND h.pid <> r.pid
+     AND h.locktype = r.locktype
+     AND h.database IS NOT DISTINCT FROM r.database
+     AND h.relation IS NOT DISTINCT FROM r.relation
+     AND h.page IS NOT DISTINCT FROM r.page
+     AND h.tuple IS NOT DISTINCT FROM r.tuple
+     AND h.virtualxid IS NOT DISTINCT FROM r.virtualxid
+     AND h.transactionid IS NOT DISTINCT FROM r.transactionid
+     AND h.classid IS NOT DISTINCT FROM r.classid
+     AND h.objid IS NOT DISTINCT FROM r.objid
+     AND h.objsubid IS NOT DISTINCT FROM r.objsubid
+    WHERE $8::pg_catalog.bool AND a.backend_type = 'startup'
 ), upstream (pid) AS (
-    SELECT pg_catalog.unnest(pg_catalog.pg_blocking_pids(w.pid)) FROM waiter AS w WHERE $1 <> $4
+    SELECT b.pid FROM waiter AS w
+    CROSS JOIN LATERAL (
+        SELECT pg_catalog.unnest(pg_catalog.pg_blocking_pids(w.pid)) AS pid
+        UNION ALL
+        SELECT r.holder FROM replay AS r WHERE r.waiter = w.pid
+    ) AS b
+    WHERE $1 <> $4
     UNION
-    SELECT pg_catalog.unnest(pg_catalog.pg_blocking_pids(u.pid)) FROM upstream AS u
+    SELECT b.pid FROM upstream AS u
+    CROSS JOIN LATERAL (
+        SELECT pg_catalog.unnest(pg_catalog.pg_blocking_pids(u.pid)) AS pid
+        UNION ALL
+        SELECT r.holder FROM replay AS r WHERE r.waiter = u.pid
+    ) AS b
     WHERE u.pid <> $1 AND u.pid <> 0
 ), blocking AS (
     SELECT 1 FROM waiter

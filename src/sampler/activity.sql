@@ -14,6 +14,7 @@ SELECT pg_catalog.statement_timestamp() AS taken_at,
        -- Re-checked every tick (a cached catalog lookup): a REVOKE of
        -- pg_monitor mid-run would otherwise blind lockjam silently.
        pg_catalog.pg_has_role('pg_read_all_stats', 'USAGE') AS reads_all_stats,
+       pg_catalog.pg_is_in_recovery() AS in_recovery,
        g.datname, g.state, g.sessions, g.oldest_xact_start
 FROM (SELECT 1) AS one
 LEFT JOIN (

@@ -165,6 +165,7 @@ impl Sampler {
         let taken_at: SystemTime = rows[0].get("taken_at");
         let lock_waiters: i64 = rows[0].get("lock_waiters");
         self.note_privilege(rows[0].get("reads_all_stats"));
+        let in_recovery: bool = rows[0].get("in_recovery");
         let activity: Vec<ActivityGroup> = rows
             .iter()
             .filter_map(|row| {
@@ -182,6 +183,7 @@ impl Sampler {
             self.close_idle_database_sessions();
             return Ok(Snapshot {
                 existing_databases,
+                in_recovery,
                 ..Snapshot::calm(taken_at, activity)
             });
         }
@@ -189,7 +191,7 @@ impl Sampler {
 
         let rows = main
             .client
-            .query(&main.waiters, &[&own_pids, &QUERY_TEXT_LENGTH])
+            .query(&main.waiters, &[&own_pids, &QUERY_TEXT_LENGTH, &in_recovery])
             .await
             .map_err(|e| self.query_error("reading lock waiters", &e))?;
         let sessions: Vec<Session> = rows.iter().map(session_from_row).collect();
@@ -225,6 +227,7 @@ impl Sampler {
             sessions,
             locks,
             existing_databases,
+            in_recovery,
         })
     }
 

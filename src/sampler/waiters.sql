@@ -5,25 +5,60 @@
 -- the lock manager's shared state, so it is called for these pids only,
 -- never for every backend. Returns the waiters and every session that
 -- blocks one of them.
--- $1: lockjam's own pids; $2: how many characters of query text to keep.
+-- $1: lockjam's own pids; $2: how many characters of query text to keep;
+-- $3: whether the server is in recovery (a constant: on a primary the
+-- replay part is skipped whole).
 WITH waiting AS MATERIALIZED (
     SELECT DISTINCT l.pid
     FROM pg_catalog.pg_locks AS l
     WHERE NOT l.granted AND l.pid <> ALL ($1::pg_catalog.int4[])
+), replay AS (
+    -- On a hot standby, WAL replay (the startup process) takes the ACCESS
+    -- EXCLUSIVE locks the primary took, and waits when standby queries
+    -- hold the table (a recovery conflict, until max_standby_streaming_
+    -- delay). pg_blocking_pids knows nothing of it (it is no client
+    -- backend), so the sessions it waits for are those holding a granted
+    -- lock on the object it asks for; its datname is that object's.
+    SELECT r.pid, d.datname::pg_catalog.text AS datname,
+           pg_catalog.array_agg(DISTINCT h.pid) FILTER (WHERE h.pid IS NOT NULL) AS blocked_by
+    FROM pg_catalog.pg_stat_activity AS a
+    JOIN pg_catalog.pg_locks AS r ON r.pid = a.pid AND NOT r.granted
+    LEFT JOIN pg_catalog.pg_database AS d ON d.oid = r.database
+    LEFT JOIN pg_catalog.pg_locks AS h
+           ON h.granted AND h.pid <> r.pid AND h.pid <> ALL ($1::pg_catalog.int4[])
+          AND h.locktype = r.locktype
+          AND h.database IS NOT DISTINCT FROM r.database
+          AND h.relation IS NOT DISTINCT FROM r.relation
+          AND h.page IS NOT DISTINCT FROM r.page
+          AND h.tuple IS NOT DISTINCT FROM r.tuple
+          AND h.virtualxid IS NOT DISTINCT FROM r.virtualxid
+          AND h.transactionid IS NOT DISTINCT FROM r.transactionid
+          AND h.classid IS NOT DISTINCT FROM r.classid
+          AND h.objid IS NOT DISTINCT FROM r.objid
+          AND h.objsubid IS NOT DISTINCT FROM r.objsubid
+    WHERE $3::pg_catalog.bool AND a.backend_type = 'startup'
+    GROUP BY r.pid, d.datname
 ), waiters AS (
-    SELECT w.pid, pg_catalog.pg_blocking_pids(w.pid) AS blocked_by
+    SELECT w.pid,
+           COALESCE(p.blocked_by, CASE WHEN p.pid IS NULL THEN pg_catalog.pg_blocking_pids(w.pid) END,
+                    '{}'::pg_catalog.int4[]) AS blocked_by
     FROM waiting AS w
+    LEFT JOIN replay AS p ON p.pid = w.pid
 ), involved AS (
     SELECT pid FROM waiters
     UNION
     SELECT pg_catalog.unnest(blocked_by) FROM waiters
 )
-SELECT a.pid, a.datname::pg_catalog.text AS datname, a.usename::pg_catalog.text AS usename,
+SELECT a.pid, COALESCE(a.datname::pg_catalog.text, p.datname) AS datname,
+       a.usename::pg_catalog.text AS usename,
        a.application_name, pg_catalog.host(a.client_addr) AS client_addr,
        a.backend_type, a.state, a.wait_event_type, a.wait_event,
        a.backend_start, a.xact_start, a.query_start,
-       pg_catalog."left"(a.query, $2) AS query,
+       CASE WHEN p.pid IS NOT NULL
+            THEN 'WAL replay: waits to apply a lock the primary took until the standby queries holding it finish, or max_standby_streaming_delay cancels them'
+            ELSE pg_catalog."left"(a.query, $2) END AS query,
        w.blocked_by
 FROM involved AS i
 JOIN pg_catalog.pg_stat_activity AS a ON a.pid = i.pid
 LEFT JOIN waiters AS w ON w.pid = i.pid
+LEFT JOIN replay AS p ON p.pid = i.pid

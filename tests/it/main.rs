@@ -11,6 +11,7 @@ mod scale;
 mod scenes;
 mod security;
 mod service;
+mod standby;
 mod support;
 mod tls;
 mod versions;

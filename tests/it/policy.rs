@@ -890,6 +890,7 @@ async fn the_signalling_statement_refuses_a_waiting_session() {
             waiter: waiter.clone(),
             roots: Vec::new(),
             sampled_at: graph.taken_at,
+            in_recovery: graph.in_recovery,
             verdict: None,
             reason: "forged".into(),
         }

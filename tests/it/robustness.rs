@@ -289,7 +289,7 @@ async fn missing_pg_monitor_is_named_once_and_lockjam_exports_what_it_can() {
     assert_eq!(
         snapshot["targets"][0]["warnings"],
         serde_json::json!([
-            "role `watcher` may not read other roles' activity: their sessions count as state \"unknown\" and show no query; GRANT pg_monitor TO \"watcher\""
+            "role `watcher` may not read other roles' activity: their sessions count as state \"unknown\", show no query, and their lock waits go unseen; GRANT pg_monitor TO \"watcher\""
         ])
     );
     service.stop().await;
