@@ -548,17 +548,7 @@ fn validate_server(
     invalid: &dyn Fn(&str, String) -> ConfigError,
 ) -> Result<ServerConfig, ConfigError> {
     let path = |text: &str| (!text.trim().is_empty()).then(|| PathBuf::from(text.trim()));
-    let readable = |key: &str, file: &Path| {
-        std::fs::File::open(file).map(drop).map_err(|e| {
-            invalid(
-                key,
-                format!(
-                    "cannot read {}: {e}; check the path and that lockjam may read it",
-                    file.display()
-                ),
-            )
-        })
-    };
+    let readable = |key: &str, file: &Path| read_small_file(file).map(drop).map_err(|message| invalid(key, message));
     let tls = match (path(&raw.tls_cert_file), path(&raw.tls_key_file)) {
         (None, None) => None,
         (Some(cert_file), Some(key_file)) => {
@@ -864,7 +854,7 @@ const MAX_FILE_BYTES: u64 = 1 << 20;
 
 /// Reads a regular file of at most [`MAX_FILE_BYTES`]: a FIFO would hang
 /// and a device such as /dev/zero would never end.
-fn read_small_file(path: &Path) -> Result<String, String> {
+pub(crate) fn read_small_file(path: &Path) -> Result<String, String> {
     use std::io::Read;
     let cannot = |e: std::io::Error| {
         format!(

@@ -224,9 +224,10 @@ fn root_store(settings: &TlsSettings) -> Result<RootCertStore, String> {
     let mut roots = RootCertStore::empty();
     match &settings.root_cert {
         Some(path) => {
-            let certificates = CertificateDer::pem_file_iter(path)
-                .map_err(|e| format!("cannot read sslrootcert {}: {e}", path.display()))?;
-            for certificate in certificates {
+            // Read as a small regular file first: a FIFO or /dev/zero must
+            // not hang or exhaust lockjam.
+            let text = crate::config::read_small_file(path).map_err(|message| format!("sslrootcert: {message}"))?;
+            for certificate in CertificateDer::pem_slice_iter(text.as_bytes()) {
                 let certificate = certificate.map_err(|e| format!("bad certificate in {}: {e}", path.display()))?;
                 roots
                     .add(certificate)

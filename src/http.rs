@@ -76,13 +76,16 @@ fn tls_server_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, Http
         file: file.display().to_string(),
         message,
     };
-    let certs = CertificateDer::pem_file_iter(&files.cert_file)
-        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+    // Read as small regular files first: a FIFO or /dev/zero must not hang
+    // or exhaust lockjam.
+    let read = |file: &std::path::Path| crate::config::read_small_file(file).map_err(|message| failed(file, message));
+    let certs = CertificateDer::pem_slice_iter(read(&files.cert_file)?.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
         .map_err(|e| failed(&files.cert_file, format!("{e}; it must hold PEM certificates")))?;
     if certs.is_empty() {
         return Err(failed(&files.cert_file, "no PEM certificate in it".into()));
     }
-    let key = PrivateKeyDer::from_pem_file(&files.key_file)
+    let key = PrivateKeyDer::from_pem_slice(read(&files.key_file)?.as_bytes())
         .map_err(|e| failed(&files.key_file, format!("{e}; it must hold a PEM private key")))?;
     let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
         .with_safe_default_protocol_versions()

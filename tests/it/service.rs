@@ -2,6 +2,7 @@
 //! under lockjam, the golden `/metrics` file, and the `lockjam` binary.
 
 use std::path::Path;
+use std::time::Duration;
 
 use lockjam::service::Service;
 
@@ -540,6 +541,11 @@ fn check_config_refuses_what_run_refuses() {
     let not_pem = dir.path().join("not-pem.txt");
     std::fs::write(&not_pem, "this is no certificate\n").unwrap();
     let not_pem = not_pem.display().to_string();
+    // A FIFO never hands over its end of file: opened, it hangs the reader.
+    let fifo = dir.path().join("fifo.pem");
+    let made = std::process::Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(made.success());
+    let fifo = fifo.display().to_string();
     let target = |dsn: &str| format!("[[targets]]\nname = \"main\"\ndsn = \"{dsn}\"\n");
     let plain = target("host=127.0.0.1 port=1 dbname=app user=app");
     let cases = [
@@ -549,11 +555,21 @@ fn check_config_refuses_what_run_refuses() {
         ),
         (
             target("host=127.0.0.1 port=1 dbname=app user=app sslmode=verify-full sslrootcert=/nonexistent/root.crt"),
-            "target `main`: TLS setup failed: cannot read sslrootcert /nonexistent/root.crt".to_string(),
+            "target `main`: TLS setup failed: sslrootcert: cannot read /nonexistent/root.crt".to_string(),
         ),
         (
             target("host=127.0.0.1 port=1 dbname=app user=app sslmode=require sslrootcert=/nonexistent/root.crt"),
-            "target `main`: TLS setup failed: cannot read sslrootcert /nonexistent/root.crt".to_string(),
+            "target `main`: TLS setup failed: sslrootcert: cannot read /nonexistent/root.crt".to_string(),
+        ),
+        (
+            target(&format!(
+                "host=127.0.0.1 port=1 dbname=app user=app sslmode=verify-full sslrootcert={fifo}"
+            )),
+            format!("target `main`: TLS setup failed: sslrootcert: {fifo} is not a regular file"),
+        ),
+        (
+            format!("[server]\ntls_cert_file = \"{fifo}\"\ntls_key_file = \"{not_pem}\"\n{plain}"),
+            format!("server.tls_cert_file: {fifo} is not a regular file"),
         ),
         (
             target(&format!(
@@ -566,13 +582,39 @@ fn check_config_refuses_what_run_refuses() {
     for (text, expected) in cases {
         std::fs::write(&file, &text).unwrap();
         for command in ["check-config", "run"] {
-            let output = lockjam().args([command, "--config"]).arg(&file).output().unwrap();
+            let output = output_within(
+                lockjam().args([command, "--config"]).arg(&file),
+                Duration::from_secs(30),
+            );
             let stderr = String::from_utf8_lossy(&output.stderr);
             assert_eq!(output.status.code(), Some(2), "{text:?}, {command}: {stderr}");
             assert!(stderr.contains(&expected), "{text:?}, {command}: {stderr}");
             assert!(output.stdout.is_empty(), "{text:?}, {command}");
         }
     }
+}
+
+/// Runs `command` to its end, killing it and failing the test if it takes
+/// longer than `limit` (a hang).
+fn output_within(command: &mut std::process::Command, limit: Duration) -> std::process::Output {
+    let mut child = command
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + limit;
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let output = child.wait_with_output().unwrap();
+            panic!(
+                "{command:?} hung for {limit:?}: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
 }
 
 /// `lockjam run` serves, then exits 0 on SIGTERM.
