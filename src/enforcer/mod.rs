@@ -137,7 +137,12 @@ impl Enforcer {
             None => "pg_catalog.pg_terminate_backend($1)".to_string(),
         };
         let signal = client
-            .prepare(&SIGNAL_SQL.replace("{terminate}", &terminate))
+            .prepare(
+                &SIGNAL_SQL.replace("{terminate}", &terminate).replace(
+                    "{replay}",
+                    &crate::sampler::REPLAY_SQL.replace("{in_recovery}", "$8::pg_catalog.bool"),
+                ),
+            )
             .await
             .map_err(|e| error_chain(&e))?;
         Ok(LeaderSession {

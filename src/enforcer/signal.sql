@@ -29,26 +29,11 @@ WITH RECURSIVE target AS (
     SELECT w.pid FROM pg_catalog.pg_stat_activity AS w
     WHERE w.pid = $4 AND w.backend_start = $5
       AND EXISTS (SELECT 1 FROM pg_catalog.pg_locks AS l WHERE l.pid = w.pid AND NOT l.granted)
-), replay (waiter, holder) AS (
-    -- On a hot standby ($8), WAL replay (the startup process) waits for
-    -- the standby sessions holding the object it must lock, and
-    -- pg_blocking_pids knows nothing of it: those holders are its blockers.
-    SELECT r.pid, h.pid
-    FROM pg_catalog.pg_stat_activity AS a
-    JOIN pg_catalog.pg_locks AS r ON r.pid = a.pid AND NOT r.granted
-    JOIN pg_catalog.pg_locks AS h
-      ON h.granted AND h.pid <> r.pid
-     AND h.locktype = r.locktype
-     AND h.database IS NOT DISTINCT FROM r.database
-     AND h.relation IS NOT DISTINCT FROM r.relation
-     AND h.page IS NOT DISTINCT FROM r.page
-     AND h.tuple IS NOT DISTINCT FROM r.tuple
-     AND h.virtualxid IS NOT DISTINCT FROM r.virtualxid
-     AND h.transactionid IS NOT DISTINCT FROM r.transactionid
-     AND h.classid IS NOT DISTINCT FROM r.classid
-     AND h.objid IS NOT DISTINCT FROM r.objid
-     AND h.objsubid IS NOT DISTINCT FROM r.objsubid
-    WHERE $8::pg_catalog.bool AND a.backend_type = 'startup'
+), replay (waiter, holder, database) AS (
+    -- On a hot standby ($8), WAL replay waits for the standby sessions
+    -- holding the object it must lock, which pg_blocking_pids does not
+    -- know: those holders are its blockers (see replay.sql).
+    {replay}
 ), upstream (pid) AS (
     SELECT b.pid FROM waiter AS w
     CROSS JOIN LATERAL (

@@ -20,6 +20,9 @@ const WAITERS_SQL: &str = include_str!("waiters.sql");
 const LOCKS_SQL: &str = include_str!("locks.sql");
 const RELATIONS_SQL: &str = include_str!("relations.sql");
 const SESSION_SQL: &str = include_str!("session.sql");
+/// WAL replay's blockers on a hot standby, for `waiters.sql` and the
+/// enforcer's `signal.sql`; `{in_recovery}` names their boolean parameter.
+pub(crate) const REPLAY_SQL: &str = include_str!("replay.sql");
 
 /// Characters of query text kept: enough to recognise a statement, bounded
 /// so that a sample stays small.
@@ -79,7 +82,7 @@ pub fn sample_statements(server_version: i32) -> [String; 3] {
     };
     [
         ACTIVITY_SQL.into(),
-        WAITERS_SQL.into(),
+        WAITERS_SQL.replace("{replay}", &REPLAY_SQL.replace("{in_recovery}", "$3::pg_catalog.bool")),
         LOCKS_SQL.replace("{waitstart}", waitstart),
     ]
 }

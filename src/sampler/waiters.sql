@@ -12,32 +12,17 @@ WITH waiting AS MATERIALIZED (
     SELECT DISTINCT l.pid
     FROM pg_catalog.pg_locks AS l
     WHERE NOT l.granted AND l.pid <> ALL ($1::pg_catalog.int4[])
+), replay_edges AS (
+    {replay}
 ), replay AS (
-    -- On a hot standby, WAL replay (the startup process) takes the ACCESS
-    -- EXCLUSIVE locks the primary took, and waits when standby queries
-    -- hold the table (a recovery conflict, until max_standby_streaming_
-    -- delay). pg_blocking_pids knows nothing of it (it is no client
-    -- backend), so the sessions it waits for are those holding a granted
-    -- lock on the object it asks for; its datname is that object's.
-    SELECT r.pid, d.datname::pg_catalog.text AS datname,
-           pg_catalog.array_agg(DISTINCT h.pid) FILTER (WHERE h.pid IS NOT NULL) AS blocked_by
-    FROM pg_catalog.pg_stat_activity AS a
-    JOIN pg_catalog.pg_locks AS r ON r.pid = a.pid AND NOT r.granted
-    LEFT JOIN pg_catalog.pg_database AS d ON d.oid = r.database
-    LEFT JOIN pg_catalog.pg_locks AS h
-           ON h.granted AND h.pid <> r.pid AND h.pid <> ALL ($1::pg_catalog.int4[])
-          AND h.locktype = r.locktype
-          AND h.database IS NOT DISTINCT FROM r.database
-          AND h.relation IS NOT DISTINCT FROM r.relation
-          AND h.page IS NOT DISTINCT FROM r.page
-          AND h.tuple IS NOT DISTINCT FROM r.tuple
-          AND h.virtualxid IS NOT DISTINCT FROM r.virtualxid
-          AND h.transactionid IS NOT DISTINCT FROM r.transactionid
-          AND h.classid IS NOT DISTINCT FROM r.classid
-          AND h.objid IS NOT DISTINCT FROM r.objid
-          AND h.objsubid IS NOT DISTINCT FROM r.objsubid
-    WHERE $3::pg_catalog.bool AND a.backend_type = 'startup'
-    GROUP BY r.pid, d.datname
+    -- WAL replay's waits on a hot standby (see replay.sql), with the
+    -- database of the object it waits for as its datname.
+    SELECT e.waiter AS pid, d.datname::pg_catalog.text AS datname,
+           pg_catalog.array_agg(DISTINCT e.holder)
+               FILTER (WHERE e.holder IS NOT NULL AND e.holder <> ALL ($1::pg_catalog.int4[])) AS blocked_by
+    FROM replay_edges AS e
+    LEFT JOIN pg_catalog.pg_database AS d ON d.oid = e.database
+    GROUP BY e.waiter, d.datname
 ), waiters AS (
     SELECT w.pid,
            COALESCE(p.blocked_by, CASE WHEN p.pid IS NULL THEN pg_catalog.pg_blocking_pids(w.pid) END,

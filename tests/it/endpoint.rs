@@ -312,24 +312,6 @@ async fn sighup_reloads_targets_and_policy_and_refuses_a_bad_file() {
     tokio::task::spawn_blocking(move || drop(cluster)).await.unwrap();
 }
 
-/// Raises this process's open-file limit to `wanted` (or its hard limit),
-/// for tests that hold thousands of client sockets. Returns the limit.
-fn raise_open_files(wanted: u64) -> u64 {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: plain calls with a valid pointer.
-    unsafe {
-        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0);
-        if limit.rlim_cur < wanted {
-            limit.rlim_cur = wanted.min(limit.rlim_max);
-            assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &limit), 0);
-        }
-    }
-    limit.rlim_cur
-}
-
 /// Resident memory of a process, in KiB, and how many descriptors it has open.
 fn rss_and_open_files(pid: u32) -> (u64, usize) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -364,11 +346,7 @@ async fn a_fresh_scrape_answers_through_thousands_of_idle_connections() {
         .ok()
         .and_then(|n| n.parse().ok())
         .unwrap_or(3_000);
-    let own_limit = raise_open_files(flood as u64 + 512);
-    assert!(
-        own_limit > flood as u64 + 100,
-        "this test needs {flood} client sockets; ulimit -Hn is {own_limit}"
-    );
+    crate::support::raise_open_files_limit(flood as u64 + 512);
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("lockjam.toml");
     write_config(

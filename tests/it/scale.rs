@@ -15,28 +15,6 @@ const SESSIONS: usize = 1000;
 /// Lock waiters in it: the migration and the reads queued behind it.
 const WAITERS: usize = 200;
 
-/// Lets this process open a socket per session: CI machines often start
-/// tests with a soft limit of 1024 descriptors.
-fn raise_open_files_limit(wanted: u64) {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit and setrlimit only read and write the struct given.
-    unsafe {
-        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0);
-        if limit.rlim_cur < wanted {
-            assert!(
-                limit.rlim_max >= wanted,
-                "this test opens {wanted} sockets but the hard limit on open files is {}: raise it (ulimit -Hn)",
-                limit.rlim_max
-            );
-            limit.rlim_cur = wanted;
-            assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &limit), 0);
-        }
-    }
-}
-
 /// Series in a scrape, histogram buckets left out (their number is fixed).
 fn series_count(scrape: &Scrape) -> usize {
     scrape
@@ -99,7 +77,7 @@ fn assert_figures(m: &Scrape, readers: usize, idle: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_thousand_sessions_and_two_hundred_waiters_are_counted_exactly() {
-    raise_open_files_limit(4096);
+    crate::support::raise_open_files_limit(4096);
     let env = TestEnv::start_with(ClusterOptions {
         max_connections: SESSIONS as u32 + 50,
         ..Default::default()

@@ -567,3 +567,25 @@ impl LockjamRun {
         (output.status, String::from_utf8_lossy(&output.stderr).into_owned())
     }
 }
+
+/// Lets this process open a socket per session: CI machines often start
+/// tests with a soft limit of 1024 descriptors.
+pub fn raise_open_files_limit(wanted: u64) {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write the struct given.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0);
+        if limit.rlim_cur < wanted {
+            assert!(
+                limit.rlim_max >= wanted,
+                "this test opens {wanted} sockets but the hard limit on open files is {}: raise it (ulimit -Hn)",
+                limit.rlim_max
+            );
+            limit.rlim_cur = wanted;
+            assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &limit), 0);
+        }
+    }
+}
