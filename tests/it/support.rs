@@ -486,7 +486,8 @@ pub fn lockjam() -> std::process::Command {
 /// `lockjam run` as its own process, on a free port, its log captured.
 pub struct LockjamRun {
     pub addr: SocketAddr,
-    child: std::process::Child,
+    /// `None` once terminated.
+    child: Option<std::process::Child>,
 }
 
 impl LockjamRun {
@@ -535,11 +536,14 @@ impl LockjamRun {
             .stderr(std::process::Stdio::piped())
             .spawn()
             .expect("the lockjam binary runs");
-        LockjamRun { addr, child }
+        LockjamRun {
+            addr,
+            child: Some(child),
+        }
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.child.as_ref().expect("running").id()
     }
 
     /// Whether the HTTP port accepts connections yet.
@@ -549,7 +553,7 @@ impl LockjamRun {
 
     fn signal(&self, signal: &str) {
         let sent = std::process::Command::new("kill")
-            .args([signal, &self.child.id().to_string()])
+            .args([signal, &self.pid().to_string()])
             .status()
             .unwrap();
         assert!(sent.success(), "kill {signal}");
@@ -561,10 +565,21 @@ impl LockjamRun {
     }
 
     /// SIGTERM, then the exit status and everything it logged.
-    pub fn terminate(self) -> (std::process::ExitStatus, String) {
+    pub fn terminate(mut self) -> (std::process::ExitStatus, String) {
         self.signal("-TERM");
-        let output = tokio::task::block_in_place(|| self.child.wait_with_output()).unwrap();
+        let child = self.child.take().expect("running");
+        let output = tokio::task::block_in_place(|| child.wait_with_output()).unwrap();
         (output.status, String::from_utf8_lossy(&output.stderr).into_owned())
+    }
+}
+
+/// A test that fails before `terminate` leaves no `lockjam run` behind.
+impl Drop for LockjamRun {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 
