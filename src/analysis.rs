@@ -2,7 +2,7 @@
 //! blockers, queues and ages.
 //!
 //! No I/O and no clock reads happen here: the time is the snapshot's
-//! `taken_at`. Vocabulary (DESIGN.md): a *hard* blocker holds a conflicting
+//! `taken_at`. Vocabulary (ARCHITECTURE.md): a *hard* blocker holds a conflicting
 //! lock; a *soft* blocker waits ahead in the same queue for a conflicting
 //! lock; a *root* blocker blocks someone and waits on no one; a *queue head*
 //! is the first waiter in line that other waiters queue behind.

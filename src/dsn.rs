@@ -12,6 +12,11 @@ use std::time::Duration;
 
 use tokio_postgres::config::{SslMode, TargetSessionAttrs};
 
+/// The `application_name` of every session lockjam opens. It names them
+/// in `pg_stat_activity` for people; lockjam itself knows its sessions by
+/// pid, since any session may take this name.
+pub const APPLICATION_NAME: &str = "lockjam";
+
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum DsnError {
     #[error("invalid connection URL: {0}")]
@@ -232,11 +237,12 @@ impl Dsn {
         }
     }
 
-    /// The tokio-postgres configuration, with `application_name=lockjam`.
+    /// The tokio-postgres configuration, with lockjam's
+    /// [`APPLICATION_NAME`].
     /// `default_user` stands in for libpq's default (the OS user name).
     pub fn pg_config(&self, default_user: Option<&str>) -> Result<tokio_postgres::Config, DsnError> {
         let mut config = tokio_postgres::Config::new();
-        config.application_name("lockjam");
+        config.application_name(APPLICATION_NAME);
         for (key, value) in &self.params {
             match key.as_str() {
                 "host" => value.split(',').for_each(|host| {
@@ -593,7 +599,7 @@ mod tests {
     fn pg_config_sets_lockjam_name_and_tls() {
         let dsn = Dsn::parse("host=a,b port=1,2 user=u application_name=psql sslmode=verify-ca").unwrap();
         let config = dsn.pg_config(None).unwrap();
-        assert_eq!(config.get_application_name(), Some("lockjam"));
+        assert_eq!(config.get_application_name(), Some(APPLICATION_NAME));
         assert_eq!(config.get_ports(), &[1, 2]);
         assert_eq!(config.get_ssl_mode(), SslMode::Require);
         assert_eq!(

@@ -1,4 +1,4 @@
-//! The metrics contract of DESIGN.md: the only module that knows prometheus
+//! The metrics contract (README.md, "Metrics"): the only module that knows prometheus
 //! types. Each sample replaces a target's series as a whole, under one
 //! lock, so a scrape sees one sample or the next, never half of each, and
 //! no series outlives the sample that last set it.
