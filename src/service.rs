@@ -178,7 +178,8 @@ impl Service {
             https = tls.is_some(),
             credentials = config.server.auth.is_required(),
             targets = config.targets.len(),
-            "lockjam is serving /metrics, /healthz, /readyz and /api/v1/snapshot"
+            "lockjam is serving {}",
+            crate::http::ROUTES.join(", ")
         );
         for note in &config.notes {
             tracing::info!("{note}");
