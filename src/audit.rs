@@ -6,38 +6,17 @@
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use serde::Serialize;
 
 use crate::analysis::{Blocker, Lock};
 use crate::policy::{Action, Decision, Outcome};
-use crate::snapshot::Session;
+use crate::view::{rfc3339, seconds, SessionView};
 
 pub const EVENT_CAPACITY: usize = 1000;
-/// Characters of query text an event keeps.
-const QUERY_CHARS: usize = 200;
 /// Characters of query text the log line keeps.
 const LOG_QUERY_CHARS: usize = 60;
-
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct SessionEvent {
-    pub pid: i32,
-    pub datname: Option<String>,
-    pub usename: Option<String>,
-    pub application_name: Option<String>,
-    pub client_addr: Option<String>,
-    pub backend_type: Option<String>,
-    pub state: Option<String>,
-    pub wait_event_type: Option<String>,
-    pub wait_event: Option<String>,
-    /// RFC 3339, server clock: with the pid, who the session is.
-    pub backend_start: Option<String>,
-    /// RFC 3339, server clock: which of its transactions.
-    pub xact_start: Option<String>,
-    pub transaction_age_seconds: Option<f64>,
-    pub query: Option<String>,
-}
 
 /// A lock held, as the event shows it.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -51,7 +30,7 @@ pub struct HeldLock {
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct BlockerEvent {
     #[serde(flatten)]
-    pub session: SessionEvent,
+    pub session: SessionView,
     /// The lock it holds against the waiter: on the object the waiter asks
     /// for, else on the same relation, else on what the session it
     /// blocks directly waits for.
@@ -61,7 +40,7 @@ pub struct BlockerEvent {
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct WaiterEvent {
     #[serde(flatten)]
-    pub session: SessionEvent,
+    pub session: SessionView,
     pub locktype: String,
     pub relation: String,
     pub mode: String,
@@ -100,40 +79,9 @@ pub struct AuditEvent {
     pub roots: Vec<BlockerEvent>,
 }
 
-fn seconds(d: Duration) -> f64 {
-    (d.as_secs_f64() * 1000.0).round() / 1000.0
-}
-
-fn rfc3339(t: SystemTime) -> String {
-    humantime::format_rfc3339_millis(t).to_string()
-}
-
-fn session_event(pid: i32, session: Option<&Session>, now: SystemTime) -> SessionEvent {
-    let text = |get: fn(&Session) -> &Option<String>| session.and_then(|s| get(s).clone());
-    SessionEvent {
-        pid,
-        datname: text(|s| &s.datname),
-        usename: text(|s| &s.usename),
-        application_name: text(|s| &s.application_name),
-        client_addr: text(|s| &s.client_addr),
-        backend_type: text(|s| &s.backend_type),
-        state: text(|s| &s.state),
-        wait_event_type: text(|s| &s.wait_event_type),
-        wait_event: text(|s| &s.wait_event),
-        backend_start: session.and_then(|s| s.backend_start).map(rfc3339),
-        xact_start: session.and_then(|s| s.xact_start).map(rfc3339),
-        transaction_age_seconds: session
-            .and_then(|s| s.xact_start)
-            .map(|t| seconds(now.duration_since(t).unwrap_or_default())),
-        query: session
-            .and_then(|s| s.query.as_ref())
-            .map(|q| q.chars().take(QUERY_CHARS).collect()),
-    }
-}
-
 fn blocker_event(blocker: &Blocker, waited_for: &Lock, now: SystemTime) -> BlockerEvent {
     BlockerEvent {
-        session: session_event(blocker.pid, blocker.session.as_ref(), now),
+        session: SessionView::of(blocker.pid, blocker.session.as_ref(), now),
         holds: blocker.lock_held_against(waited_for).map(|lock| HeldLock {
             locktype: lock.locktype.clone(),
             relation: lock.relation_label(),
@@ -161,10 +109,10 @@ pub fn event(
         Action::CancelBlockers => Some(
             roots
                 .iter()
-                .find(|root| root.session.pid == decision.target.pid)
+                .find(|root| root.session.pid == decision.signalled.pid)
                 .cloned()
                 .unwrap_or_else(|| BlockerEvent {
-                    session: session_event(decision.target.pid, decision.target_session.as_ref(), now),
+                    session: SessionView::of(decision.signalled.pid, decision.signalled_session.as_ref(), now),
                     holds: None,
                 }),
         ),
@@ -180,9 +128,9 @@ pub fn event(
         outcome: outcome.as_str(),
         reason: decision.reason.clone(),
         detail,
-        signalled_pid: decision.target.pid,
+        signalled_pid: decision.signalled.pid,
         waiter: WaiterEvent {
-            session: session_event(waiter.session.pid, Some(&waiter.session), now),
+            session: SessionView::of(waiter.session.pid, Some(&waiter.session), now),
             locktype: waiter.lock.locktype.clone(),
             relation: waiter.lock.relation_label(),
             mode: waiter.lock.mode.clone(),
@@ -230,7 +178,7 @@ fn short_query(query: Option<&str>) -> String {
 }
 
 /// `analyst/psql, active, wait Client:ClientWrite, transaction 95.3s`.
-fn describe(session: &SessionEvent) -> String {
+fn describe(session: &SessionView) -> String {
     let mut parts = vec![format!(
         "{}/{}",
         session.usename.as_deref().unwrap_or("?"),
@@ -350,6 +298,8 @@ mod tests {
     use super::*;
     use crate::analysis::{Lock, Waiter};
     use crate::policy::{Decision, Identity, Signal};
+    use crate::snapshot::Session;
+    use std::time::Duration;
 
     const T: u64 = 1_700_000_000;
 
@@ -403,11 +353,11 @@ mod tests {
             rule: "r".into(),
             action,
             signal: Signal::Cancel,
-            target: match action {
+            signalled: match action {
                 Action::CancelBlockers => Identity::of(&root_session),
                 Action::CancelWaiter => Identity::of(&waiter),
             },
-            target_session: Some(match action {
+            signalled_session: Some(match action {
                 Action::CancelBlockers => root_session,
                 Action::CancelWaiter => waiter.clone(),
             }),
@@ -424,13 +374,13 @@ mod tests {
             roots: vec![root],
             sampled_at: at(99.9),
             in_recovery: false,
-            verdict: None,
+            verdict: crate::policy::Verdict::Send,
             reason: "the waiter has waited 2.5s (min_wait 2s)".into(),
         }
     }
 
     #[test]
-    fn keeps_the_last_thousand_newest_first_with_queries_cut() {
+    fn keeps_the_last_thousand_newest_first() {
         let log = EventLog::default();
         for pid in 0..1005 {
             log.push(event(
@@ -445,7 +395,9 @@ mod tests {
         assert_eq!(events.len(), EVENT_CAPACITY);
         assert_eq!((events[0].signalled_pid, events[999].signalled_pid), (1004, 5));
         let blocker = events[0].blocker.as_ref().unwrap();
-        assert_eq!(blocker.session.query.as_ref().unwrap().chars().count(), 200);
+        // Query texts arrive cut by the sampler's SQL; the event keeps
+        // what it was given.
+        assert_eq!(blocker.session.query.as_ref().unwrap().chars().count(), 507);
         assert_eq!(events[0].waiter.wait_seconds, 2.5);
         assert_eq!((events[0].action, events[0].outcome), ("cancel", "success"));
         assert_eq!(events[0].time, "2023-11-14T22:15:00.000Z");

@@ -17,13 +17,13 @@ pub mod demo;
 pub mod dsn;
 /// The only code that signals backends; leader election.
 pub mod enforcer;
-/// The only module that knows axum.
+/// The only module that knows axum and hyper.
 pub mod http;
 /// The metrics contract; the only module that knows prometheus.
 pub mod metrics;
 /// Pure: which sessions to signal, under the safety rules.
 pub mod policy;
-/// The only code that reads from PostgreSQL.
+/// The code that reads from PostgreSQL.
 pub mod sampler;
 /// Target tasks and the HTTP server, run together.
 pub mod service;
@@ -31,3 +31,5 @@ pub mod service;
 pub mod snapshot;
 /// State shared by target tasks and HTTP.
 pub mod state;
+/// How the JSON shows a session, a duration and an instant.
+pub mod view;

@@ -378,6 +378,15 @@ impl Identity {
     }
 }
 
+/// Whether a decision's signal is sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// The enforcer sends it, after its checks.
+    Send,
+    /// Not sent, with this outcome: dry run, protected or rate limited.
+    Withhold(Outcome),
+}
+
 /// One thing the policy decided: a signal to one session on behalf of one
 /// waiter, or the reason it sends none.
 #[derive(Debug, Clone, PartialEq)]
@@ -387,9 +396,9 @@ pub struct Decision {
     pub signal: Signal,
     /// The session to signal: a root blocker, or the waiter itself for
     /// `cancel_waiter`.
-    pub target: Identity,
+    pub signalled: Identity,
     /// `None` for a prepared transaction (pid 0), which has no session.
-    pub target_session: Option<Session>,
+    pub signalled_session: Option<Session>,
     pub waiter: Waiter,
     /// The root blockers of the waiter's wait tree, as sampled: whom the
     /// waiter waits on, for the audit event.
@@ -399,9 +408,9 @@ pub struct Decision {
     /// Whether the server was a hot standby: the enforcer then follows
     /// WAL replay's waits too, which pg_blocking_pids does not know.
     pub in_recovery: bool,
-    /// The outcome already known without the database (dry run, protected,
-    /// rate limited); `None` means: send the signal.
-    pub verdict: Option<Outcome>,
+    /// Whether the signal goes out, or what became of it without the
+    /// database (dry run, protected, rate limited).
+    pub verdict: Verdict,
     /// Why, in words, for the audit event.
     pub reason: String,
 }
@@ -464,7 +473,7 @@ const MEMORY_LIMIT: usize = 10_000;
 impl Memory {
     /// Remembers what became of a decision.
     pub fn record(&mut self, decision: &Decision, outcome: Outcome, now: SystemTime) {
-        let identity = decision.target.clone();
+        let identity = decision.signalled.clone();
         match outcome {
             Outcome::Success | Outcome::DryRun => {
                 self.failed.remove(&identity);
@@ -801,7 +810,7 @@ pub fn decide(graph: &LockGraph, policy: &Policy, memory: &Memory, now: SystemTi
                 format!("rule `{}` could signal none of its targets; ", passed.join("`, `"))
             };
             for (pid, session, assessment) in assessed {
-                let target = session.map(Identity::of).unwrap_or(Identity {
+                let signalled = session.map(Identity::of).unwrap_or(Identity {
                     pid,
                     backend_start: None,
                     xact_start: None,
@@ -810,8 +819,8 @@ pub fn decide(graph: &LockGraph, policy: &Policy, memory: &Memory, now: SystemTi
                     rule: rule.name.clone(),
                     action: rule.action,
                     signal,
-                    target: target.clone(),
-                    target_session: session.cloned(),
+                    signalled: signalled.clone(),
+                    signalled_session: session.cloned(),
                     waiter: waiter.clone(),
                     roots: roots.clone(),
                     sampled_at: graph.taken_at,
@@ -820,7 +829,9 @@ pub fn decide(graph: &LockGraph, policy: &Policy, memory: &Memory, now: SystemTi
                     reason: format!("{preface}{reason}"),
                 };
                 let mut report_once = |outcome: Outcome| {
-                    !memory.reported.contains(&(rule.name.clone(), target.clone(), outcome))
+                    !memory
+                        .reported
+                        .contains(&(rule.name.clone(), signalled.clone(), outcome))
                         && reported.insert((rule.name.clone(), pid, outcome))
                 };
                 match assessment {
@@ -828,7 +839,7 @@ pub fn decide(graph: &LockGraph, policy: &Policy, memory: &Memory, now: SystemTi
                         if report_once(Outcome::Protected) {
                             plan.decisions.push(decision(
                                 signal,
-                                Some(Outcome::Protected),
+                                Verdict::Withhold(Outcome::Protected),
                                 format!("{reason}{handover}"),
                             ));
                         }
@@ -838,7 +849,7 @@ pub fn decide(graph: &LockGraph, policy: &Policy, memory: &Memory, now: SystemTi
                             if report_once(Outcome::RateLimited) {
                                 plan.decisions.push(decision(
                                     signal,
-                                    Some(Outcome::RateLimited),
+                                    Verdict::Withhold(Outcome::RateLimited),
                                     format!(
                                         "max_actions_per_minute ({}) reached; {reason}",
                                         policy.max_actions_per_minute
@@ -849,7 +860,11 @@ pub fn decide(graph: &LockGraph, policy: &Policy, memory: &Memory, now: SystemTi
                         }
                         budget -= 1;
                         decided.insert(pid);
-                        let verdict = policy.dry_run.then_some(Outcome::DryRun);
+                        let verdict = if policy.dry_run {
+                            Verdict::Withhold(Outcome::DryRun)
+                        } else {
+                            Verdict::Send
+                        };
                         plan.decisions.push(decision(signal, verdict, reason));
                     }
                     Assessment::Denied | Assessment::InHand => {}
@@ -1006,7 +1021,14 @@ mod tests {
     }
 
     fn summary(decisions: &[Decision]) -> Vec<(i32, Signal, Option<Outcome>)> {
-        decisions.iter().map(|d| (d.target.pid, d.signal, d.verdict)).collect()
+        let withheld = |verdict| match verdict {
+            Verdict::Send => None,
+            Verdict::Withhold(outcome) => Some(outcome),
+        };
+        decisions
+            .iter()
+            .map(|d| (d.signalled.pid, d.signal, withheld(d.verdict)))
+            .collect()
     }
 
     #[test]
@@ -1067,7 +1089,7 @@ mod tests {
         );
         let decided = decisions(&graph, &policy(rule(5.0)), &memory, 100.0);
         assert_eq!(summary(&decided), vec![(10, Signal::Cancel, None)]);
-        assert_eq!(decided[0].target, Identity::of(&read));
+        assert_eq!(decided[0].signalled, Identity::of(&read));
         assert_eq!(decided[0].waiter.session.pid, 20);
         assert_eq!(decided[0].rule, "unblock-migrations");
         assert_eq!(decided[0].action, Action::CancelBlockers);
@@ -1393,7 +1415,7 @@ mod tests {
                 ..rule(5.0)
             };
             let decided = decisions(&analyze(&snapshot), &policy(r), &Memory::default(), 100.0);
-            assert_eq!(decided[0].verdict, Some(Outcome::Protected), "{value}");
+            assert_eq!(decided[0].verdict, Verdict::Withhold(Outcome::Protected), "{value}");
             assert!(decided[0].reason.contains(reason), "{}", decided[0].reason);
         }
     }
@@ -1536,7 +1558,7 @@ mod tests {
         limited.max_actions_per_minute = 1;
         let mut memory = Memory::default();
         let other = Decision {
-            target: Identity {
+            signalled: Identity {
                 pid: 77,
                 backend_start: None,
                 xact_start: None,

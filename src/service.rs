@@ -16,7 +16,7 @@ use crate::config::{Config, LogConfig, SamplerConfig, Target};
 use crate::connect::{ConnectError, SessionSettings};
 use crate::enforcer::{Enforcer, Sent};
 use crate::http::{ConnectionLimits, HttpError, TlsReloader};
-use crate::policy::{decide, Memory, Policy, MAX_SNAPSHOT_AGE};
+use crate::policy::{decide, Memory, Policy, Verdict, MAX_SNAPSHOT_AGE};
 use crate::sampler::{SampleError, Sampler};
 use crate::state::{SharedState, TargetState};
 
@@ -448,7 +448,7 @@ async fn enforce(
     for decision in plan.decisions {
         // A decision is carried out while its sample is fresh, or not at
         // all: the next sample decides again on what is true then.
-        if decision.verdict.is_none() && sampled.elapsed() > MAX_SNAPSHOT_AGE {
+        if decision.verdict == Verdict::Send && sampled.elapsed() > MAX_SNAPSHOT_AGE {
             tracing::warn!(
                 target = name,
                 "policy decisions dropped: their sample is {:.1}s old; the next sample decides again",
@@ -457,12 +457,12 @@ async fn enforce(
             break;
         }
         let sent = match decision.verdict {
-            Some(verdict) => Sent {
-                outcome: verdict,
+            Verdict::Withhold(outcome) => Sent {
+                outcome,
                 detail: None,
                 at: None,
             },
-            None => enforcer.signal(&decision).await,
+            Verdict::Send => enforcer.signal(&decision).await,
         };
         let now = sent.at.unwrap_or_else(server_now);
         memory.record(&decision, sent.outcome, now);

@@ -137,12 +137,10 @@ impl Enforcer {
             None => "pg_catalog.pg_terminate_backend($1)".to_string(),
         };
         let signal = client
-            .prepare(
-                &SIGNAL_SQL.replace("{terminate}", &terminate).replace(
-                    "{replay}",
-                    &crate::sampler::REPLAY_SQL.replace("{in_recovery}", "$8::pg_catalog.bool"),
-                ),
-            )
+            .prepare(&SIGNAL_SQL.replace("{terminate}", &terminate).replace(
+                "{replay}",
+                &crate::sampler::REPLAY_SQL.replace("{in_recovery}", "$8::pg_catalog.bool"),
+            ))
             .await
             .map_err(|e| error_chain(&e))?;
         Ok(LeaderSession {
@@ -161,19 +159,19 @@ impl Enforcer {
             return Sent::failed(Outcome::Error, "not the leader".into());
         };
         let terminate_wait = session.terminate_wait;
-        let target = &decision.target;
+        let signalled = &decision.signalled;
         let waiter = &decision.waiter.session;
         let signal: &str = decision.signal.as_str();
-        let backend_start: Option<SystemTime> = target.backend_start;
+        let backend_start: Option<SystemTime> = signalled.backend_start;
         let deadline = self.deadline();
         let row = timeout(
             deadline,
             session.client.query_one(
                 &session.signal,
                 &[
-                    &target.pid,
+                    &signalled.pid,
                     &backend_start,
-                    &target.xact_start,
+                    &signalled.xact_start,
                     &waiter.pid,
                     &waiter.backend_start,
                     &signal,

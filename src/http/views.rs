@@ -1,13 +1,13 @@
 //! The JSON of `/api/v1/snapshot`: each target's last graph, ages in
 //! seconds on the server's clock.
 
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use serde::Serialize;
 
 use crate::analysis::{Blocker, LockGraph, Queue, Waiter};
-use crate::snapshot::Session;
 use crate::state::SharedState;
+use crate::view::{seconds, SessionView};
 
 #[derive(Serialize)]
 struct SnapshotView {
@@ -26,21 +26,6 @@ struct TargetView {
     waiters: Vec<WaiterView>,
     blockers: Vec<BlockerView>,
     queues: Vec<QueueView>,
-}
-
-#[derive(Serialize)]
-struct SessionView {
-    pid: i32,
-    datname: Option<String>,
-    usename: Option<String>,
-    application_name: Option<String>,
-    client_addr: Option<String>,
-    state: Option<String>,
-    backend_type: Option<String>,
-    wait_event_type: Option<String>,
-    wait_event: Option<String>,
-    transaction_age_seconds: Option<f64>,
-    query: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -81,40 +66,13 @@ struct QueueView {
     head_wait_seconds: f64,
 }
 
-/// Query texts are cut to this many characters on the API.
-const QUERY_CHARS: usize = 200;
-
-fn age_seconds(taken_at: SystemTime, since: Option<SystemTime>) -> Option<f64> {
-    since.map(|t| round_ms(taken_at.duration_since(t).unwrap_or_default()))
-}
-
-fn round_ms(d: Duration) -> f64 {
-    (d.as_secs_f64() * 1000.0).round() / 1000.0
-}
-
-fn session_view(session: &Session, taken_at: SystemTime) -> SessionView {
-    SessionView {
-        pid: session.pid,
-        datname: session.datname.clone(),
-        usename: session.usename.clone(),
-        application_name: session.application_name.clone(),
-        client_addr: session.client_addr.clone(),
-        state: session.state.clone(),
-        backend_type: session.backend_type.clone(),
-        wait_event_type: session.wait_event_type.clone(),
-        wait_event: session.wait_event.clone(),
-        transaction_age_seconds: age_seconds(taken_at, session.xact_start),
-        query: session.query.as_ref().map(|q| q.chars().take(QUERY_CHARS).collect()),
-    }
-}
-
 fn waiter_view(waiter: &Waiter, taken_at: SystemTime) -> WaiterView {
     WaiterView {
-        session: session_view(&waiter.session, taken_at),
+        session: SessionView::of(waiter.session.pid, Some(&waiter.session), taken_at),
         locktype: waiter.lock.locktype.clone(),
         relation: waiter.lock.relation.clone(),
         mode: waiter.lock.mode.clone(),
-        wait_seconds: round_ms(waiter.wait),
+        wait_seconds: seconds(waiter.wait),
         chain_depth: waiter.chain_depth,
         blocked_by: waiter
             .blocked_by
@@ -130,7 +88,10 @@ fn waiter_view(waiter: &Waiter, taken_at: SystemTime) -> WaiterView {
 fn blocker_view(blocker: &Blocker, taken_at: SystemTime) -> BlockerView {
     BlockerView {
         pid: blocker.pid,
-        session: blocker.session.as_ref().map(|s| session_view(s, taken_at)),
+        session: blocker
+            .session
+            .as_ref()
+            .map(|s| SessionView::of(s.pid, Some(s), taken_at)),
         root: blocker.is_root,
         blocking: blocker.blocking.clone(),
     }
@@ -143,7 +104,7 @@ fn queue_view(queue: &Queue) -> QueueView {
         relation: queue.relation.clone(),
         mode: queue.mode.clone(),
         depth: queue.depth,
-        head_wait_seconds: round_ms(queue.head_wait),
+        head_wait_seconds: seconds(queue.head_wait),
     }
 }
 

@@ -885,13 +885,13 @@ async fn the_signalling_statement_refuses_a_waiting_session() {
             rule: "forged".into(),
             action: Action::CancelBlockers,
             signal: lockjam::policy::Signal::Cancel,
-            target: lockjam::policy::Identity::of(&session),
-            target_session: Some(session),
+            signalled: lockjam::policy::Identity::of(&session),
+            signalled_session: Some(session),
             waiter: waiter.clone(),
             roots: Vec::new(),
             sampled_at: graph.taken_at,
             in_recovery: graph.in_recovery,
-            verdict: None,
+            verdict: lockjam::policy::Verdict::Send,
             reason: "forged".into(),
         }
     };
@@ -919,11 +919,14 @@ async fn the_signalling_statement_refuses_a_waiting_session() {
 async fn stale_backend_start_on_a_live_pid_signals_nothing() {
     let mut s = staged(DROP_CONSTRAINT).await;
     let mut stale = s.decision.clone();
-    stale.target.backend_start = stale.target.backend_start.map(|t| t - Duration::from_secs(3600));
+    stale.signalled.backend_start = stale.signalled.backend_start.map(|t| t - Duration::from_secs(3600));
     let outcome = s.enforcer.signal(&stale).await.outcome;
     assert_eq!(outcome, Outcome::Gone);
     let mut other_transaction = s.decision.clone();
-    other_transaction.target.xact_start = other_transaction.target.xact_start.map(|t| t - Duration::from_secs(1));
+    other_transaction.signalled.xact_start = other_transaction
+        .signalled
+        .xact_start
+        .map(|t| t - Duration::from_secs(1));
     assert_eq!(s.enforcer.signal(&other_transaction).await.outcome, Outcome::Gone);
     assert!(!s.alter.is_finished(), "the ALTER still waits: nothing was signalled");
     assert_eq!(

@@ -106,7 +106,7 @@ pub async fn staged(migration_sql: &str) -> Staged {
     assert_eq!(decisions.len(), 1, "{decisions:?}");
     let mut decision = decisions.remove(0);
     decision.signal = Signal::Cancel;
-    assert_eq!(decision.target.pid, reader_pid);
+    assert_eq!(decision.signalled.pid, reader_pid);
     let mut enforcer = Enforcer::new(&target, SessionSettings::of(&sampler_config())).unwrap();
     assert!(enforcer.lead().await, "the only instance leads");
     Staged {

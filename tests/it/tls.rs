@@ -130,7 +130,7 @@ async fn sslmodes_against_a_tls_cluster() {
     let missing = lockjam_session_ssl(&dsn("localhost", "sslmode=verify-full sslrootcert=/nonexistent/ca.pem")).await;
     assert!(missing
         .unwrap_err()
-        .contains("cannot read sslrootcert /nonexistent/ca.pem"));
+        .contains("sslrootcert: cannot read /nonexistent/ca.pem"));
     tokio::task::spawn_blocking(move || drop(cluster)).await.unwrap();
 }
 
