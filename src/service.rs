@@ -18,7 +18,7 @@ use crate::enforcer::{Enforcer, Sent};
 use crate::http::{ConnectionLimits, HttpError, TlsReloader};
 use crate::policy::{decide, Memory, Policy, Verdict, MAX_SNAPSHOT_AGE};
 use crate::sampler::{SampleError, Sampler};
-use crate::state::{SharedState, TargetState};
+use crate::state::{SharedState, TargetRecord};
 
 /// Longest wait between two attempts on a target that is down.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
@@ -99,7 +99,7 @@ impl Prepared {
             config
                 .targets
                 .iter()
-                .map(|t| TargetState::new(&t.name, config.sampler.interval))
+                .map(|t| TargetRecord::new(&t.name, config.sampler.interval))
                 .collect(),
         );
         if config.policy.enabled {

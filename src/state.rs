@@ -14,19 +14,21 @@ use crate::metrics::Metrics;
 pub struct SharedState {
     pub metrics: Metrics,
     pub events: EventLog,
-    targets: RwLock<Vec<Arc<TargetState>>>,
+    targets: RwLock<Vec<Arc<TargetRecord>>>,
     auth: RwLock<Arc<HttpAuth>>,
 }
 
-pub struct TargetState {
+/// One target as HTTP sees it: its name, cadence and last sample.
+pub struct TargetRecord {
     pub name: String,
     /// The calm sampling interval: readiness allows three of them.
     pub interval: Duration,
-    status: RwLock<TargetStatus>,
+    status: RwLock<LastSample>,
 }
 
+/// What the last sample of a target left: its graph, or its error.
 #[derive(Debug, Clone, Default)]
-pub struct TargetStatus {
+pub struct LastSample {
     pub last_good: Option<Instant>,
     pub graph: Option<Arc<LockGraph>>,
     /// Why the last sample failed, while the target is down.
@@ -36,22 +38,22 @@ pub struct TargetStatus {
     pub warnings: Vec<String>,
 }
 
-impl TargetStatus {
+impl LastSample {
     pub fn up(&self) -> bool {
         self.last_good.is_some() && self.last_error.is_none()
     }
 }
 
-impl TargetState {
-    pub fn new(name: &str, interval: Duration) -> TargetState {
-        TargetState {
+impl TargetRecord {
+    pub fn new(name: &str, interval: Duration) -> TargetRecord {
+        TargetRecord {
             name: name.to_string(),
             interval,
-            status: RwLock::new(TargetStatus::default()),
+            status: RwLock::new(LastSample::default()),
         }
     }
 
-    pub fn status(&self) -> TargetStatus {
+    pub fn status(&self) -> LastSample {
         self.status.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
@@ -97,7 +99,7 @@ impl TargetState {
 }
 
 impl SharedState {
-    pub fn new(targets: Vec<TargetState>, auth: HttpAuth) -> SharedState {
+    pub fn new(targets: Vec<TargetRecord>, auth: HttpAuth) -> SharedState {
         let state = SharedState {
             metrics: Metrics::new(),
             events: EventLog::default(),
@@ -108,17 +110,17 @@ impl SharedState {
         state
     }
 
-    pub fn targets(&self) -> Vec<Arc<TargetState>> {
+    pub fn targets(&self) -> Vec<Arc<TargetRecord>> {
         self.targets.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    pub fn target(&self, name: &str) -> Option<Arc<TargetState>> {
+    pub fn target(&self, name: &str) -> Option<Arc<TargetRecord>> {
         self.targets().into_iter().find(|t| t.name == name)
     }
 
     /// Replaces every target: the old ones' series go (a reload starts
     /// each target afresh, as a restart would), the new ones are declared.
-    pub fn replace_targets(&self, targets: Vec<TargetState>) {
+    pub fn replace_targets(&self, targets: Vec<TargetRecord>) {
         let mut current = self.targets.write().unwrap_or_else(|p| p.into_inner());
         for old in current.iter() {
             self.metrics.forget_target(&old.name);

@@ -108,7 +108,7 @@ fn queue_view(queue: &Queue) -> QueueView {
     }
 }
 
-fn target_view(name: &str, status: crate::state::TargetStatus) -> TargetView {
+fn target_view(name: &str, status: crate::state::LastSample) -> TargetView {
     let up = status.up();
     let graph: Option<&LockGraph> = status.graph.as_deref();
     TargetView {

@@ -578,3 +578,130 @@ async fn a_renamed_table_shows_its_new_name() {
     alter.await.unwrap().unwrap();
     env.stop().await;
 }
+
+/// Database churn for a while (`scripts/churn-run.sh`; LOCKJAM_CHURN_SECONDS,
+/// default 600): every few seconds a database is created, a lock wait is
+/// staged in it and seen by `lockjam run`, and it is dropped once it is 75 s
+/// old (past `database_session_idle`, 60 s). Each minute it prints
+/// lockjam's RSS, its series, its `lockjam_lock_wait_seconds` series, the
+/// databases on `/metrics` and lockjam's sessions; it fails if a plain
+/// `DROP DATABASE` is refused or the series grow past the first minutes'.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "long: run by scripts/churn-run.sh"]
+async fn churn_many() {
+    let seconds: u64 = std::env::var("LOCKJAM_CHURN_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(600);
+    let cluster = crate::support::start_cluster(lockjam::cluster::ClusterOptions::default()).await;
+    let postgres = crate::support::connect(&cluster.dsn("postgres"), "fixture").await;
+    let run = LockjamRun::spawn(&["--dsn", &cluster.dsn("postgres")]);
+    wait_until("lockjam run to sample", || async {
+        run.serving().await && scrape(run.addr).await.value("lockjam_up", &[]) == Some(1.0)
+    })
+    .await;
+    let started = std::time::Instant::now();
+    let mut live: std::collections::VecDeque<(String, std::time::Instant)> = Default::default();
+    let (mut created, mut dropped, mut refused) = (0u32, 0u32, 0u32);
+    let mut rows: Vec<(u64, u64, usize, usize, usize, i64, u32)> = Vec::new();
+    let mut next_report = started;
+    while started.elapsed() < Duration::from_secs(seconds) {
+        created += 1;
+        let name = format!("churn_{created}");
+        postgres
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .unwrap();
+        let dsn = cluster.dsn(&name);
+        let holder = crate::support::connect(&dsn, "holder").await;
+        holder
+            .batch_execute("CREATE TABLE t (id int); BEGIN; LOCK TABLE t IN ACCESS EXCLUSIVE MODE")
+            .await
+            .unwrap();
+        let reader = crate::support::connect(&dsn, "reader").await;
+        let read = tokio::spawn(async move { reader.batch_execute("SELECT count(*) FROM t").await });
+        wait_until("the wait to be sampled", || async {
+            scrape(run.addr).await.value(
+                "lockjam_relation_lock_waiters",
+                &[("datname", &name), ("relation", "public.t")],
+            ) == Some(1.0)
+        })
+        .await;
+        holder.batch_execute("COMMIT").await.unwrap();
+        read.await.unwrap().unwrap();
+        drop(holder);
+        live.push_back((name, std::time::Instant::now()));
+        while live
+            .front()
+            .is_some_and(|(_, at)| at.elapsed() > Duration::from_secs(75))
+        {
+            let (name, _) = live.pop_front().unwrap();
+            let mut attempts = 0;
+            loop {
+                match postgres.batch_execute(&format!("DROP DATABASE {name}")).await {
+                    Ok(()) => break,
+                    Err(e) if attempts < 30 => {
+                        refused += 1;
+                        eprintln!("DROP DATABASE {name} refused: {e}");
+                        attempts += 1;
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                    Err(e) => panic!("DROP DATABASE {name} still refused: {e}"),
+                }
+            }
+            dropped += 1;
+        }
+        if std::time::Instant::now() >= next_report {
+            next_report += Duration::from_secs(60);
+            let status = std::fs::read_to_string(format!("/proc/{}/status", run.pid())).unwrap();
+            let rss: u64 = status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|kib| kib.trim().trim_end_matches("kB").trim().parse().ok())
+                .unwrap();
+            let scrape = scrape(run.addr).await;
+            let waits = scrape
+                .series
+                .iter()
+                .filter(|(n, _, _)| n.starts_with("lockjam_lock_wait_seconds"))
+                .count();
+            let datnames: std::collections::BTreeSet<&String> = scrape
+                .series
+                .iter()
+                .filter_map(|(_, labels, _)| labels.get("datname"))
+                .collect();
+            let sessions: i64 = postgres
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'lockjam'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            rows.push((
+                started.elapsed().as_secs(),
+                rss,
+                scrape.series.len(),
+                waits,
+                datnames.len(),
+                sessions,
+                created,
+            ));
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    println!("churn: {created} databases created, {dropped} dropped, {refused} DROP DATABASE refused");
+    println!("churn: seconds  rss_kib  series  wait_series  datnames  lockjam_sessions  created");
+    for (at, rss, series, waits, datnames, sessions, created) in &rows {
+        println!("churn: {at:>7}  {rss:>7}  {series:>6}  {waits:>11}  {datnames:>8}  {sessions:>16}  {created:>7}");
+    }
+    assert_eq!(refused, 0, "lockjam held dropped databases open");
+    // From the second minute on (when drops begin), the series stay at
+    // what the live databases need.
+    let settled: Vec<usize> = rows.iter().skip(2).map(|r| r.2).collect();
+    if let (Some(first), Some(last)) = (settled.first(), settled.last()) {
+        assert!(*last <= first + first / 5, "series grew: {settled:?}");
+    }
+    let (exit, log) = run.terminate();
+    assert!(exit.success(), "{log}");
+}
