@@ -614,8 +614,9 @@ async fn churn_many() {
             .unwrap();
         let dsn = cluster.dsn(&name);
         let holder = crate::support::connect(&dsn, "holder").await;
+        holder.batch_execute("CREATE TABLE t (id int)").await.unwrap();
         holder
-            .batch_execute("CREATE TABLE t (id int); BEGIN; LOCK TABLE t IN ACCESS EXCLUSIVE MODE")
+            .batch_execute("BEGIN; LOCK TABLE t IN ACCESS EXCLUSIVE MODE")
             .await
             .unwrap();
         let reader = crate::support::connect(&dsn, "reader").await;
