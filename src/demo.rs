@@ -10,14 +10,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::task::JoinSet;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 use crate::analysis::LockGraph;
 use crate::cluster::{Cluster, ClusterError, ClusterOptions};
-use crate::config::{Config, LogConfig, LogFormat, SamplerConfig, ServerConfig, Target};
-use crate::dsn::Dsn;
 use crate::policy::Policy;
 use crate::service::{Service, ServiceError};
+use crate::staging::{self, APP_QUERY, DROP_CONSTRAINT, LONG_READ};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DemoError {
@@ -40,33 +39,15 @@ pub struct DemoOptions {
     pub hold: Duration,
 }
 
-const SCHEMA: &str = "
-CREATE ROLE analyst LOGIN;
-CREATE TABLE customers (id bigint PRIMARY KEY, name text NOT NULL);
-CREATE TABLE orders (
-    id bigserial PRIMARY KEY,
-    customer_id bigint NOT NULL CONSTRAINT orders_customer_id_fkey REFERENCES customers,
-    total numeric(10, 2) NOT NULL,
-    created_at timestamptz NOT NULL DEFAULT now()
-);
-INSERT INTO customers SELECT g, 'customer ' || g FROM generate_series(1, 1000) AS g;
-INSERT INTO orders (customer_id, total) SELECT 1 + g % 1000, g % 500 + 0.99 FROM generate_series(1, 50000) AS g;
-CREATE INDEX ON orders (customer_id);
-GRANT SELECT ON orders, customers TO analyst;
-";
-const LONG_READ: &str = "SELECT pg_sleep(3600), count(*) AS orders, sum(total) AS revenue FROM orders";
-const MIGRATION: &str = "ALTER TABLE orders DROP CONSTRAINT orders_customer_id_fkey";
-const APP_QUERY: &str = "SELECT id, total FROM orders WHERE customer_id = $1 ORDER BY created_at DESC LIMIT 20";
+/// Orders in the demo's table: enough that a read takes a moment.
+const ORDERS: u64 = 50_000;
 
 fn session_error(e: impl std::fmt::Display) -> DemoError {
     DemoError::Session(e.to_string())
 }
 
 async fn connect(dsn: &str, application_name: &str) -> Result<Client, DemoError> {
-    let dsn = format!("{dsn} application_name='{application_name}'");
-    let (client, connection) = tokio_postgres::connect(&dsn, NoTls).await.map_err(session_error)?;
-    tokio::spawn(connection);
-    Ok(client)
+    staging::connect(dsn, application_name).await.map_err(session_error)
 }
 
 /// Runs the demo; Ctrl-C ends it early, cleaning up all the same.
@@ -102,7 +83,13 @@ async fn scenario(cluster: &Cluster, options: &DemoOptions) -> Result<(), DemoEr
         .await
         .map_err(session_error)?;
     let owner = connect(&dsn, "demo").await?;
-    owner.batch_execute(SCHEMA).await.map_err(session_error)?;
+    owner
+        .batch_execute(&format!(
+            "CREATE ROLE analyst LOGIN; {} GRANT SELECT ON orders, customers TO analyst;",
+            staging::orders_schema(ORDERS)
+        ))
+        .await
+        .map_err(session_error)?;
     println!("  created database shop: customers (1,000 rows), orders (50,000 rows) with orders_customer_id_fkey");
 
     let service = start_service(&dsn, options.listen).await?;
@@ -115,21 +102,7 @@ async fn scenario(cluster: &Cluster, options: &DemoOptions) -> Result<(), DemoEr
 }
 
 async fn start_service(dsn: &str, listen: SocketAddr) -> Result<Service, DemoError> {
-    let mut config = Config {
-        server: ServerConfig::plain(listen),
-        sampler: SamplerConfig::default(),
-        targets: vec![Target {
-            name: "demo".into(),
-            dsn: Dsn::parse(dsn).map_err(session_error)?,
-            default_user: None,
-        }],
-        log: LogConfig {
-            format: LogFormat::Text,
-            level: "warn".into(),
-        },
-        policy: Policy::default(),
-        notes: Vec::new(),
-    };
+    let mut config = staging::config(&[("demo", dsn)], listen, Policy::default()).map_err(session_error)?;
     match Service::start(&config).await {
         Err(ServiceError::Bind { addr, .. }) => {
             println!("  {addr} is taken; lockjam listens on a free port instead");
@@ -170,11 +143,11 @@ async fn replay(
 
     let migration = connect(dsn, "django migrate").await?;
     println!(
-        "{} the deploy runs its migration, which needs ACCESS EXCLUSIVE on orders:\n          {MIGRATION}",
+        "{} the deploy runs its migration, which needs ACCESS EXCLUSIVE on orders:\n          {DROP_CONSTRAINT}",
         stamp()
     );
     let migration_started = Instant::now();
-    sessions.spawn(async move { ("migration", migration.simple_query(MIGRATION).await.map(|_| ())) });
+    sessions.spawn(async move { ("migration", migration.simple_query(DROP_CONSTRAINT).await.map(|_| ())) });
 
     let mut app_sessions = Vec::new();
     for _ in 0..options.queries {

@@ -29,6 +29,8 @@ pub mod sampler;
 pub mod service;
 /// Plain data of one sample.
 pub mod snapshot;
+/// Incident 000 staged alike for the demo, the tests and the benchmarks.
+pub mod staging;
 /// State shared by target tasks and HTTP.
 pub mod state;
 /// How the JSON shows a session, a duration and an instant.

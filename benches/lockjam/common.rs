@@ -4,10 +4,9 @@
 use std::time::Duration;
 
 use lockjam::cluster::{Cluster, ClusterOptions};
-use lockjam::config::{Config, LogConfig, LogFormat, SamplerConfig, ServerConfig, Target};
-use lockjam::dsn::Dsn;
+use lockjam::config::Config;
 use lockjam::policy::Policy;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 /// The scale of a run: `full` for BENCHMARKS.md, `smoke` (seconds) for CI.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,11 +32,9 @@ pub async fn start_cluster(options: ClusterOptions) -> Cluster {
 }
 
 pub async fn connect(dsn: &str, application_name: &str) -> Client {
-    let (client, connection) = tokio_postgres::connect(&format!("{dsn} application_name={application_name}"), NoTls)
+    lockjam::staging::connect(dsn, application_name)
         .await
-        .unwrap_or_else(|e| panic!("cannot connect to {dsn}: {e}"));
-    tokio::spawn(connection);
-    client
+        .unwrap_or_else(|e| panic!("cannot connect to {dsn}: {e}"))
 }
 
 pub async fn backend_pid(client: &Client) -> i32 {
@@ -66,21 +63,7 @@ pub async fn wait_for_waiters(admin: &Client, count: usize) {
 
 /// lockjam's configuration for one target, with its default cadence.
 pub fn lockjam_config(dsn: &str, policy: Policy) -> Config {
-    Config {
-        server: ServerConfig::plain(([127, 0, 0, 1], 0).into()),
-        sampler: SamplerConfig::default(),
-        targets: vec![Target {
-            name: "bench".into(),
-            dsn: Dsn::parse(dsn).unwrap(),
-            default_user: None,
-        }],
-        log: LogConfig {
-            format: LogFormat::Text,
-            level: "warn".into(),
-        },
-        policy,
-        notes: Vec::new(),
-    }
+    lockjam::staging::config(&[("bench", dsn)], ([127, 0, 0, 1], 0).into(), policy).unwrap()
 }
 
 /// Order statistics of a set of measurements.

@@ -152,19 +152,21 @@ impl Lockjam {
     async fn sample(&self, client: &Client, own: &[i32]) -> (f64, Option<f64>) {
         let own = own.to_vec();
         let calm = server_ms(client, &self.activity, &[&own]).await;
-        let waiting: i64 = client.query(&self.activity, &[&own]).await.unwrap()[0].get("lock_waiters");
+        let activity = client.query(&self.activity, &[&own]).await.unwrap();
+        let waiting: i64 = activity[0].get("lock_waiters");
+        let in_recovery: bool = activity[0].get("in_recovery");
         if waiting == 0 {
             return (calm, None);
         }
         let text_length = lockjam::sampler::QUERY_TEXT_LENGTH;
         let pids: Vec<i32> = client
-            .query(&self.waiters, &[&own, &text_length])
+            .query(&self.waiters, &[&own, &text_length, &in_recovery])
             .await
             .unwrap()
             .iter()
             .map(|row| row.get("pid"))
             .collect();
-        let waiters = server_ms(client, &self.waiters, &[&own, &text_length]).await;
+        let waiters = server_ms(client, &self.waiters, &[&own, &text_length, &in_recovery]).await;
         let locks = server_ms(client, &self.locks, &[&pids]).await;
         (calm, Some(calm + waiters + locks))
     }

@@ -15,7 +15,7 @@ use tokio_postgres::Client;
 use crate::common::{backend_pid, connect, lockjam_config, spread, table, wait_for_waiters, Scale, Stats};
 
 const ROWS: i64 = 200_000;
-const DROP_FK: &str = "ALTER TABLE orders DROP CONSTRAINT orders_customer_id_fkey";
+use lockjam::staging::DROP_CONSTRAINT as DROP_FK;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Strategy {
@@ -96,16 +96,7 @@ pub struct Run {
 
 pub async fn setup(admin: &Client) {
     admin
-        .batch_execute(&format!(
-            "CREATE TABLE customers (id bigint PRIMARY KEY, name text NOT NULL);
-             INSERT INTO customers SELECT g, 'customer ' || g FROM generate_series(1, 1000) AS g;
-             CREATE TABLE orders (id bigint PRIMARY KEY, customer_id bigint NOT NULL,
-                 total numeric(12, 2) NOT NULL, status text NOT NULL, created_at timestamptz NOT NULL);
-             INSERT INTO orders SELECT g, 1 + g % 1000, (g % 997) * 1.25,
-                 (ARRAY['new', 'paid', 'shipped'])[1 + g % 3], now() - g * interval '1 minute'
-             FROM generate_series(1, {ROWS}) AS g;
-             CREATE INDEX ON orders (customer_id);"
-        ))
+        .batch_execute(&lockjam::staging::orders_schema(ROWS as u64))
         .await
         .unwrap();
     admin.batch_execute("VACUUM ANALYZE orders").await.unwrap();

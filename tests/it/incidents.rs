@@ -111,7 +111,7 @@ async fn incident_000_drop_constraint_behind_a_long_read() {
         .unwrap();
     assert_eq!(root["pid"], reader_pid);
     assert_eq!(root["application_name"], "analyst");
-    assert_eq!(root["query"], "SELECT pg_sleep(600), count(*) FROM orders");
+    assert_eq!(root["query"], crate::scenes::LONG_READ);
     assert_eq!(root["blocking"], serde_json::json!([migration_pid]));
     let head = target["waiters"]
         .as_array()

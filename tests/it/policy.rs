@@ -13,7 +13,7 @@ use tokio::io::AsyncReadExt;
 use tokio::task::JoinSet;
 use tokio_postgres::error::SqlState;
 
-use crate::scenes::{migration_behind_long_read, staged, DROP_CONSTRAINT, LONG_READ, ORDERS};
+use crate::scenes::{migration_behind_long_read, orders, staged, DROP_CONSTRAINT, LONG_READ};
 use crate::support::{
     apply_lockjam_role_sql, backend_pid, config_with, connect, events, lockjam, pg_dump_for, scrape, start_cluster,
     wait_until, within, LockjamRun, TestEnv,
@@ -596,7 +596,7 @@ async fn the_flag_with_a_file_protection_never_signals_the_protected_backup() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn row_lock_waits_never_match_the_default_rule() {
     let env = TestEnv::start_full(ClusterOptions::default(), acting(unblock(1))).await;
-    env.admin.batch_execute(ORDERS).await.unwrap();
+    env.admin.batch_execute(&orders()).await.unwrap();
     let (owner_pid, owner) = env
         .spawn_transaction(
             "worker",
@@ -655,7 +655,7 @@ async fn row_lock_waits_never_match_the_default_rule() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn incident_000_idle_in_transaction_blocker_is_terminated_at_min_wait() {
     let env = TestEnv::start_full(ClusterOptions::default(), acting(unblock(2))).await;
-    env.admin.batch_execute(ORDERS).await.unwrap();
+    env.admin.batch_execute(&orders()).await.unwrap();
     let holder = env.session("worker").await;
     let holder_pid = backend_pid(&holder).await;
     holder

@@ -7,7 +7,7 @@ use serde_json::Value;
 
 use lockjam::cluster::ClusterOptions;
 
-use crate::scenes::{DROP_CONSTRAINT, ORDERS};
+use crate::scenes::{orders, DROP_CONSTRAINT};
 use crate::support::{connect, http_get, Scrape, TestEnv};
 
 /// Client sessions in the big scene, the fixture's own included.
@@ -83,7 +83,7 @@ async fn a_thousand_sessions_and_two_hundred_waiters_are_counted_exactly() {
         ..Default::default()
     })
     .await;
-    env.admin.batch_execute(ORDERS).await.unwrap();
+    env.admin.batch_execute(&orders()).await.unwrap();
     let holder = env.session("holder").await;
     holder
         .batch_execute("BEGIN; LOCK TABLE orders IN ACCESS SHARE MODE")

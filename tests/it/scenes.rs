@@ -11,20 +11,18 @@ use lockjam::sampler::Sampler;
 
 use crate::support::{backend_pid, sampler_config, Statement, TestEnv};
 
+pub use lockjam::staging::{DROP_CONSTRAINT, LONG_READ};
+
 /// `orders` with the foreign key incident 000's migration drops.
-pub const ORDERS: &str = "CREATE TABLE customers (id bigint PRIMARY KEY);
-     CREATE TABLE orders (id bigint PRIMARY KEY,
-         customer_id bigint CONSTRAINT orders_customer_id_fkey REFERENCES customers);
-     INSERT INTO customers SELECT generate_series(1, 100);
-     INSERT INTO orders SELECT g, 1 + g % 100 FROM generate_series(1, 1000) AS g;";
-pub const LONG_READ: &str = "SELECT pg_sleep(600), count(*) FROM orders";
-pub const DROP_CONSTRAINT: &str = "ALTER TABLE orders DROP CONSTRAINT orders_customer_id_fkey";
+pub fn orders() -> String {
+    lockjam::staging::orders_schema(1000)
+}
 
 /// Incident 000: a long read holds ACCESS SHARE on `orders` and the
 /// migration waits behind it. Returns (reader pid, read, migration pid,
 /// migration).
 pub async fn migration_behind_long_read(env: &TestEnv) -> (i32, Statement, i32, Statement) {
-    env.admin.batch_execute(ORDERS).await.unwrap();
+    env.admin.batch_execute(&orders()).await.unwrap();
     let (reader_pid, read) = env.spawn_statement("analyst", LONG_READ).await;
     env.wait_until_holding(reader_pid, "orders", None).await;
     let (migration_pid, migration) = env.spawn_statement("migrate", DROP_CONSTRAINT).await;
@@ -80,7 +78,7 @@ pub struct Staged {
 /// client stays in the test's hands), and one decision to cancel it.
 pub async fn staged(migration_sql: &str) -> Staged {
     let env = TestEnv::start().await;
-    env.admin.batch_execute(ORDERS).await.unwrap();
+    env.admin.batch_execute(&orders()).await.unwrap();
     let reader = env.session("analyst").await;
     let reader_pid = backend_pid(&reader).await;
     reader

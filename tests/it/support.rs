@@ -7,12 +7,11 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use lockjam::cluster::{Cluster, ClusterOptions};
-use lockjam::config::{Config, LogConfig, LogFormat, SamplerConfig, ServerConfig, Target};
-use lockjam::dsn::Dsn;
+use lockjam::config::{Config, SamplerConfig};
 use lockjam::policy::Policy;
 use lockjam::service::Service;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 /// A statement running on its own session.
 pub type Statement = tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>;
@@ -36,24 +35,11 @@ pub fn config_for(targets: Vec<(&str, String)>) -> Config {
 }
 
 pub fn config_with(targets: Vec<(&str, String)>, policy: Policy) -> Config {
-    Config {
-        server: ServerConfig::plain(SocketAddr::from(([127, 0, 0, 1], 0))),
-        sampler: sampler_config(),
-        targets: targets
-            .into_iter()
-            .map(|(name, dsn)| Target {
-                name: name.into(),
-                dsn: Dsn::parse(&dsn).expect("test DSNs parse"),
-                default_user: None,
-            })
-            .collect(),
-        log: LogConfig {
-            format: LogFormat::Text,
-            level: "warn".into(),
-        },
-        policy,
-        notes: Vec::new(),
-    }
+    let targets: Vec<(&str, &str)> = targets.iter().map(|(name, dsn)| (*name, dsn.as_str())).collect();
+    let mut config =
+        lockjam::staging::config(&targets, SocketAddr::from(([127, 0, 0, 1], 0)), policy).expect("test DSNs parse");
+    config.sampler = sampler_config();
+    config
 }
 
 /// The major version in a `--version` line such as "pg_dump (PostgreSQL) 18.6".
@@ -318,12 +304,9 @@ pub async fn within<T>(what: &str, future: impl Future<Output = T>) -> T {
 }
 
 pub async fn connect(dsn: &str, application_name: &str) -> Client {
-    let dsn = format!("{dsn} application_name='{application_name}'");
-    let (client, connection) = tokio_postgres::connect(&dsn, NoTls)
+    lockjam::staging::connect(dsn, application_name)
         .await
-        .unwrap_or_else(|e| panic!("connect {dsn}: {e}"));
-    tokio::spawn(connection);
-    client
+        .unwrap_or_else(|e| panic!("connect {dsn} as {application_name}: {e}"))
 }
 
 pub async fn backend_pid(client: &Client) -> i32 {
