@@ -637,149 +637,27 @@ fn validate_policy(
         .as_deref()
         .map(|text| parse_duration(text).map_err(|message| invalid("--cancel-blockers-after", message)))
         .transpose()?;
-    let globs = |key: &str, patterns: &[String], may_be_empty: bool| {
-        if patterns.is_empty() && !may_be_empty {
-            return Err(invalid(
-                key,
-                "an empty list matches nothing; use [\"*\"] for all".into(),
-            ));
-        }
-        Ok(patterns.iter().map(|p| Glob(p.clone())).collect::<Vec<_>>())
-    };
-    let protections = |prefix: &str, users: &[String], applications: &[String], databases: &[String]| {
-        Ok::<_, ConfigError>(Protections {
-            users: globs(&format!("{prefix}protect_users"), users, true)?,
-            applications: globs(&format!("{prefix}protect_applications"), applications, true)?,
-            databases: globs(&format!("{prefix}protect_databases"), databases, true)?,
-        })
-    };
     let protect = protections(
         "policy.",
-        &raw.protect_users,
-        &raw.protect_applications,
-        &raw.protect_databases,
+        [&raw.protect_users, &raw.protect_applications, &raw.protect_databases],
+        invalid,
     )?;
     let mut names = HashSet::new();
     let mut rules = Vec::new();
     for (index, rule) in raw.rules.iter().enumerate() {
-        let prefix = format!("policy.rules[{index}].");
-        let key = |field: &str| format!("{prefix}{field}");
-        if rule.name.trim().is_empty() {
-            return Err(invalid(
-                &key("name"),
-                "every rule needs a name (it is the `rule` label)".into(),
-            ));
-        }
-        if rule.name != rule.name.trim() || rule.name.chars().any(char::is_control) || rule.name.len() > 64 {
-            return Err(invalid(
-                &key("name"),
-                "at most 64 characters, no control characters, no space at either end (it is the `rule` label)".into(),
-            ));
-        }
+        let rule = validate_rule(&format!("policy.rules[{index}]."), rule, interval, invalid)?;
         if !names.insert(rule.name.clone()) {
-            return Err(invalid(&key("name"), format!("duplicate rule name `{}`", rule.name)));
-        }
-        let action = Action::parse(&rule.action).ok_or_else(|| {
-            invalid(
-                &key("action"),
-                format!(
-                    "`{}` is not an action: use cancel_blockers or cancel_waiter",
-                    rule.action
-                ),
-            )
-        })?;
-        if rule.waiter_modes.is_empty() {
-            return Err(invalid(&key("waiter_modes"), "an empty list matches no waiter".into()));
-        }
-        if let Some(mode) = rule.waiter_modes.iter().find(|m| !is_lock_mode(m)) {
             return Err(invalid(
-                &key("waiter_modes"),
-                format!("`{mode}` is not a PostgreSQL lock mode such as AccessExclusiveLock or ShareRowExclusiveLock"),
+                &format!("policy.rules[{index}].name"),
+                format!("duplicate rule name `{}`", rule.name),
             ));
         }
-        if rule.waiter_locktypes.is_empty() {
-            return Err(invalid(
-                &key("waiter_locktypes"),
-                "an empty list matches no waiter".into(),
-            ));
-        }
-        if let Some(locktype) = rule.waiter_locktypes.iter().find(|t| !is_lock_type(t)) {
-            return Err(invalid(
-                &key("waiter_locktypes"),
-                format!("`{locktype}` is not a pg_locks.locktype such as relation, tuple or transactionid"),
-            ));
-        }
-        let min_wait = parse_duration_or_zero(&rule.min_wait).map_err(|m| invalid(&key("min_wait"), m))?;
-        let terminate_after =
-            parse_duration_or_zero(&rule.terminate_after).map_err(|m| invalid(&key("terminate_after"), m))?;
-        if !terminate_after.is_zero() && terminate_after < interval {
-            return Err(invalid(
-                &key("terminate_after"),
-                format!(
-                    "{} is shorter than sampler.interval ({}): lockjam could not see whether the cancel worked; use at least the interval, or \"0s\" to never terminate",
-                    rule.terminate_after,
-                    humantime::format_duration(interval)
-                ),
-            ));
-        }
-        rules.push(Rule {
-            name: rule.name.clone(),
-            waiter_modes: rule.waiter_modes.clone(),
-            waiter_locktypes: rule.waiter_locktypes.clone(),
-            relations: globs(&key("relations"), &rule.relations, false)?,
-            databases: globs(&key("databases"), &rule.databases, false)?,
-            waiter_applications: globs(&key("waiter_applications"), &rule.waiter_applications, false)?,
-            min_wait,
-            min_queue: rule.min_queue,
-            action,
-            terminate_after: (!terminate_after.is_zero()).then_some(terminate_after),
-            protect: protections(
-                &prefix,
-                &rule.protect_users,
-                &rule.protect_applications,
-                &rule.protect_databases,
-            )?,
-            on_standby: rule.on_standby,
-        });
+        rules.push(rule);
     }
-    let mut notes = Vec::new();
-    if let Some(min_wait) = flag {
-        let shown = humantime::format_duration(min_wait);
-        let has_rules = !rules.is_empty();
-        match rules.iter_mut().find(|rule| rule.name == UNBLOCK_MIGRATIONS) {
-            Some(rule) => {
-                rule.min_wait = min_wait;
-                notes.push(format!(
-                    "--cancel-blockers-after {shown} set min_wait of rule `{UNBLOCK_MIGRATIONS}`; its other keys and every other rule are the file's"
-                ));
-            }
-            None if !has_rules => {
-                rules.push(Rule::unblock_migrations(min_wait));
-                notes.push(format!(
-                    "--cancel-blockers-after {shown} added rule `{UNBLOCK_MIGRATIONS}` with the default keys; [policy] protections apply to it"
-                ));
-            }
-            None => {
-                let names: Vec<&str> = rules.iter().map(|r| r.name.as_str()).collect();
-                return Err(invalid(
-                    "--cancel-blockers-after",
-                    format!(
-                        "the flag sets min_wait of the rule named `{UNBLOCK_MIGRATIONS}`, and policy.rules has none ({}): \
-                         rename the rule the flag should adjust, or drop the flag and set the rules' min_wait and \
-                         [policy] enabled = true, dry_run = false",
-                        names.join(", ")
-                    ),
-                ));
-            }
-        }
-        notes.push(match raw.dry_run {
-            None => "--cancel-blockers-after turned the policy on with dry_run = false".into(),
-            Some(true) => "--cancel-blockers-after turned the policy on; dry_run = true, set in the configuration, \
-                           keeps it from signalling: set dry_run = false to act"
-                .into(),
-            Some(false) => "--cancel-blockers-after turned the policy on; dry_run = false".into(),
-        });
-    }
+    let notes = match flag {
+        Some(min_wait) => apply_flag(min_wait, &mut rules, raw.dry_run, invalid)?,
+        None => Vec::new(),
+    };
     let enabled = raw.enabled || flag.is_some();
     if enabled && rules.is_empty() {
         return Err(invalid(
@@ -795,6 +673,168 @@ fn validate_policy(
         rules,
     };
     Ok((policy, notes))
+}
+
+/// Globs from a list of patterns; an empty list is refused unless it may
+/// be empty (a protection list), since it would match nothing.
+fn globs(
+    key: &str,
+    patterns: &[String],
+    may_be_empty: bool,
+    invalid: &dyn Fn(&str, String) -> ConfigError,
+) -> Result<Vec<Glob>, ConfigError> {
+    if patterns.is_empty() && !may_be_empty {
+        return Err(invalid(
+            key,
+            "an empty list matches nothing; use [\"*\"] for all".into(),
+        ));
+    }
+    Ok(patterns.iter().map(|p| Glob(p.clone())).collect())
+}
+
+/// `protect_users`, `protect_applications` and `protect_databases` under
+/// `prefix`.
+fn protections(
+    prefix: &str,
+    [users, applications, databases]: [&[String]; 3],
+    invalid: &dyn Fn(&str, String) -> ConfigError,
+) -> Result<Protections, ConfigError> {
+    Ok(Protections {
+        users: globs(&format!("{prefix}protect_users"), users, true, invalid)?,
+        applications: globs(&format!("{prefix}protect_applications"), applications, true, invalid)?,
+        databases: globs(&format!("{prefix}protect_databases"), databases, true, invalid)?,
+    })
+}
+
+/// One `[[policy.rules]]` entry, its keys named under `prefix`.
+fn validate_rule(
+    prefix: &str,
+    rule: &RawRule,
+    interval: Duration,
+    invalid: &dyn Fn(&str, String) -> ConfigError,
+) -> Result<Rule, ConfigError> {
+    let key = |field: &str| format!("{prefix}{field}");
+    if rule.name.trim().is_empty() {
+        return Err(invalid(
+            &key("name"),
+            "every rule needs a name (it is the `rule` label)".into(),
+        ));
+    }
+    if rule.name != rule.name.trim() || rule.name.chars().any(char::is_control) || rule.name.len() > 64 {
+        return Err(invalid(
+            &key("name"),
+            "at most 64 characters, no control characters, no space at either end (it is the `rule` label)".into(),
+        ));
+    }
+    let action = Action::parse(&rule.action).ok_or_else(|| {
+        invalid(
+            &key("action"),
+            format!(
+                "`{}` is not an action: use cancel_blockers or cancel_waiter",
+                rule.action
+            ),
+        )
+    })?;
+    if rule.waiter_modes.is_empty() {
+        return Err(invalid(&key("waiter_modes"), "an empty list matches no waiter".into()));
+    }
+    if let Some(mode) = rule.waiter_modes.iter().find(|m| !is_lock_mode(m)) {
+        return Err(invalid(
+            &key("waiter_modes"),
+            format!("`{mode}` is not a PostgreSQL lock mode such as AccessExclusiveLock or ShareRowExclusiveLock"),
+        ));
+    }
+    if rule.waiter_locktypes.is_empty() {
+        return Err(invalid(
+            &key("waiter_locktypes"),
+            "an empty list matches no waiter".into(),
+        ));
+    }
+    if let Some(locktype) = rule.waiter_locktypes.iter().find(|t| !is_lock_type(t)) {
+        return Err(invalid(
+            &key("waiter_locktypes"),
+            format!("`{locktype}` is not a pg_locks.locktype such as relation, tuple or transactionid"),
+        ));
+    }
+    let min_wait = parse_duration_or_zero(&rule.min_wait).map_err(|m| invalid(&key("min_wait"), m))?;
+    let terminate_after =
+        parse_duration_or_zero(&rule.terminate_after).map_err(|m| invalid(&key("terminate_after"), m))?;
+    if !terminate_after.is_zero() && terminate_after < interval {
+        return Err(invalid(
+            &key("terminate_after"),
+            format!(
+                "{} is shorter than sampler.interval ({}): lockjam could not see whether the cancel worked; use at least the interval, or \"0s\" to never terminate",
+                rule.terminate_after,
+                humantime::format_duration(interval)
+            ),
+        ));
+    }
+    Ok(Rule {
+        name: rule.name.clone(),
+        waiter_modes: rule.waiter_modes.clone(),
+        waiter_locktypes: rule.waiter_locktypes.clone(),
+        relations: globs(&key("relations"), &rule.relations, false, invalid)?,
+        databases: globs(&key("databases"), &rule.databases, false, invalid)?,
+        waiter_applications: globs(&key("waiter_applications"), &rule.waiter_applications, false, invalid)?,
+        min_wait,
+        min_queue: rule.min_queue,
+        action,
+        terminate_after: (!terminate_after.is_zero()).then_some(terminate_after),
+        protect: protections(
+            prefix,
+            [&rule.protect_users, &rule.protect_applications, &rule.protect_databases],
+            invalid,
+        )?,
+        on_standby: rule.on_standby,
+    })
+}
+
+/// `--cancel-blockers-after`: sets `min_wait` of rule `unblock-migrations`,
+/// or adds that rule when there are none. Returns the notes that say what
+/// it did.
+fn apply_flag(
+    min_wait: Duration,
+    rules: &mut Vec<Rule>,
+    dry_run: Option<bool>,
+    invalid: &dyn Fn(&str, String) -> ConfigError,
+) -> Result<Vec<String>, ConfigError> {
+    let shown = humantime::format_duration(min_wait);
+    let has_rules = !rules.is_empty();
+    let mut notes = Vec::new();
+    match rules.iter_mut().find(|rule| rule.name == UNBLOCK_MIGRATIONS) {
+        Some(rule) => {
+            rule.min_wait = min_wait;
+            notes.push(format!(
+                "--cancel-blockers-after {shown} set min_wait of rule `{UNBLOCK_MIGRATIONS}`; its other keys and every other rule are the file's"
+            ));
+        }
+        None if !has_rules => {
+            rules.push(Rule::unblock_migrations(min_wait));
+            notes.push(format!(
+                "--cancel-blockers-after {shown} added rule `{UNBLOCK_MIGRATIONS}` with the default keys; [policy] protections apply to it"
+            ));
+        }
+        None => {
+            let names: Vec<&str> = rules.iter().map(|r| r.name.as_str()).collect();
+            return Err(invalid(
+                "--cancel-blockers-after",
+                format!(
+                    "the flag sets min_wait of the rule named `{UNBLOCK_MIGRATIONS}`, and policy.rules has none ({}): \
+                     rename the rule the flag should adjust, or drop the flag and set the rules' min_wait and \
+                     [policy] enabled = true, dry_run = false",
+                    names.join(", ")
+                ),
+            ));
+        }
+    }
+    notes.push(match dry_run {
+        None => "--cancel-blockers-after turned the policy on with dry_run = false".into(),
+        Some(true) => "--cancel-blockers-after turned the policy on; dry_run = true, set in the configuration, \
+                       keeps it from signalling: set dry_run = false to act"
+            .into(),
+        Some(false) => "--cancel-blockers-after turned the policy on; dry_run = false".into(),
+    });
+    Ok(notes)
 }
 
 fn file_targets(
