@@ -730,39 +730,72 @@ fn handover(policy: &Policy, rule: &Rule, waiter: &Waiter) -> String {
 /// Decides what to signal. `now` is the server's clock now; nothing is
 /// decided on a snapshot older than [`MAX_SNAPSHOT_AGE`].
 pub fn decide(graph: &LockGraph, policy: &Policy, memory: &Memory, now: SystemTime) -> Plan {
-    let mut plan = Plan::default();
     let age = now.duration_since(graph.taken_at).unwrap_or(Duration::ZERO);
     if !policy.enabled || age > MAX_SNAPSHOT_AGE {
-        return plan;
+        return Plan::default();
     }
-    let mut budget = (policy.max_actions_per_minute as usize).saturating_sub(memory.actions_in_last_minute(now));
-    // One signal per pid per tick, and one report per (rule, pid, outcome).
-    let mut decided: HashSet<i32> = HashSet::new();
-    let mut reported: HashSet<(String, i32, Outcome)> = HashSet::new();
+    let mut deciding = Deciding {
+        graph,
+        policy,
+        memory,
+        now,
+        plan: Plan::default(),
+        budget: (policy.max_actions_per_minute as usize).saturating_sub(memory.actions_in_last_minute(now)),
+        decided: HashSet::new(),
+        reported: HashSet::new(),
+    };
     // Longest waits first, so that the rate limit spends itself on the
     // oldest queue.
     let mut waiters: Vec<&Waiter> = graph.waiters.iter().collect();
     waiters.sort_by(|a, b| b.wait.cmp(&a.wait).then(a.session.pid.cmp(&b.session.pid)));
     for waiter in waiters {
-        let rules: Vec<&Rule> = policy
+        deciding.waiter(waiter);
+    }
+    deciding.plan
+}
+
+/// One run of [`decide`]: what it reads, and what it has decided so far.
+struct Deciding<'a> {
+    graph: &'a LockGraph,
+    policy: &'a Policy,
+    memory: &'a Memory,
+    now: SystemTime,
+    plan: Plan,
+    /// Signals left under `max_actions_per_minute`.
+    budget: usize,
+    /// One signal per pid per tick...
+    decided: HashSet<i32>,
+    /// ...and one report per (rule, pid, outcome).
+    reported: HashSet<(String, i32, Outcome)>,
+}
+
+/// A session a rule would signal, with what its assessment said.
+type Assessed<'a> = (i32, Option<&'a Session>, Assessment);
+
+impl<'a> Deciding<'a> {
+    /// Tries the rules that match `waiter` in order, until one handles it.
+    fn waiter(&mut self, waiter: &'a Waiter) {
+        let graph = self.graph;
+        let rules: Vec<&'a Rule> = self
+            .policy
             .rules
             .iter()
             .filter(|rule| (rule.on_standby || !graph.in_recovery) && rule.matches(waiter))
             .collect();
         if rules.is_empty() {
-            continue;
+            return;
         }
         let tree = graph.wait_tree(waiter.session.pid);
         if tree.deadlock {
             // No root to signal: PostgreSQL's deadlock detector breaks the
             // cycle after deadlock_timeout; no rule acts on it.
-            if !memory.deadlocks.contains(&waiter_key(waiter)) {
-                plan.deadlocks.push(Deadlock {
+            if !self.memory.deadlocks.contains(&waiter_key(waiter)) {
+                self.plan.deadlocks.push(Deadlock {
                     rule: rules[0].name.clone(),
                     waiter: waiter.clone(),
                 });
             }
-            continue;
+            return;
         }
         let roots: Vec<Blocker> = tree
             .roots
@@ -771,8 +804,8 @@ pub fn decide(graph: &LockGraph, policy: &Policy, memory: &Memory, now: SystemTi
             .collect();
         // Rules that matched before this one but could signal nothing.
         let mut passed: Vec<&str> = Vec::new();
-        for rule in &rules {
-            let targets: Vec<(i32, Option<&Session>)> = match rule.action {
+        for rule in rules {
+            let targets: Vec<(i32, Option<&'a Session>)> = match rule.action {
                 Action::CancelBlockers => tree
                     .roots
                     .iter()
@@ -785,13 +818,14 @@ pub fn decide(graph: &LockGraph, policy: &Policy, memory: &Memory, now: SystemTi
                 // between the reads), which the next sample shows settled.
                 break;
             }
-            let assessed: Vec<(i32, Option<&Session>, Assessment)> = targets
+            let assessed: Vec<Assessed<'a>> = targets
                 .into_iter()
                 .map(|(pid, session)| {
-                    let assessment = if decided.contains(&pid) {
+                    let assessment = if self.decided.contains(&pid) {
                         Assessment::InHand
                     } else {
-                        assess(rule, policy, graph, waiter, &Candidate { pid, session }, memory, now)
+                        let candidate = Candidate { pid, session };
+                        assess(rule, self.policy, graph, waiter, &candidate, self.memory, self.now)
                     };
                     (pid, session, assessment)
                 })
@@ -802,73 +836,15 @@ pub fn decide(graph: &LockGraph, policy: &Policy, memory: &Memory, now: SystemTi
             let handover = if handles {
                 String::new()
             } else {
-                handover(policy, rule, waiter)
+                handover(self.policy, rule, waiter)
             };
             let preface = if passed.is_empty() {
                 String::new()
             } else {
                 format!("rule `{}` could signal none of its targets; ", passed.join("`, `"))
             };
-            for (pid, session, assessment) in assessed {
-                let signalled = session.map(Identity::of).unwrap_or(Identity {
-                    pid,
-                    backend_start: None,
-                    xact_start: None,
-                });
-                let decision = |signal, verdict, reason: String| Decision {
-                    rule: rule.name.clone(),
-                    action: rule.action,
-                    signal,
-                    signalled: signalled.clone(),
-                    signalled_session: session.cloned(),
-                    waiter: waiter.clone(),
-                    roots: roots.clone(),
-                    sampled_at: graph.taken_at,
-                    in_recovery: graph.in_recovery,
-                    verdict,
-                    reason: format!("{preface}{reason}"),
-                };
-                let mut report_once = |outcome: Outcome| {
-                    !memory
-                        .reported
-                        .contains(&(rule.name.clone(), signalled.clone(), outcome))
-                        && reported.insert((rule.name.clone(), pid, outcome))
-                };
-                match assessment {
-                    Assessment::Refused(signal, reason) => {
-                        if report_once(Outcome::Protected) {
-                            plan.decisions.push(decision(
-                                signal,
-                                Verdict::Withhold(Outcome::Protected),
-                                format!("{reason}{handover}"),
-                            ));
-                        }
-                    }
-                    Assessment::Send(signal, reason) => {
-                        if budget == 0 {
-                            if report_once(Outcome::RateLimited) {
-                                plan.decisions.push(decision(
-                                    signal,
-                                    Verdict::Withhold(Outcome::RateLimited),
-                                    format!(
-                                        "max_actions_per_minute ({}) reached; {reason}",
-                                        policy.max_actions_per_minute
-                                    ),
-                                ));
-                            }
-                            continue;
-                        }
-                        budget -= 1;
-                        decided.insert(pid);
-                        let verdict = if policy.dry_run {
-                            Verdict::Withhold(Outcome::DryRun)
-                        } else {
-                            Verdict::Send
-                        };
-                        plan.decisions.push(decision(signal, verdict, reason));
-                    }
-                    Assessment::Denied | Assessment::InHand => {}
-                }
+            for assessed in assessed {
+                self.record(rule, waiter, assessed, &roots, &preface, &handover);
             }
             if handles {
                 break;
@@ -876,7 +852,79 @@ pub fn decide(graph: &LockGraph, policy: &Policy, memory: &Memory, now: SystemTi
             passed.push(&rule.name);
         }
     }
-    plan
+
+    /// Turns one assessment into a decision: a signal within the budget,
+    /// or a report (protected, rate limited) once.
+    fn record(
+        &mut self,
+        rule: &Rule,
+        waiter: &Waiter,
+        (pid, session, assessment): Assessed<'_>,
+        roots: &[Blocker],
+        preface: &str,
+        handover: &str,
+    ) {
+        let signalled = session.map(Identity::of).unwrap_or(Identity {
+            pid,
+            backend_start: None,
+            xact_start: None,
+        });
+        let decision = |signal, verdict, reason: String| Decision {
+            rule: rule.name.clone(),
+            action: rule.action,
+            signal,
+            signalled: signalled.clone(),
+            signalled_session: session.cloned(),
+            waiter: waiter.clone(),
+            roots: roots.to_vec(),
+            sampled_at: self.graph.taken_at,
+            in_recovery: self.graph.in_recovery,
+            verdict,
+            reason: format!("{preface}{reason}"),
+        };
+        let memory = self.memory;
+        let reported = &mut self.reported;
+        let mut report_once = |outcome: Outcome| {
+            !memory
+                .reported
+                .contains(&(rule.name.clone(), signalled.clone(), outcome))
+                && reported.insert((rule.name.clone(), pid, outcome))
+        };
+        match assessment {
+            Assessment::Refused(signal, reason) => {
+                if report_once(Outcome::Protected) {
+                    let decided = decision(
+                        signal,
+                        Verdict::Withhold(Outcome::Protected),
+                        format!("{reason}{handover}"),
+                    );
+                    self.plan.decisions.push(decided);
+                }
+            }
+            Assessment::Send(signal, reason) if self.budget == 0 => {
+                if report_once(Outcome::RateLimited) {
+                    let reason = format!(
+                        "max_actions_per_minute ({}) reached; {reason}",
+                        self.policy.max_actions_per_minute
+                    );
+                    let decided = decision(signal, Verdict::Withhold(Outcome::RateLimited), reason);
+                    self.plan.decisions.push(decided);
+                }
+            }
+            Assessment::Send(signal, reason) => {
+                self.budget -= 1;
+                self.decided.insert(pid);
+                let verdict = if self.policy.dry_run {
+                    Verdict::Withhold(Outcome::DryRun)
+                } else {
+                    Verdict::Send
+                };
+                let decided = decision(signal, verdict, reason);
+                self.plan.decisions.push(decided);
+            }
+            Assessment::Denied | Assessment::InHand => {}
+        }
+    }
 }
 
 #[cfg(test)]
