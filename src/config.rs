@@ -72,6 +72,9 @@ pub struct Sources {
 pub struct Config {
     pub server: ServerConfig,
     pub sampler: SamplerConfig,
+    /// Timeouts of every lockjam session, the sampler's and the
+    /// enforcer's alike (keys of the `[sampler]` section).
+    pub sessions: SessionSettings,
     pub targets: Vec<Target>,
     pub log: LogConfig,
     pub policy: Policy,
@@ -154,9 +157,6 @@ pub struct FileSecret {
 pub struct SamplerConfig {
     pub interval: Duration,
     pub fast_interval: Duration,
-    pub statement_timeout: Duration,
-    pub lock_timeout: Duration,
-    pub connect_timeout: Duration,
     pub max_relations: usize,
     /// A session to another database (opened to name its relations)
     /// closes after this long unused.
@@ -171,11 +171,29 @@ impl Default for SamplerConfig {
         SamplerConfig {
             interval: duration(&raw.interval),
             fast_interval: duration(&raw.fast_interval),
+            max_relations: raw.max_relations,
+            database_session_idle: duration(&raw.database_session_idle),
+        }
+    }
+}
+
+/// The settings of every lockjam session, sampler's and enforcer's.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SessionSettings {
+    pub statement_timeout: Duration,
+    pub lock_timeout: Duration,
+    pub connect_timeout: Duration,
+}
+
+impl Default for SessionSettings {
+    /// The documented defaults (those of `config/lockjam.toml`).
+    fn default() -> Self {
+        let raw = RawSampler::default();
+        let duration = |text: &str| parse_duration(text).expect("default durations parse");
+        SessionSettings {
             statement_timeout: duration(&raw.statement_timeout),
             lock_timeout: duration(&raw.lock_timeout),
             connect_timeout: duration(&raw.connect_timeout),
-            max_relations: raw.max_relations,
-            database_session_idle: duration(&raw.database_session_idle),
         }
     }
 }
@@ -466,12 +484,14 @@ fn validate(raw: RawConfig, sources: &Sources, origin: &str) -> Result<Config, C
 
     let server = validate_server(&raw.server, listen, &invalid)?;
 
-    let sampler = SamplerConfig {
-        interval: duration("interval", &raw.sampler.interval)?,
-        fast_interval: duration("fast_interval", &raw.sampler.fast_interval)?,
+    let sessions = SessionSettings {
         statement_timeout: duration("statement_timeout", &raw.sampler.statement_timeout)?,
         lock_timeout: duration("lock_timeout", &raw.sampler.lock_timeout)?,
         connect_timeout: duration("connect_timeout", &raw.sampler.connect_timeout)?,
+    };
+    let sampler = SamplerConfig {
+        interval: duration("interval", &raw.sampler.interval)?,
+        fast_interval: duration("fast_interval", &raw.sampler.fast_interval)?,
         max_relations: raw.sampler.max_relations,
         database_session_idle: duration("database_session_idle", &raw.sampler.database_session_idle)?,
     };
@@ -532,6 +552,7 @@ fn validate(raw: RawConfig, sources: &Sources, origin: &str) -> Result<Config, C
     Ok(Config {
         server,
         sampler,
+        sessions,
         targets,
         log: LogConfig {
             format,
@@ -1061,9 +1082,9 @@ pub fn render_effective(config: &Config) -> String {
         sampler: RawSampler {
             interval: human(config.sampler.interval),
             fast_interval: human(config.sampler.fast_interval),
-            statement_timeout: human(config.sampler.statement_timeout),
-            lock_timeout: human(config.sampler.lock_timeout),
-            connect_timeout: human(config.sampler.connect_timeout),
+            statement_timeout: human(config.sessions.statement_timeout),
+            lock_timeout: human(config.sessions.lock_timeout),
+            connect_timeout: human(config.sessions.connect_timeout),
             max_relations: config.sampler.max_relations,
             database_session_idle: human(config.sampler.database_session_idle),
         },
@@ -1202,11 +1223,17 @@ mod tests {
             SamplerConfig {
                 interval: Duration::from_secs(1),
                 fast_interval: Duration::from_millis(250),
+                max_relations: 20,
+                database_session_idle: Duration::from_secs(60),
+            }
+        );
+        assert_eq!(defaults.sessions, SessionSettings::default());
+        assert_eq!(
+            defaults.sessions,
+            SessionSettings {
                 statement_timeout: Duration::from_secs(2),
                 lock_timeout: Duration::from_millis(500),
                 connect_timeout: Duration::from_secs(5),
-                max_relations: 20,
-                database_session_idle: Duration::from_secs(60),
             }
         );
         assert_eq!(defaults.server.listen.to_string(), DEFAULT_LISTEN);

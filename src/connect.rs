@@ -3,7 +3,6 @@
 //! of every lock queue.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
@@ -14,7 +13,7 @@ use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, RootCertStor
 use tokio_postgres::Client;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
-use crate::config::{SamplerConfig, Target};
+use crate::config::{SessionSettings, Target};
 use crate::dsn::{DsnError, TlsMode, TlsSettings};
 
 #[derive(Debug, thiserror::Error)]
@@ -35,24 +34,6 @@ pub enum ConnectError {
     },
     #[error("target `{target}`: connected, but setting up the session failed: {message}")]
     Setup { target: String, message: String },
-}
-
-/// The session settings of every lockjam connection.
-#[derive(Debug, Clone, Copy)]
-pub struct SessionSettings {
-    pub statement_timeout: Duration,
-    pub lock_timeout: Duration,
-    pub connect_timeout: Duration,
-}
-
-impl SessionSettings {
-    pub fn of(sampler: &SamplerConfig) -> SessionSettings {
-        SessionSettings {
-            statement_timeout: sampler.statement_timeout,
-            lock_timeout: sampler.lock_timeout,
-            connect_timeout: sampler.connect_timeout,
-        }
-    }
 }
 
 /// Opens sessions to one target (and to its other databases).

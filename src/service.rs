@@ -13,7 +13,7 @@ use tokio::time::Instant;
 use crate::analysis::{analyze, ended_waits, LockGraph};
 use crate::audit;
 use crate::config::{Config, LogConfig, SamplerConfig, Target};
-use crate::connect::{ConnectError, SessionSettings};
+use crate::connect::ConnectError;
 use crate::enforcer::{Enforcer, Sent};
 use crate::http::{ConnectionLimits, HttpError, TlsReloader};
 use crate::policy::{decide, Memory, Policy, Verdict, MAX_SNAPSHOT_AGE};
@@ -76,9 +76,9 @@ impl Prepared {
         let samplers = config
             .targets
             .iter()
-            .map(|target| Sampler::new(target, &config.sampler))
+            .map(|target| Sampler::new(target, &config.sampler, config.sessions))
             .collect::<Result<Vec<_>, _>>()?;
-        let session_settings = SessionSettings::of(&config.sampler);
+        let session_settings = config.sessions;
         let enforcers = config
             .targets
             .iter()

@@ -9,8 +9,9 @@ use tokio::time::timeout;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, Statement};
 
+use crate::config::SessionSettings;
 use crate::config::Target;
-use crate::connect::{error_chain, ConnectError, Connector, SessionSettings};
+use crate::connect::{error_chain, ConnectError, Connector};
 use crate::policy::{Decision, Outcome, Signal};
 
 const SIGNAL_SQL: &str = include_str!("signal.sql");

@@ -11,8 +11,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use tokio_postgres::{Client, Statement};
 
+use crate::config::SessionSettings;
 use crate::config::{SamplerConfig, Target};
-use crate::connect::{error_chain, ConnectError, Connector, SessionSettings};
+use crate::connect::{error_chain, ConnectError, Connector};
 use crate::snapshot::{ActivityGroup, LockRow, Session, Snapshot};
 
 const ACTIVITY_SQL: &str = include_str!("activity.sql");
@@ -104,8 +105,7 @@ pub struct Sampler {
 }
 
 impl Sampler {
-    pub fn new(target: &Target, config: &SamplerConfig) -> Result<Sampler, ConnectError> {
-        let settings = SessionSettings::of(config);
+    pub fn new(target: &Target, config: &SamplerConfig, settings: SessionSettings) -> Result<Sampler, ConnectError> {
         Ok(Sampler {
             target: target.clone(),
             connector: Connector::new(target, settings)?,

@@ -868,16 +868,17 @@ async fn the_signalling_statement_refuses_a_waiting_session() {
         dsn: lockjam::dsn::Dsn::parse(&env.cluster.dsn("postgres")).unwrap(),
         default_user: None,
     };
-    let mut sampler = lockjam::sampler::Sampler::new(&target, &crate::support::sampler_config()).unwrap();
+    let mut sampler = lockjam::sampler::Sampler::new(
+        &target,
+        &crate::support::sampler_config(),
+        crate::support::session_settings(),
+    )
+    .unwrap();
     let graph = lockjam::analysis::analyze(&sampler.sample().await.unwrap());
     let waiter = graph.waiter(migration_pid).expect("the migration waits").clone();
     let hard: Vec<i32> = waiter.blocked_by.iter().map(|edge| edge.pid).collect();
     assert!(hard.contains(&web_pid) && hard.contains(&mailer_pid), "{hard:?}");
-    let mut enforcer = lockjam::enforcer::Enforcer::new(
-        &target,
-        lockjam::connect::SessionSettings::of(&crate::support::sampler_config()),
-    )
-    .unwrap();
+    let mut enforcer = lockjam::enforcer::Enforcer::new(&target, crate::support::session_settings()).unwrap();
     assert!(enforcer.lead().await);
     let forged = |pid: i32| {
         let session = graph.blocker(pid).and_then(|b| b.session.clone()).unwrap();

@@ -4,12 +4,11 @@
 use std::time::Duration;
 
 use lockjam::analysis::analyze;
-use lockjam::connect::SessionSettings;
 use lockjam::enforcer::Enforcer;
 use lockjam::policy::{decide, Decision, Memory, Policy, Rule, Signal};
 use lockjam::sampler::Sampler;
 
-use crate::support::{backend_pid, sampler_config, Statement, TestEnv};
+use crate::support::{backend_pid, sampler_config, session_settings, Statement, TestEnv};
 
 pub use lockjam::staging::{DROP_CONSTRAINT, LONG_READ};
 
@@ -92,7 +91,7 @@ pub async fn staged(migration_sql: &str) -> Staged {
         dsn: lockjam::dsn::Dsn::parse(&env.cluster.dsn("postgres")).unwrap(),
         default_user: None,
     };
-    let mut sampler = Sampler::new(&target, &sampler_config()).unwrap();
+    let mut sampler = Sampler::new(&target, &sampler_config(), session_settings()).unwrap();
     let graph = analyze(&sampler.sample().await.unwrap());
     let rule = Rule {
         terminate_after: Some(Duration::ZERO),
@@ -105,7 +104,7 @@ pub async fn staged(migration_sql: &str) -> Staged {
     let mut decision = decisions.remove(0);
     decision.signal = Signal::Cancel;
     assert_eq!(decision.signalled.pid, reader_pid);
-    let mut enforcer = Enforcer::new(&target, SessionSettings::of(&sampler_config())).unwrap();
+    let mut enforcer = Enforcer::new(&target, session_settings()).unwrap();
     assert!(enforcer.lead().await, "the only instance leads");
     Staged {
         env,

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use lockjam::cluster::{Cluster, ClusterOptions};
-use lockjam::config::{Config, SamplerConfig};
+use lockjam::config::{Config, SamplerConfig, SessionSettings};
 use lockjam::policy::Policy;
 use lockjam::service::Service;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -25,8 +25,15 @@ pub fn sampler_config() -> SamplerConfig {
     SamplerConfig {
         interval: INTERVAL,
         fast_interval: Duration::from_millis(100),
-        connect_timeout: Duration::from_secs(2),
         ..SamplerConfig::default()
+    }
+}
+
+/// The defaults, but a dead server is given up on after 2 s.
+pub fn session_settings() -> SessionSettings {
+    SessionSettings {
+        connect_timeout: Duration::from_secs(2),
+        ..SessionSettings::default()
     }
 }
 
@@ -39,6 +46,7 @@ pub fn config_with(targets: Vec<(&str, String)>, policy: Policy) -> Config {
     let mut config =
         lockjam::staging::config(&targets, SocketAddr::from(([127, 0, 0, 1], 0)), policy).expect("test DSNs parse");
     config.sampler = sampler_config();
+    config.sessions = session_settings();
     config
 }
 

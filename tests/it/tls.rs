@@ -5,8 +5,9 @@
 use std::time::Duration;
 
 use lockjam::cluster::{ClusterOptions, ServerTls};
+use lockjam::config::SessionSettings;
 use lockjam::config::Target;
-use lockjam::connect::{Connector, SessionSettings};
+use lockjam::connect::Connector;
 use lockjam::dsn::Dsn;
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
 
