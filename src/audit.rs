@@ -62,8 +62,10 @@ pub struct AuditEvent {
     pub rule: String,
     /// The rule's action: `cancel_blockers` or `cancel_waiter`.
     pub rule_action: &'static str,
-    /// The signal: `cancel` or `terminate`.
-    pub action: &'static str,
+    /// The signal: `cancel` or `terminate` (`action` in the JSON and the
+    /// metric label, as before the word meant the rule's).
+    #[serde(rename = "action")]
+    pub signal: &'static str,
     pub outcome: &'static str,
     pub reason: String,
     /// What the database said, for `permission_denied` and `error`.
@@ -124,7 +126,7 @@ pub fn event(
         target: target.to_string(),
         rule: decision.rule.clone(),
         rule_action: decision.action.as_str(),
-        action: decision.signal.as_str(),
+        signal: decision.signal.as_str(),
         outcome: outcome.as_str(),
         reason: decision.reason.clone(),
         detail,
@@ -214,7 +216,7 @@ impl AuditEvent {
     /// The event in one line of words: what was (or would be) sent to
     /// whom, on behalf of which waiter, and why.
     pub fn summary(&self) -> String {
-        let signal = self.action;
+        let signal = self.signal;
         let pid = self.signalled_pid;
         let what = match self.outcome {
             "success" if signal == "terminate" => format!("terminated pid {pid}"),
@@ -259,7 +261,7 @@ pub fn log(event: &AuditEvent) {
         target: "lockjam::audit",
         target_name = %event.target,
         rule = %event.rule,
-        action = event.action,
+        action = event.signal,
         outcome = event.outcome,
         pid = event.signalled_pid,
         waiter_pid = event.waiter.session.pid,
@@ -399,7 +401,7 @@ mod tests {
         // what it was given.
         assert_eq!(blocker.session.query.as_ref().unwrap().chars().count(), 507);
         assert_eq!(events[0].waiter.wait_seconds, 2.5);
-        assert_eq!((events[0].action, events[0].outcome), ("cancel", "success"));
+        assert_eq!((events[0].signal, events[0].outcome), ("cancel", "success"));
         assert_eq!(events[0].time, "2023-11-14T22:15:00.000Z");
         assert_eq!(
             blocker.session.backend_start.as_deref(),

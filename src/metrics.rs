@@ -73,7 +73,7 @@ struct Families {
     queue_depth: Family,
     queue_head_wait: Family,
     relation_waiters: Family,
-    policy_actions: IntCounterVec,
+    policy_signals: IntCounterVec,
     policy_leader: GaugeVec,
     /// Per target, the databases of its wait histograms and the rules of
     /// its policy counters: what [`Metrics::forget_target`] removes.
@@ -245,7 +245,7 @@ impl Metrics {
             histogram
         };
         let family = |name: &str, help: &str, labels: &[&str]| Family::new(&registry, name, help, labels);
-        let policy_actions = IntCounterVec::new(
+        let policy_signals = IntCounterVec::new(
             Opts::new(
                 "lockjam_policy_actions_total",
                 "Policy decisions by rule, signal (cancel or terminate) and outcome.",
@@ -253,7 +253,7 @@ impl Metrics {
             &["target", "rule", "action", "outcome"],
         )
         .expect("valid");
-        registry.register(Box::new(policy_actions.clone())).expect("unique");
+        registry.register(Box::new(policy_signals.clone())).expect("unique");
         let by_db = ["target", "datname"];
         let by_queue = ["target", "datname", "relation", "mode"];
         let families = Families {
@@ -328,7 +328,7 @@ impl Metrics {
                 "Sessions waiting for a lock on relation, or for a tuple or page lock of it: where queries are stuck.",
                 &["target", "datname", "relation"],
             ),
-            policy_actions,
+            policy_signals,
             policy_leader: gauge(
                 "lockjam_policy_leader",
                 "1 where this instance holds the target's leader lock and may enforce the policy.",
@@ -456,10 +456,10 @@ impl Metrics {
     }
 
     /// Counts one policy decision.
-    pub fn record_policy_action(&self, target: &str, rule: &str, action: &str, outcome: &str) {
+    pub fn record_policy_signal(&self, target: &str, rule: &str, signal: &str, outcome: &str) {
         self.families()
-            .policy_actions
-            .with_label_values(&[target, rule, action, outcome])
+            .policy_signals
+            .with_label_values(&[target, rule, signal, outcome])
             .inc();
     }
 
@@ -478,7 +478,7 @@ impl Metrics {
             for signal in Signal::ALL {
                 for outcome in Outcome::ALL {
                     families
-                        .policy_actions
+                        .policy_signals
                         .with_label_values(&[target, &rule.name, signal.as_str(), outcome.as_str()]);
                 }
             }
@@ -519,7 +519,7 @@ impl Metrics {
             for signal in Signal::ALL {
                 for outcome in Outcome::ALL {
                     let _ = f
-                        .policy_actions
+                        .policy_signals
                         .remove_label_values(&[target, &rule, signal.as_str(), outcome.as_str()]);
                 }
             }
@@ -721,7 +721,7 @@ mod tests {
             ..two_rules.rules[0].clone()
         });
         metrics.register_policy("db1", &two_rules);
-        metrics.record_policy_action("db1", "second", "cancel", "success");
+        metrics.record_policy_signal("db1", "second", "cancel", "success");
         let text = metrics.render();
         let counters: Vec<&str> = text
             .lines()

@@ -468,7 +468,7 @@ async fn enforce(
         memory.record(&decision, sent.outcome, now);
         shared
             .metrics
-            .record_policy_action(name, &decision.rule, decision.signal.as_str(), sent.outcome.as_str());
+            .record_policy_signal(name, &decision.rule, decision.signal.as_str(), sent.outcome.as_str());
         let event = audit::event(name, &decision, sent.outcome, sent.detail, now);
         audit::log(&event);
         shared.events.push(event);

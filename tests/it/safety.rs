@@ -809,7 +809,7 @@ impl Round {
                 {
                     return Some("the signalled session's identity differs".into());
                 }
-                if event.action == "terminate" && !self.policy.terminate {
+                if event.signal == "terminate" && !self.policy.terminate {
                     return Some("terminated, though terminating is off".into());
                 }
                 let promoted =
@@ -883,7 +883,7 @@ impl Round {
         };
         let starts = self.wait_starts();
         for event in &self.events {
-            let mut counted = (event.rule.clone(), event.action.to_string());
+            let mut counted = (event.rule.clone(), event.signal.to_string());
             counted.1.push(' ');
             counted.1.push_str(event.outcome);
             if event.outcome != "success" {
@@ -894,7 +894,7 @@ impl Round {
             let describe = || {
                 format!(
                     "{label}: {} {} of pid {} for waiter pid {} at {at:.3}: {}",
-                    event.rule, event.action, event.signalled_pid, event.waiter.session.pid, event.reason
+                    event.rule, event.signal, event.signalled_pid, event.waiter.session.pid, event.reason
                 )
             };
             let Some(before) = self.reading_before(at).filter(|r| at - r.at <= MAX_READ_GAP) else {
@@ -921,7 +921,7 @@ impl Round {
         let mut from_events: BTreeMap<(String, String, String), f64> = BTreeMap::new();
         for event in &self.events {
             *from_events
-                .entry((event.rule.clone(), event.action.to_string(), event.outcome.to_string()))
+                .entry((event.rule.clone(), event.signal.to_string(), event.outcome.to_string()))
                 .or_default() += 1.0;
         }
         for (key, counted) in &self.counters {
