@@ -12,12 +12,13 @@ use tokio::time::Instant;
 
 use crate::analysis::{analyze, ended_waits, LockGraph};
 use crate::audit;
-use crate::config::{Config, LogConfig, SamplerConfig, Target};
+use crate::config::{Config, LogConfig, SamplerConfig};
 use crate::connect::ConnectError;
 use crate::enforcer::{Enforcer, Sent};
 use crate::http::{ConnectionLimits, HttpError, TlsReloader};
 use crate::policy::{decide, Memory, Policy, Verdict, MAX_SNAPSHOT_AGE};
 use crate::sampler::{SampleError, Sampler};
+use crate::snapshot::Snapshot;
 use crate::state::{SharedState, TargetRecord};
 
 /// Longest wait between two attempts on a target that is down.
@@ -110,14 +111,14 @@ impl Prepared {
         let (shutdown, _) = watch::channel(false);
         let mut tasks = JoinSet::new();
         for ((target, sampler), enforcer) in config.targets.iter().zip(self.samplers).zip(self.enforcers) {
-            tasks.spawn(watch_target(
-                target.clone(),
+            let watch = Watch::new(
+                &target.name,
                 config.sampler.clone(),
                 sampler,
                 enforcer.map(|enforcer| (enforcer, config.policy.clone())),
                 shared.clone(),
-                shutdown.subscribe(),
-            ));
+            );
+            tasks.spawn(watch.run(shutdown.subscribe()));
         }
         TargetTasks { shutdown, tasks }
     }
@@ -303,110 +304,153 @@ pub fn backoff(failures: u32, interval: Duration) -> Duration {
     (interval * factor).min(MAX_BACKOFF.max(interval))
 }
 
-async fn watch_target(
-    target: Target,
+/// One target's task: samples at its cadence, publishes each graph, runs
+/// the policy on it, and backs off while the target is down.
+struct Watch {
+    name: String,
     settings: SamplerConfig,
-    mut sampler: Sampler,
-    mut policy: Option<(Enforcer, Policy)>,
+    sampler: Sampler,
+    policy: Option<(Enforcer, Policy)>,
+    memory: Memory,
     shared: Arc<SharedState>,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let mut memory = Memory::default();
-    let name = target.name.as_str();
-    let state = shared
-        .target(name)
-        .expect("a target's state is declared before its task starts");
-    let mut previous: Option<Arc<LockGraph>> = None;
-    let mut failures = 0u32;
-    let mut announced = false;
-    let mut in_recovery = false;
-    loop {
-        let started = Instant::now();
-        let outcome = tokio::select! {
-            outcome = tokio::time::timeout(sampler.deadline(), sampler.sample()) => outcome,
-            _ = shutdown.wait_for(|stopped| *stopped) => break,
-        };
-        let took = started.elapsed();
-        let result = outcome.unwrap_or_else(|_| {
-            sampler.reset();
-            Err(SampleError::Timeout {
-                target: name.to_string(),
-                limit: sampler.deadline(),
-            })
-        });
-        // A tick starts one cadence after the previous one started; a retry
-        // starts one backoff step after the failure, however long the failed
-        // sample took.
-        let wake = match result {
-            Ok(snapshot) => {
-                let mut graph = analyze(&snapshot);
-                graph.own_pids = sampler.own_pids();
-                graph
-                    .own_pids
-                    .extend(policy.as_ref().and_then(|(enforcer, _)| enforcer.pid()));
-                let graph = Arc::new(graph);
-                let ended = previous.as_deref().map(|p| ended_waits(p, &graph)).unwrap_or_default();
-                shared
-                    .metrics
-                    .record_sample(name, &graph, &ended, took, settings.max_relations);
-                state.record_success(
-                    graph.clone(),
-                    sampler.server_version(),
-                    sampler.warnings(),
-                    started.into_std(),
-                );
-                let leader = match policy.as_mut() {
-                    Some((enforcer, policy)) => {
-                        Some(enforce(name, policy, enforcer, &mut memory, &graph, started, &shared).await)
-                    }
-                    None => None,
-                };
-                if !announced {
-                    announce_policy(name, policy.as_ref().map_or(&Policy::default(), |(_, p)| p), leader);
-                    announced = true;
-                }
-                if graph.in_recovery != in_recovery {
-                    in_recovery = graph.in_recovery;
-                    if let Some((_, policy)) = policy.as_ref().filter(|(_, p)| p.enabled) {
-                        announce_standby(name, policy, in_recovery);
-                    }
-                }
-                if failures > 0 || previous.is_none() {
-                    tracing::info!(
-                        target = name,
-                        server_version = sampler.server_version(),
-                        failed_attempts = failures,
-                        "sampling"
-                    );
-                }
-                failures = 0;
-                let waiting = !graph.waiters.is_empty();
-                previous = Some(graph);
-                started
-                    + if waiting {
-                        settings.fast_interval
-                    } else {
-                        settings.interval
-                    }
-            }
-            Err(error) => {
-                failures += 1;
-                let delay = backoff(failures, settings.interval);
-                tracing::warn!(
-                    target = name,
-                    attempt = failures,
-                    retry_in = %humantime::format_duration(delay),
-                    "sample failed: {error}"
-                );
-                shared.metrics.record_failure(name, took);
-                state.record_failure(error.to_string());
-                Instant::now() + delay
-            }
-        };
-        tokio::select! {
-            _ = tokio::time::sleep_until(wake) => {}
-            _ = shutdown.wait_for(|stopped| *stopped) => break,
+    record: Arc<TargetRecord>,
+    previous: Option<Arc<LockGraph>>,
+    failures: u32,
+    announced: bool,
+    in_recovery: bool,
+}
+
+impl Watch {
+    fn new(
+        name: &str,
+        settings: SamplerConfig,
+        sampler: Sampler,
+        policy: Option<(Enforcer, Policy)>,
+        shared: Arc<SharedState>,
+    ) -> Watch {
+        let record = shared
+            .target(name)
+            .expect("a target's state is declared before its task starts");
+        Watch {
+            name: name.to_string(),
+            settings,
+            sampler,
+            policy,
+            memory: Memory::default(),
+            shared,
+            record,
+            previous: None,
+            failures: 0,
+            announced: false,
+            in_recovery: false,
         }
+    }
+
+    /// Samples until `shutdown`: a tick starts one cadence after the
+    /// previous one started; a retry one backoff step after the failure,
+    /// however long the failed sample took.
+    async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        loop {
+            let started = Instant::now();
+            let outcome = tokio::select! {
+                outcome = tokio::time::timeout(self.sampler.deadline(), self.sampler.sample()) => outcome,
+                _ = shutdown.wait_for(|stopped| *stopped) => break,
+            };
+            let took = started.elapsed();
+            let result = outcome.unwrap_or_else(|_| {
+                self.sampler.reset();
+                Err(SampleError::Timeout {
+                    target: self.name.clone(),
+                    limit: self.sampler.deadline(),
+                })
+            });
+            let wake = match result {
+                Ok(snapshot) => self.sampled(&snapshot, started, took).await,
+                Err(error) => self.failed(&error, took),
+            };
+            tokio::select! {
+                _ = tokio::time::sleep_until(wake) => {}
+                _ = shutdown.wait_for(|stopped| *stopped) => break,
+            }
+        }
+    }
+
+    /// Publishes a good sample and runs the policy on it; returns when to
+    /// sample next.
+    async fn sampled(&mut self, snapshot: &Snapshot, started: Instant, took: Duration) -> Instant {
+        let name = self.name.as_str();
+        let mut graph = analyze(snapshot);
+        graph.own_pids = self.sampler.own_pids();
+        graph
+            .own_pids
+            .extend(self.policy.as_ref().and_then(|(enforcer, _)| enforcer.pid()));
+        let graph = Arc::new(graph);
+        let ended = self
+            .previous
+            .as_deref()
+            .map(|p| ended_waits(p, &graph))
+            .unwrap_or_default();
+        self.shared
+            .metrics
+            .record_sample(name, &graph, &ended, took, self.settings.max_relations);
+        self.record.record_success(
+            graph.clone(),
+            self.sampler.server_version(),
+            self.sampler.warnings(),
+            started.into_std(),
+        );
+        let leader = match self.policy.as_mut() {
+            Some((enforcer, policy)) => {
+                Some(enforce(name, policy, enforcer, &mut self.memory, &graph, started, &self.shared).await)
+            }
+            None => None,
+        };
+        if !self.announced {
+            announce_policy(
+                name,
+                self.policy.as_ref().map_or(&Policy::default(), |(_, p)| p),
+                leader,
+            );
+            self.announced = true;
+        }
+        if graph.in_recovery != self.in_recovery {
+            self.in_recovery = graph.in_recovery;
+            if let Some((_, policy)) = self.policy.as_ref().filter(|(_, p)| p.enabled) {
+                announce_standby(name, policy, self.in_recovery);
+            }
+        }
+        if self.failures > 0 || self.previous.is_none() {
+            tracing::info!(
+                target = name,
+                server_version = self.sampler.server_version(),
+                failed_attempts = self.failures,
+                "sampling"
+            );
+        }
+        self.failures = 0;
+        let waiting = !graph.waiters.is_empty();
+        self.previous = Some(graph);
+        started
+            + if waiting {
+                self.settings.fast_interval
+            } else {
+                self.settings.interval
+            }
+    }
+
+    /// Reports a failed sample; returns when to try again.
+    fn failed(&mut self, error: &SampleError, took: Duration) -> Instant {
+        self.failures += 1;
+        let delay = backoff(self.failures, self.settings.interval);
+        tracing::warn!(
+            target = self.name.as_str(),
+            attempt = self.failures,
+            retry_in = %humantime::format_duration(delay),
+            "sample failed: {error}"
+        );
+        self.shared.metrics.record_failure(&self.name, took);
+        self.record.record_failure(error.to_string());
+        Instant::now() + delay
     }
 }
 
