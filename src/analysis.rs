@@ -326,59 +326,8 @@ fn age(taken_at: SystemTime, since: Option<SystemTime>) -> Option<Duration> {
 
 /// Builds the lock graph of one snapshot.
 pub fn analyze(snapshot: &Snapshot) -> LockGraph {
-    let taken_at = snapshot.taken_at;
-    let sessions: HashMap<i32, &Session> = snapshot.sessions.iter().map(|s| (s.pid, s)).collect();
-    let requests: HashMap<i32, &LockRow> =
-        snapshot
-            .locks
-            .iter()
-            .filter(|row| !row.granted)
-            .fold(HashMap::new(), |mut map, row| {
-                map.entry(row.pid).or_insert(row);
-                map
-            });
-    let held: HashMap<i32, Vec<&LockRow>> =
-        snapshot
-            .locks
-            .iter()
-            .filter(|row| row.granted)
-            .fold(HashMap::new(), |mut map, row| {
-                map.entry(row.pid).or_default().push(row);
-                map
-            });
-
-    // A waiter is a session that pg_blocking_pids was called for and that
-    // still has an ungranted lock; a session whose request was granted
-    // between the reads is not waiting any more.
-    let mut waiters: BTreeMap<i32, Waiter> = BTreeMap::new();
-    for session in &snapshot.sessions {
-        let (Some(blocked_by), Some(request)) = (&session.blocked_by, requests.get(&session.pid)) else {
-            continue;
-        };
-        let mut seen = HashSet::new();
-        let edges = blocked_by
-            .iter()
-            .filter(|pid| **pid != session.pid && seen.insert(**pid))
-            .map(|&pid| BlockedBy {
-                pid,
-                kind: classify(request, held.get(&pid), requests.get(&pid)),
-            })
-            .collect();
-        waiters.insert(
-            session.pid,
-            Waiter {
-                session: session.clone(),
-                lock: Lock::of(request),
-                wait_start: request.wait_start,
-                wait: age(taken_at, request.wait_start).unwrap_or(Duration::ZERO),
-                blocked_by: edges,
-                chain_depth: 0,
-                leads_to_root: false,
-                behind: 0,
-            },
-        );
-    }
-
+    let locks = LocksByPid::of(snapshot);
+    let mut waiters = waiters(snapshot, &locks);
     // Reverse edges: who waits directly on whom.
     let mut blockees: BTreeMap<i32, BTreeSet<i32>> = BTreeMap::new();
     for waiter in waiters.values() {
@@ -388,20 +337,108 @@ pub fn analyze(snapshot: &Snapshot) -> LockGraph {
     }
     let waits_on_someone = |pid: i32| waiters.get(&pid).is_some_and(|w| !w.blocked_by.is_empty());
     let roots: BTreeSet<i32> = blockees.keys().copied().filter(|pid| !waits_on_someone(*pid)).collect();
+    place_waiters(&mut waiters, &blockees, &roots);
+    let blockers = blockers(snapshot, &locks, &waiters, &blockees, &roots);
+    let queues = queues(&waiters);
+    let databases = database_figures(&snapshot.activity, &waiters, &blockers);
+    LockGraph {
+        taken_at: snapshot.taken_at,
+        activity: snapshot.activity.clone(),
+        waiters: waiters.into_values().collect(),
+        blockers,
+        queues,
+        databases,
+        own_pids: Vec::new(),
+        existing_databases: snapshot.existing_databases.clone(),
+        in_recovery: snapshot.in_recovery,
+    }
+}
 
-    let behind_roots = reachable_behind(roots.iter().copied(), &blockees);
-    let depths = chain_depths(&waiters);
+/// A snapshot's lock rows by pid: each pid's first ungranted request, and
+/// the locks it holds.
+struct LocksByPid<'a> {
+    requests: HashMap<i32, &'a LockRow>,
+    held: HashMap<i32, Vec<&'a LockRow>>,
+}
+
+impl<'a> LocksByPid<'a> {
+    fn of(snapshot: &'a Snapshot) -> LocksByPid<'a> {
+        let mut requests: HashMap<i32, &LockRow> = HashMap::new();
+        let mut held: HashMap<i32, Vec<&LockRow>> = HashMap::new();
+        for row in &snapshot.locks {
+            if row.granted {
+                held.entry(row.pid).or_default().push(row);
+            } else {
+                requests.entry(row.pid).or_insert(row);
+            }
+        }
+        LocksByPid { requests, held }
+    }
+}
+
+/// The waiters, each with its edges classified. A waiter is a session that
+/// pg_blocking_pids was called for and that still has an ungranted lock; a
+/// session whose request was granted between the reads is not waiting any
+/// more.
+fn waiters(snapshot: &Snapshot, locks: &LocksByPid) -> BTreeMap<i32, Waiter> {
+    let mut waiters: BTreeMap<i32, Waiter> = BTreeMap::new();
+    for session in &snapshot.sessions {
+        let (Some(blocked_by), Some(request)) = (&session.blocked_by, locks.requests.get(&session.pid)) else {
+            continue;
+        };
+        let mut seen = HashSet::new();
+        let edges = blocked_by
+            .iter()
+            .filter(|pid| **pid != session.pid && seen.insert(**pid))
+            .map(|&pid| BlockedBy {
+                pid,
+                kind: classify(request, locks.held.get(&pid), locks.requests.get(&pid)),
+            })
+            .collect();
+        waiters.insert(
+            session.pid,
+            Waiter {
+                session: session.clone(),
+                lock: Lock::of(request),
+                wait_start: request.wait_start,
+                wait: age(snapshot.taken_at, request.wait_start).unwrap_or(Duration::ZERO),
+                blocked_by: edges,
+                chain_depth: 0,
+                leads_to_root: false,
+                behind: 0,
+            },
+        );
+    }
+    waiters
+}
+
+/// Each waiter's depth in its chain, whether it leads to a root, and how
+/// many wait behind it.
+fn place_waiters(waiters: &mut BTreeMap<i32, Waiter>, blockees: &BTreeMap<i32, BTreeSet<i32>>, roots: &BTreeSet<i32>) {
+    let behind_roots = reachable_behind(roots.iter().copied(), blockees);
+    let depths = chain_depths(waiters);
     for waiter in waiters.values_mut() {
         let pid = waiter.session.pid;
         waiter.chain_depth = depths.get(&pid).copied().unwrap_or(0);
         waiter.leads_to_root = behind_roots.contains(&pid);
-        waiter.behind = reachable_behind(std::iter::once(pid), &blockees)
+        waiter.behind = reachable_behind(std::iter::once(pid), blockees)
             .iter()
             .filter(|behind| **behind != pid)
             .count() as u64;
     }
+}
 
-    let blockers: Vec<Blocker> = blockees
+/// Every session someone waits on, with the locks it holds, strongest
+/// first.
+fn blockers(
+    snapshot: &Snapshot,
+    locks: &LocksByPid,
+    waiters: &BTreeMap<i32, Waiter>,
+    blockees: &BTreeMap<i32, BTreeSet<i32>>,
+    roots: &BTreeSet<i32>,
+) -> Vec<Blocker> {
+    let sessions: HashMap<i32, &Session> = snapshot.sessions.iter().map(|s| (s.pid, s)).collect();
+    blockees
         .iter()
         .map(|(&pid, blocked)| {
             let session = sessions.get(&pid).map(|s| (*s).clone());
@@ -416,33 +453,25 @@ pub fn analyze(snapshot: &Snapshot) -> LockGraph {
                         .find_map(|p| waiters.get(p).map(|w| w.datname().to_string()))
                 })
                 .unwrap_or_default();
-            let mut held_locks: Vec<Lock> = held.get(&pid).into_iter().flatten().map(|row| Lock::of(row)).collect();
-            held_locks.sort_by_key(|lock| std::cmp::Reverse(mode_strength(&lock.mode)));
+            let mut held: Vec<Lock> = locks
+                .held
+                .get(&pid)
+                .into_iter()
+                .flatten()
+                .map(|row| Lock::of(row))
+                .collect();
+            held.sort_by_key(|lock| std::cmp::Reverse(mode_strength(&lock.mode)));
             Blocker {
                 pid,
-                transaction_age: age(taken_at, session.as_ref().and_then(|s| s.xact_start)),
+                transaction_age: age(snapshot.taken_at, session.as_ref().and_then(|s| s.xact_start)),
                 session,
                 datname,
                 is_root: roots.contains(&pid),
                 blocking: blocked.iter().copied().collect(),
-                held: held_locks,
+                held,
             }
         })
-        .collect();
-
-    let queues = queues(&waiters);
-    let databases = database_figures(&snapshot.activity, &waiters, &blockers);
-    LockGraph {
-        taken_at,
-        activity: snapshot.activity.clone(),
-        waiters: waiters.into_values().collect(),
-        blockers,
-        queues,
-        databases,
-        own_pids: Vec::new(),
-        existing_databases: snapshot.existing_databases.clone(),
-        in_recovery: snapshot.in_recovery,
-    }
+        .collect()
 }
 
 /// Hard when the blocker holds a conflicting lock on the same object; soft
