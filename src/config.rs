@@ -401,32 +401,7 @@ pub fn load(sources: &Sources) -> Result<Config, ConfigError> {
             origin: origin.clone(),
             message,
         })?;
-        // Parsed here first so that a syntax error is told by position: the
-        // parser's own message quotes the line, which may hold a DSN's
-        // password.
-        if let Err(error) = toml::from_str::<toml::Table>(&text) {
-            let (line, column) = error.span().map_or((0, 0), |span| line_and_column(&text, span.start));
-            return Err(ConfigError::Syntax {
-                origin,
-                line,
-                column,
-                message: error.message().trim().to_string(),
-            });
-        }
-        // Types are checked on the file as written, strictly: the config
-        // crate would coerce `1.5` or `true` into a count and `"false"` or
-        // `0` into a boolean.
-        let strict = toml::Deserializer::parse(&text).ok();
-        if let Some(Err(error)) = strict.map(serde_path_to_error::deserialize::<_, RawConfig>) {
-            return Err(ConfigError::Invalid {
-                origin,
-                key: match error.path().to_string().as_str() {
-                    "." => "(top level)".to_string(),
-                    path => path.to_string(),
-                },
-                message: without_quoted_text(error.inner().message()),
-            });
-        }
+        check_file_text(&text, &origin)?;
         builder = builder.add_source(config::File::from_str(&text, config::FileFormat::Toml));
     }
     check_environment_types(&sources.env, &origin)?;
@@ -471,9 +446,6 @@ fn validate(raw: RawConfig, sources: &Sources, origin: &str) -> Result<Config, C
         key: key.to_string(),
         message,
     };
-    let duration =
-        |key: &str, text: &str| parse_duration(text).map_err(|message| invalid(&format!("sampler.{key}"), message));
-
     let listen_text = sources.listen.as_deref().unwrap_or(&raw.server.listen);
     let listen = listen_text.parse().map_err(|_| {
         invalid(
@@ -481,51 +453,86 @@ fn validate(raw: RawConfig, sources: &Sources, origin: &str) -> Result<Config, C
             format!("`{listen_text}` is not an address such as 127.0.0.1:9863 or 0.0.0.0:9863"),
         )
     })?;
-
     let server = validate_server(&raw.server, listen, &invalid)?;
+    let (sampler, sessions) = validate_sampler(&raw.sampler, &invalid)?;
+    let log = validate_log(raw.log, &invalid)?;
+    let (policy, notes) = validate_policy(&raw.policy, sources, sampler.interval, &invalid)?;
+    let targets = validate_targets(&raw.targets, sources, &invalid)?;
+    Ok(Config {
+        server,
+        sampler,
+        sessions,
+        targets,
+        log,
+        policy,
+        notes,
+    })
+}
 
+/// The `[sampler]` section: the sampler's cadence and limits, and the
+/// timeouts of every session.
+fn validate_sampler(
+    raw: &RawSampler,
+    invalid: &dyn Fn(&str, String) -> ConfigError,
+) -> Result<(SamplerConfig, SessionSettings), ConfigError> {
+    let duration =
+        |key: &str, text: &str| parse_duration(text).map_err(|message| invalid(&format!("sampler.{key}"), message));
     let sessions = SessionSettings {
-        statement_timeout: duration("statement_timeout", &raw.sampler.statement_timeout)?,
-        lock_timeout: duration("lock_timeout", &raw.sampler.lock_timeout)?,
-        connect_timeout: duration("connect_timeout", &raw.sampler.connect_timeout)?,
+        statement_timeout: duration("statement_timeout", &raw.statement_timeout)?,
+        lock_timeout: duration("lock_timeout", &raw.lock_timeout)?,
+        connect_timeout: duration("connect_timeout", &raw.connect_timeout)?,
     };
     let sampler = SamplerConfig {
-        interval: duration("interval", &raw.sampler.interval)?,
-        fast_interval: duration("fast_interval", &raw.sampler.fast_interval)?,
-        max_relations: raw.sampler.max_relations,
-        database_session_idle: duration("database_session_idle", &raw.sampler.database_session_idle)?,
+        interval: duration("interval", &raw.interval)?,
+        fast_interval: duration("fast_interval", &raw.fast_interval)?,
+        max_relations: raw.max_relations,
+        database_session_idle: duration("database_session_idle", &raw.database_session_idle)?,
     };
     if sampler.fast_interval > sampler.interval {
         return Err(invalid(
             "sampler.fast_interval",
             format!(
                 "{} is longer than sampler.interval ({}); it is the faster cadence used while locks are waited for",
-                raw.sampler.fast_interval, raw.sampler.interval
+                raw.fast_interval, raw.interval
             ),
         ));
     }
     if sampler.max_relations == 0 {
         return Err(invalid("sampler.max_relations", "must be at least 1".into()));
     }
+    Ok((sampler, sessions))
+}
 
-    let format = match raw.log.format.as_str() {
+fn validate_log(raw: RawLog, invalid: &dyn Fn(&str, String) -> ConfigError) -> Result<LogConfig, ConfigError> {
+    let format = match raw.format.as_str() {
         "text" => LogFormat::Text,
         "json" => LogFormat::Json,
         other => return Err(invalid("log.format", format!("`{other}` is neither text nor json"))),
     };
-    if let Err(e) = tracing_subscriber::EnvFilter::try_new(&raw.log.level) {
+    if let Err(e) = tracing_subscriber::EnvFilter::try_new(&raw.level) {
         return Err(invalid(
             "log.level",
-            format!("`{}`: {e} (use error, warn, info, debug or trace)", raw.log.level),
+            format!("`{}`: {e} (use error, warn, info, debug or trace)", raw.level),
         ));
     }
-    let (policy, notes) = validate_policy(&raw.policy, sources, sampler.interval, &invalid)?;
+    Ok(LogConfig {
+        format,
+        level: raw.level,
+    })
+}
 
+/// The targets: `--dsn`, else the file's `[[targets]]`, else the libpq
+/// environment; each DSN must make a connection configuration.
+fn validate_targets(
+    raw: &[RawTarget],
+    sources: &Sources,
+    invalid: &dyn Fn(&str, String) -> ConfigError,
+) -> Result<Vec<Target>, ConfigError> {
     let default_user = sources.env.get("USER").cloned();
     let targets = match &sources.dsn {
         Some(text) => vec![target("default", text, &sources.env, &default_user)
             .map_err(|e| invalid("--dsn", e.to_string()))?],
-        None if raw.targets.is_empty() => match Dsn::from_env(&sources.env) {
+        None if raw.is_empty() => match Dsn::from_env(&sources.env) {
             Ok(Some(dsn)) => vec![Target {
                 name: "default".into(),
                 dsn,
@@ -540,7 +547,7 @@ fn validate(raw: RawConfig, sources: &Sources, origin: &str) -> Result<Config, C
             }
             Err(e) => return Err(invalid("environment (DATABASE_URL/PG*)", e.to_string())),
         },
-        None => file_targets(&raw.targets, sources, &default_user, &invalid)?,
+        None => file_targets(raw, sources, &default_user, invalid)?,
     };
     for target in &targets {
         target
@@ -548,19 +555,7 @@ fn validate(raw: RawConfig, sources: &Sources, origin: &str) -> Result<Config, C
             .pg_config(target.default_user.as_deref())
             .map_err(|e| invalid(&format!("targets.{}", target.name), e.to_string()))?;
     }
-
-    Ok(Config {
-        server,
-        sampler,
-        sessions,
-        targets,
-        log: LogConfig {
-            format,
-            level: raw.log.level,
-        },
-        policy,
-        notes,
-    })
+    Ok(targets)
 }
 
 fn validate_server(
@@ -568,28 +563,60 @@ fn validate_server(
     listen: SocketAddr,
     invalid: &dyn Fn(&str, String) -> ConfigError,
 ) -> Result<ServerConfig, ConfigError> {
-    let path = |text: &str| (!text.trim().is_empty()).then(|| PathBuf::from(text.trim()));
+    let header_timeout =
+        parse_duration(&raw.header_timeout).map_err(|message| invalid("server.header_timeout", message))?;
+    if !(1..=MAX_HTTP_CONNECTIONS).contains(&raw.max_connections) {
+        return Err(invalid(
+            "server.max_connections",
+            format!(
+                "{} is out of range: give 1 to {MAX_HTTP_CONNECTIONS}, and keep it below the open-file limit \
+                 (LimitNOFILE)",
+                raw.max_connections
+            ),
+        ));
+    }
+    Ok(ServerConfig {
+        listen,
+        tls: validate_tls(raw, invalid)?,
+        auth: validate_auth(raw, invalid)?,
+        limits: ConnectionLimits {
+            header_timeout,
+            max_connections: raw.max_connections,
+        },
+    })
+}
+
+/// A path from a key's text; `None` when blank.
+fn optional_path(text: &str) -> Option<PathBuf> {
+    (!text.trim().is_empty()).then(|| PathBuf::from(text.trim()))
+}
+
+/// HTTPS: both files or neither, each a small regular file.
+fn validate_tls(
+    raw: &RawServer,
+    invalid: &dyn Fn(&str, String) -> ConfigError,
+) -> Result<Option<TlsFiles>, ConfigError> {
     let readable = |key: &str, file: &Path| read_small_file(file).map(drop).map_err(|message| invalid(key, message));
-    let tls = match (path(&raw.tls_cert_file), path(&raw.tls_key_file)) {
-        (None, None) => None,
+    match (optional_path(&raw.tls_cert_file), optional_path(&raw.tls_key_file)) {
+        (None, None) => Ok(None),
         (Some(cert_file), Some(key_file)) => {
             readable("server.tls_cert_file", &cert_file)?;
             readable("server.tls_key_file", &key_file)?;
-            Some(TlsFiles { cert_file, key_file })
+            Ok(Some(TlsFiles { cert_file, key_file }))
         }
-        (Some(_), None) => {
-            return Err(invalid(
-                "server.tls_key_file",
-                "set it with tls_cert_file: HTTPS needs both".into(),
-            ))
-        }
-        (None, Some(_)) => {
-            return Err(invalid(
-                "server.tls_cert_file",
-                "set it with tls_key_file: HTTPS needs both".into(),
-            ))
-        }
-    };
+        (Some(_), None) => Err(invalid(
+            "server.tls_key_file",
+            "set it with tls_cert_file: HTTPS needs both".into(),
+        )),
+        (None, Some(_)) => Err(invalid(
+            "server.tls_cert_file",
+            "set it with tls_key_file: HTTPS needs both".into(),
+        )),
+    }
+}
+
+/// The credentials `/metrics` and `/api/*` require, read from their files.
+fn validate_auth(raw: &RawServer, invalid: &dyn Fn(&str, String) -> ConfigError) -> Result<HttpAuth, ConfigError> {
     let file_secret = |key: &str, file: PathBuf| {
         read_secret(&file)
             .map(|secret| FileSecret {
@@ -598,7 +625,7 @@ fn validate_server(
             })
             .map_err(|message| invalid(key, message))
     };
-    let basic = match (raw.basic_auth_user.trim(), path(&raw.basic_auth_password_file)) {
+    let basic = match (raw.basic_auth_user.trim(), optional_path(&raw.basic_auth_password_file)) {
         ("", None) => None,
         ("", Some(_)) => {
             return Err(invalid(
@@ -618,30 +645,10 @@ fn validate_server(
         }),
         (_, Some(_)) => return Err(invalid("server.basic_auth_user", "may not contain `:`".into())),
     };
-    let bearer_token = path(&raw.bearer_token_file)
+    let bearer_token = optional_path(&raw.bearer_token_file)
         .map(|file| file_secret("server.bearer_token_file", file))
         .transpose()?;
-    let header_timeout =
-        parse_duration(&raw.header_timeout).map_err(|message| invalid("server.header_timeout", message))?;
-    if !(1..=MAX_HTTP_CONNECTIONS).contains(&raw.max_connections) {
-        return Err(invalid(
-            "server.max_connections",
-            format!(
-                "{} is out of range: give 1 to {MAX_HTTP_CONNECTIONS}, and keep it below the open-file limit \
-                 (LimitNOFILE)",
-                raw.max_connections
-            ),
-        ));
-    }
-    Ok(ServerConfig {
-        listen,
-        tls,
-        auth: HttpAuth { basic, bearer_token },
-        limits: ConnectionLimits {
-            header_timeout,
-            max_connections: raw.max_connections,
-        },
-    })
+    Ok(HttpAuth { basic, bearer_token })
 }
 
 fn validate_policy(
@@ -987,6 +994,35 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         return Err(format!("`{text}` must be longer than zero"));
     }
     Ok(duration)
+}
+
+/// Checks a configuration file's text before the config crate reads it:
+/// a syntax error is told by position (the parser's own message quotes
+/// the line, which may hold a DSN's password), and types are checked
+/// strictly on the file as written (the config crate would coerce `1.5`
+/// or `true` into a count and `"false"` or `0` into a boolean).
+fn check_file_text(text: &str, origin: &str) -> Result<(), ConfigError> {
+    if let Err(error) = toml::from_str::<toml::Table>(text) {
+        let (line, column) = error.span().map_or((0, 0), |span| line_and_column(text, span.start));
+        return Err(ConfigError::Syntax {
+            origin: origin.to_string(),
+            line,
+            column,
+            message: error.message().trim().to_string(),
+        });
+    }
+    let strict = toml::Deserializer::parse(text).ok();
+    if let Some(Err(error)) = strict.map(serde_path_to_error::deserialize::<_, RawConfig>) {
+        return Err(ConfigError::Invalid {
+            origin: origin.to_string(),
+            key: match error.path().to_string().as_str() {
+                "." => "(top level)".to_string(),
+                path => path.to_string(),
+            },
+            message: without_quoted_text(error.inner().message()),
+        });
+    }
+    Ok(())
 }
 
 /// Environment values are strings; the config crate would read `1.5` or
