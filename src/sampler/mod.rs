@@ -88,6 +88,14 @@ pub fn sample_statements(server_version: i32) -> [String; 3] {
     ]
 }
 
+/// What the read of every tick says.
+struct Tick {
+    taken_at: SystemTime,
+    lock_waiters: i64,
+    in_recovery: bool,
+    activity: Vec<ActivityGroup>,
+}
+
 pub struct Sampler {
     target: Target,
     connector: Connector,
@@ -159,17 +167,45 @@ impl Sampler {
             self.main = Some(main);
         }
         let own_pids = self.own_pids();
-        let main = self.main.as_ref().expect("opened above");
+        let tick = self.read_activity(&own_pids).await?;
+        let existing_databases = self.databases_if_one_vanished(&tick.activity).await?;
+        if tick.lock_waiters == 0 {
+            self.first_seen.clear();
+            self.close_idle_database_sessions();
+            return Ok(Snapshot {
+                existing_databases,
+                in_recovery: tick.in_recovery,
+                ..Snapshot::calm(tick.taken_at, tick.activity)
+            });
+        }
+        let sessions = self.read_waiters(&own_pids, tick.in_recovery).await?;
+        let pids: Vec<i32> = sessions.iter().map(|s| s.pid).collect();
+        let mut locks = self.read_locks(&pids).await?;
+        self.name_relations(&mut locks).await;
+        let mut locks: Vec<LockRow> = locks.into_iter().map(|(lock, _, _)| lock).collect();
+        self.fill_wait_starts(&sessions, &mut locks, tick.taken_at);
+        self.close_idle_database_sessions();
+        Ok(Snapshot {
+            taken_at: tick.taken_at,
+            activity: tick.activity,
+            sessions,
+            locks,
+            existing_databases,
+            in_recovery: tick.in_recovery,
+        })
+    }
+
+    /// The read of every tick (`activity.sql`); it also re-checks the
+    /// role's grant.
+    async fn read_activity(&mut self, own_pids: &[i32]) -> Result<Tick, SampleError> {
+        let main = self.main.as_ref().expect("opened");
         let rows = main
             .client
             .query(&main.activity, &[&own_pids])
             .await
             .map_err(|e| self.query_error("reading pg_stat_activity", &e))?;
-        let taken_at: SystemTime = rows[0].get("taken_at");
-        let lock_waiters: i64 = rows[0].get("lock_waiters");
         self.note_privilege(rows[0].get("reads_all_stats"));
-        let in_recovery: bool = rows[0].get("in_recovery");
-        let activity: Vec<ActivityGroup> = rows
+        let activity = rows
             .iter()
             .filter_map(|row| {
                 Some(ActivityGroup {
@@ -180,31 +216,35 @@ impl Sampler {
                 })
             })
             .collect();
-        let existing_databases = self.databases_if_one_vanished(&activity).await?;
-        if lock_waiters == 0 {
-            self.first_seen.clear();
-            self.close_idle_database_sessions();
-            return Ok(Snapshot {
-                existing_databases,
-                in_recovery,
-                ..Snapshot::calm(taken_at, activity)
-            });
-        }
-        let main = self.main.as_ref().expect("opened above");
+        Ok(Tick {
+            taken_at: rows[0].get("taken_at"),
+            lock_waiters: rows[0].get("lock_waiters"),
+            in_recovery: rows[0].get("in_recovery"),
+            activity,
+        })
+    }
 
+    /// The waiters and their blockers (`waiters.sql`).
+    async fn read_waiters(&self, own_pids: &[i32], in_recovery: bool) -> Result<Vec<Session>, SampleError> {
+        let main = self.main.as_ref().expect("opened");
         let rows = main
             .client
             .query(&main.waiters, &[&own_pids, &QUERY_TEXT_LENGTH, &in_recovery])
             .await
             .map_err(|e| self.query_error("reading lock waiters", &e))?;
-        let sessions: Vec<Session> = rows.iter().map(session_from_row).collect();
-        let pids: Vec<i32> = sessions.iter().map(|s| s.pid).collect();
+        Ok(rows.iter().map(session_from_row).collect())
+    }
+
+    /// The locks of `pids` that matter (`locks.sql`), each with its
+    /// database and relation oids, for naming.
+    async fn read_locks(&self, pids: &[i32]) -> Result<Vec<(LockRow, Option<u32>, Option<u32>)>, SampleError> {
+        let main = self.main.as_ref().expect("opened");
         let rows = main
             .client
             .query(&main.locks, &[&pids])
             .await
             .map_err(|e| self.query_error("reading pg_locks", &e))?;
-        let mut locks: Vec<(LockRow, Option<u32>, Option<u32>)> = rows
+        Ok(rows
             .iter()
             .map(|row| {
                 let lock = LockRow {
@@ -219,19 +259,7 @@ impl Sampler {
                 };
                 (lock, row.get("database"), row.get("relation"))
             })
-            .collect();
-        self.name_relations(&mut locks).await;
-        let mut locks: Vec<LockRow> = locks.into_iter().map(|(lock, _, _)| lock).collect();
-        self.fill_wait_starts(&sessions, &mut locks, taken_at);
-        self.close_idle_database_sessions();
-        Ok(Snapshot {
-            taken_at,
-            activity,
-            sessions,
-            locks,
-            existing_databases,
-            in_recovery,
-        })
+            .collect())
     }
 
     /// The pids of this sampler's open sessions.
