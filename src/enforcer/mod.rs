@@ -193,36 +193,20 @@ impl Enforcer {
         };
         match row {
             Ok(row) => {
-                let leader: bool = row.get("leader");
-                let found: bool = row.get("target_found");
-                let blocking: bool = row.get("still_blocking");
-                let signalled: Option<bool> = row.get("signalled");
-                let at: SystemTime = row.get("at");
-                let (outcome, detail) = match (leader, found, blocking, signalled) {
-                    (false, ..) => {
-                        self.session = None;
-                        (Outcome::Error, Some("the leader lock was lost; nothing signalled".into()))
-                    }
-                    (_, false, ..) => (Outcome::Gone, None),
-                    (_, _, false, _) => (Outcome::NotBlocking, None),
-                    (_, _, _, Some(true)) => (Outcome::Success, None),
-                    // From PostgreSQL 14, terminate returns false when the
-                    // backend has not exited within the wait.
-                    (_, _, _, Some(false)) if decision.signal == Signal::Terminate && terminate_wait.is_some() => (
-                        Outcome::Error,
-                        Some(format!(
-                            "terminated, but the backend had not exited after {} ms",
-                            terminate_wait.unwrap_or_default().as_millis()
-                        )),
-                    ),
-                    // Otherwise false means the process was gone by the
-                    // time the signal was sent.
-                    _ => (Outcome::Gone, Some("the server could not signal the process".into())),
+                let checked = Checked {
+                    leader: row.get("leader"),
+                    found: row.get("target_found"),
+                    blocking: row.get("still_blocking"),
+                    signalled: row.get("signalled"),
                 };
+                let (outcome, detail) = checked.outcome(decision.signal, terminate_wait);
+                if !checked.leader {
+                    self.session = None;
+                }
                 Sent {
                     outcome,
                     detail,
-                    at: Some(at),
+                    at: Some(row.get("at")),
                 }
             }
             Err(e) if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) => Sent::failed(
@@ -238,6 +222,43 @@ impl Enforcer {
                 }
                 Sent::failed(Outcome::Error, error_chain(&e))
             }
+        }
+    }
+}
+
+/// What `signal.sql` found before it signalled, and what the signal
+/// function returned.
+struct Checked {
+    leader: bool,
+    found: bool,
+    blocking: bool,
+    signalled: Option<bool>,
+}
+
+impl Checked {
+    /// The outcome, with the words for an error. `terminate_wait` is how
+    /// long a terminate waited for the backend to exit (PostgreSQL 14+).
+    fn outcome(&self, signal: Signal, terminate_wait: Option<Duration>) -> (Outcome, Option<String>) {
+        match (self.leader, self.found, self.blocking, self.signalled) {
+            (false, ..) => (
+                Outcome::Error,
+                Some("the leader lock was lost; nothing signalled".into()),
+            ),
+            (_, false, ..) => (Outcome::Gone, None),
+            (_, _, false, _) => (Outcome::NotBlocking, None),
+            (_, _, _, Some(true)) => (Outcome::Success, None),
+            // From PostgreSQL 14, terminate returns false when the backend
+            // has not exited within the wait.
+            (_, _, _, Some(false)) if signal == Signal::Terminate && terminate_wait.is_some() => (
+                Outcome::Error,
+                Some(format!(
+                    "terminated, but the backend had not exited after {} ms",
+                    terminate_wait.unwrap_or_default().as_millis()
+                )),
+            ),
+            // Otherwise false means the process was gone by the time the
+            // signal was sent.
+            _ => (Outcome::Gone, Some("the server could not signal the process".into())),
         }
     }
 }
