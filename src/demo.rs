@@ -120,10 +120,48 @@ async fn replay(
     shared: &Arc<crate::state::SharedState>,
     owner: &Client,
 ) -> Result<(), DemoError> {
-    let started = Instant::now();
-    let stamp = move || format!("[{:5.1}s]", started.elapsed().as_secs_f64());
-    let mut sessions = JoinSet::new();
+    let clock = Clock(Instant::now());
+    let incident = start_incident(cluster, dsn, &clock).await?;
+    let app_queries = queue_app_queries(dsn, options, shared, &clock).await?;
+    let root = graph(shared)
+        .and_then(|g| g.blockers.iter().find(|b| b.is_root).map(|b| b.pid))
+        .unwrap_or(incident.analyst_pid);
+    println!(
+        "\n{} ending the incident: cancelling root blocker pid {root}, as the operator of incident 001 did by hand",
+        clock.stamp()
+    );
+    owner
+        .query_one("SELECT pg_cancel_backend($1)", &[&root])
+        .await
+        .map_err(session_error)?;
+    report_ending(incident, app_queries, options, shared, &clock).await;
+    println!(
+        "\nWhat lockjam exported is the same on /metrics, e.g. lockjam_lock_queue_depth and lockjam_blocked_sessions."
+    );
+    println!("Run it against your own database: lockjam run --dsn 'host=... user=lockjam dbname=postgres'");
+    Ok(())
+}
 
+/// Time since the replay began, as each line of the demo shows it.
+struct Clock(Instant);
+
+impl Clock {
+    fn stamp(&self) -> String {
+        format!("[{:5.1}s]", self.0.elapsed().as_secs_f64())
+    }
+}
+
+/// The incident's two sessions, running.
+struct Incident {
+    /// The long read and the migration, each with what it is.
+    sessions: JoinSet<(&'static str, Result<(), tokio_postgres::Error>)>,
+    analyst_pid: i32,
+    migration_started: Instant,
+}
+
+/// The analyst's long read, then, a second later, the migration.
+async fn start_incident(cluster: &Cluster, dsn: &str, clock: &Clock) -> Result<Incident, DemoError> {
+    let mut sessions = JoinSet::new();
     let analyst = connect(
         &format!("host=127.0.0.1 port={} user=analyst dbname=shop", cluster.port()),
         "psql",
@@ -136,7 +174,7 @@ async fn replay(
         .get(0);
     println!(
         "{} an analyst starts a long report on orders (pid {analyst_pid}):\n          {LONG_READ}",
-        stamp()
+        clock.stamp()
     );
     sessions.spawn(async move { ("long read", analyst.simple_query(LONG_READ).await.map(|_| ())) });
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -144,18 +182,32 @@ async fn replay(
     let migration = connect(dsn, "django migrate").await?;
     println!(
         "{} the deploy runs its migration, which needs ACCESS EXCLUSIVE on orders:\n          {DROP_CONSTRAINT}",
-        stamp()
+        clock.stamp()
     );
     let migration_started = Instant::now();
     sessions.spawn(async move { ("migration", migration.simple_query(DROP_CONSTRAINT).await.map(|_| ())) });
+    Ok(Incident {
+        sessions,
+        analyst_pid,
+        migration_started,
+    })
+}
 
+/// The site's queries, spread over `options.hold`, each queuing behind
+/// the migration, with what lockjam sees printed every second.
+async fn queue_app_queries(
+    dsn: &str,
+    options: &DemoOptions,
+    shared: &crate::state::SharedState,
+    clock: &Clock,
+) -> Result<JoinSet<Result<(), tokio_postgres::Error>>, DemoError> {
     let mut app_sessions = Vec::new();
     for _ in 0..options.queries {
         app_sessions.push(connect(dsn, "web").await?);
     }
     println!(
         "{} the site keeps sending queries on orders; each now queues behind the migration\n",
-        stamp()
+        clock.stamp()
     );
     let mut app_queries = JoinSet::new();
     let watch_until = Instant::now() + options.hold;
@@ -168,70 +220,64 @@ async fn replay(
         });
         tokio::time::sleep(spacing).await;
         if Instant::now() >= next_print {
-            print_view(&stamp(), shared);
+            print_view(&clock.stamp(), shared);
             next_print = Instant::now() + Duration::from_secs(1);
         }
     }
     while Instant::now() < watch_until {
-        print_view(&stamp(), shared);
+        print_view(&clock.stamp(), shared);
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
+    Ok(app_queries)
+}
 
-    let root = graph(shared)
-        .and_then(|g| g.blockers.iter().find(|b| b.is_root).map(|b| b.pid))
-        .unwrap_or(analyst_pid);
-    println!(
-        "\n{} ending the incident: cancelling root blocker pid {root}, as the operator of incident 001 did by hand",
-        stamp()
-    );
-    owner
-        .query_one("SELECT pg_cancel_backend($1)", &[&root])
-        .await
-        .map_err(session_error)?;
-
+/// How the incident ended: the migration, the long read, the site's
+/// queries, and the queue as lockjam last saw it.
+async fn report_ending(
+    mut incident: Incident,
+    mut app_queries: JoinSet<Result<(), tokio_postgres::Error>>,
+    options: &DemoOptions,
+    shared: &crate::state::SharedState,
+    clock: &Clock,
+) {
     let mut completed = 0;
     while let Some(done) = app_queries.join_next().await {
         if matches!(done, Ok(Ok(()))) {
             completed += 1;
         }
     }
-    while let Some(done) = sessions.join_next().await {
+    while let Some(done) = incident.sessions.join_next().await {
         if let Ok((what, result)) = done {
             match (what, result) {
                 ("migration", Ok(())) => println!(
                     "{} the migration got its lock and finished after {:.1}s",
-                    stamp(),
-                    migration_started.elapsed().as_secs_f64()
+                    clock.stamp(),
+                    incident.migration_started.elapsed().as_secs_f64()
                 ),
                 ("long read", Err(e)) => println!(
                     "{} the long read ended: {}",
-                    stamp(),
+                    clock.stamp(),
                     e.as_db_error().map_or(e.to_string(), |d| d.message().to_string())
                 ),
-                (what, Err(e)) => println!("{} {what} failed: {e}", stamp()),
+                (what, Err(e)) => println!("{} {what} failed: {e}", clock.stamp()),
                 _ => {}
             }
         }
     }
     println!(
         "{} {completed} of {} queued application queries completed",
-        stamp(),
+        clock.stamp(),
         options.queries
     );
     let drained = Instant::now() + Duration::from_secs(5);
     loop {
         let depth = graph(shared).map(|g| g.queues.iter().map(|q| q.depth).sum::<u64>());
         if depth == Some(0) || Instant::now() > drained {
-            print_view(&stamp(), shared);
+            print_view(&clock.stamp(), shared);
             break;
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    println!(
-        "\nWhat lockjam exported is the same on /metrics, e.g. lockjam_lock_queue_depth and lockjam_blocked_sessions."
-    );
-    println!("Run it against your own database: lockjam run --dsn 'host=... user=lockjam dbname=postgres'");
-    Ok(())
 }
 
 fn graph(shared: &crate::state::SharedState) -> Option<Arc<LockGraph>> {

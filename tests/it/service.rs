@@ -635,3 +635,31 @@ async fn cli_run_stops_on_sigterm() {
     );
     env.stop().await;
 }
+
+/// `lockjam demo`, the README's first command: it replays incident 000 on
+/// a throwaway cluster, shows the queue and its root blocker as lockjam
+/// sees them, ends the incident, and removes the cluster.
+#[test]
+fn demo_replays_incident_000_and_cleans_up() {
+    let output = output_within(
+        lockjam().args(["demo", "--listen", "127.0.0.1:0", "--queries", "10", "--hold", "3s"]),
+        Duration::from_secs(120),
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stdout}\n{stderr}");
+    for expected in [
+        "an analyst starts a long report on orders",
+        lockjam::staging::LONG_READ,
+        lockjam::staging::DROP_CONSTRAINT,
+        "lockjam: queue on public.orders (AccessExclusiveLock):",
+        "root blocker pid",
+        "the long read ended: canceling statement due to user request",
+        "the migration got its lock and finished after",
+        "10 of 10 queued application queries completed",
+        "lockjam sees no lock waits",
+        "stopped and removed the throwaway cluster",
+    ] {
+        assert!(stdout.contains(expected), "missing {expected:?} in:\n{stdout}");
+    }
+}
