@@ -230,6 +230,98 @@ fn unix_seconds(t: SystemTime) -> f64 {
         .as_secs_f64()
 }
 
+impl Families {
+    /// Observes the waits that ended. A database's wait histogram exists,
+    /// at 0, from the first sample that sees it, so that Prometheus'
+    /// `increase()` counts its first waits instead of taking them as the
+    /// series' starting value; a dropped database's histogram goes with it.
+    fn record_waits_ended(&mut self, target: &str, graph: &LockGraph, ended: &[EndedWait]) {
+        // Sessions still logging in show no database (an empty datname):
+        // no wait of theirs can end, so they declare nothing.
+        let databases = self.wait_databases.entry(target.to_string()).or_default();
+        for group in graph.activity.iter().filter(|g| !g.datname.is_empty()) {
+            if databases.insert(group.datname.clone()) {
+                self.lock_wait.with_label_values(&[target, &group.datname]);
+            }
+        }
+        for wait in ended {
+            databases.insert(wait.datname.clone());
+            self.lock_wait
+                .with_label_values(&[target, &wait.datname])
+                .observe(seconds(wait.wait));
+        }
+        if let Some(existing) = &graph.existing_databases {
+            let lock_wait = &self.lock_wait;
+            databases.retain(|datname| {
+                let keep = existing.contains(datname);
+                if !keep {
+                    let _ = lock_wait.remove_label_values(&[target, datname]);
+                }
+                keep
+            });
+        }
+    }
+
+    /// Sessions and their oldest transactions, by database and state.
+    fn record_sessions(&mut self, target: &str, graph: &LockGraph) {
+        let taken_at = graph.taken_at;
+        self.sessions.replace(
+            target,
+            graph
+                .activity
+                .iter()
+                .map(|g| (vec![g.datname.clone(), g.state.clone()], g.sessions as f64)),
+        );
+        self.transaction_max_age.replace(
+            target,
+            graph.activity.iter().filter_map(|g| {
+                let oldest = g.oldest_xact_start?;
+                let age = taken_at.duration_since(oldest).unwrap_or_default();
+                Some((vec![g.datname.clone(), g.state.clone()], seconds(age)))
+            }),
+        );
+    }
+
+    /// The lock figures: per database, per queue and per relation.
+    fn record_locks(&mut self, target: &str, graph: &LockGraph, max_relations: usize) {
+        let per_db = |value: fn(&crate::analysis::DatabaseLocks) -> f64| {
+            graph
+                .databases
+                .iter()
+                .map(move |(datname, figures)| (vec![datname.clone()], value(figures)))
+                .collect::<Vec<_>>()
+        };
+        self.lock_wait_max.replace(target, per_db(|d| seconds(d.lock_wait_max)));
+        self.blocked_sessions
+            .replace(target, per_db(|d| d.blocked_sessions as f64));
+        self.root_blockers.replace(target, per_db(|d| d.root_blockers as f64));
+        self.root_blocker_max_age
+            .replace(target, per_db(|d| seconds(d.root_blocker_max_age)));
+        self.chain_max_depth
+            .replace(target, per_db(|d| d.chain_max_depth as f64));
+        self.lock_waiters.replace(
+            target,
+            graph.databases.iter().flat_map(|(datname, figures)| {
+                figures.waiters.iter().map(move |((locktype, mode), count)| {
+                    (vec![datname.clone(), locktype.clone(), mode.clone()], *count as f64)
+                })
+            }),
+        );
+        let queues = cap_queue_series(&graph.queues, max_relations);
+        let labels = |q: &QueueSeries| vec![q.datname.clone(), q.relation.clone(), q.mode.clone()];
+        self.queue_depth
+            .replace(target, queues.iter().map(|q| (labels(q), q.depth as f64)));
+        self.queue_head_wait
+            .replace(target, queues.iter().map(|q| (labels(q), seconds(q.head_wait))));
+        self.relation_waiters.replace(
+            target,
+            cap_relation_waiters(graph, max_relations)
+                .into_iter()
+                .map(|r| (vec![r.datname, r.relation], r.waiters as f64)),
+        );
+    }
+}
+
 impl Metrics {
     pub fn new() -> Metrics {
         let registry = Registry::new();
@@ -364,83 +456,9 @@ impl Metrics {
             .with_label_values(&[target])
             .set(unix_seconds(graph.taken_at));
         f.sample_duration.with_label_values(&[target]).observe(seconds(took));
-        // A database's wait histogram exists, at 0, from the first sample
-        // that sees it, so that Prometheus' `increase()` counts its first
-        // waits instead of taking them as the series' starting value.
-        // Sessions still logging in show no database (an empty datname):
-        // no wait of theirs can end, so they declare nothing.
-        let databases = f.wait_databases.entry(target.to_string()).or_default();
-        for group in graph.activity.iter().filter(|g| !g.datname.is_empty()) {
-            if databases.insert(group.datname.clone()) {
-                f.lock_wait.with_label_values(&[target, &group.datname]);
-            }
-        }
-        for wait in ended {
-            databases.insert(wait.datname.clone());
-            f.lock_wait
-                .with_label_values(&[target, &wait.datname])
-                .observe(seconds(wait.wait));
-        }
-        // A dropped database's histogram goes with it.
-        if let Some(existing) = &graph.existing_databases {
-            databases.retain(|datname| {
-                let keep = existing.contains(datname);
-                if !keep {
-                    let _ = f.lock_wait.remove_label_values(&[target, datname]);
-                }
-                keep
-            });
-        }
-        let taken_at = graph.taken_at;
-        f.sessions.replace(
-            target,
-            graph
-                .activity
-                .iter()
-                .map(|g| (vec![g.datname.clone(), g.state.clone()], g.sessions as f64)),
-        );
-        f.transaction_max_age.replace(
-            target,
-            graph.activity.iter().filter_map(|g| {
-                let oldest = g.oldest_xact_start?;
-                let age = taken_at.duration_since(oldest).unwrap_or_default();
-                Some((vec![g.datname.clone(), g.state.clone()], seconds(age)))
-            }),
-        );
-        let per_db = |value: fn(&crate::analysis::DatabaseLocks) -> f64| {
-            graph
-                .databases
-                .iter()
-                .map(move |(datname, figures)| (vec![datname.clone()], value(figures)))
-                .collect::<Vec<_>>()
-        };
-        f.lock_wait_max.replace(target, per_db(|d| seconds(d.lock_wait_max)));
-        f.blocked_sessions
-            .replace(target, per_db(|d| d.blocked_sessions as f64));
-        f.root_blockers.replace(target, per_db(|d| d.root_blockers as f64));
-        f.root_blocker_max_age
-            .replace(target, per_db(|d| seconds(d.root_blocker_max_age)));
-        f.chain_max_depth.replace(target, per_db(|d| d.chain_max_depth as f64));
-        f.lock_waiters.replace(
-            target,
-            graph.databases.iter().flat_map(|(datname, figures)| {
-                figures.waiters.iter().map(move |((locktype, mode), count)| {
-                    (vec![datname.clone(), locktype.clone(), mode.clone()], *count as f64)
-                })
-            }),
-        );
-        let queues = cap_queue_series(&graph.queues, max_relations);
-        let labels = |q: &QueueSeries| vec![q.datname.clone(), q.relation.clone(), q.mode.clone()];
-        f.queue_depth
-            .replace(target, queues.iter().map(|q| (labels(q), q.depth as f64)));
-        f.queue_head_wait
-            .replace(target, queues.iter().map(|q| (labels(q), seconds(q.head_wait))));
-        f.relation_waiters.replace(
-            target,
-            cap_relation_waiters(graph, max_relations)
-                .into_iter()
-                .map(|r| (vec![r.datname, r.relation], r.waiters as f64)),
-        );
+        f.record_waits_ended(target, graph, ended);
+        f.record_sessions(target, graph);
+        f.record_locks(target, graph, max_relations);
     }
 
     /// A failed sample: `lockjam_up` drops to 0 and the target's database
