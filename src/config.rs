@@ -742,18 +742,7 @@ fn validate_rule(
     invalid: &dyn Fn(&str, String) -> ConfigError,
 ) -> Result<Rule, ConfigError> {
     let key = |field: &str| format!("{prefix}{field}");
-    if rule.name.trim().is_empty() {
-        return Err(invalid(
-            &key("name"),
-            "every rule needs a name (it is the `rule` label)".into(),
-        ));
-    }
-    if rule.name != rule.name.trim() || rule.name.chars().any(char::is_control) || rule.name.len() > 64 {
-        return Err(invalid(
-            &key("name"),
-            "at most 64 characters, no control characters, no space at either end (it is the `rule` label)".into(),
-        ));
-    }
+    check_rule_name(&rule.name).map_err(|message| invalid(&key("name"), message.into()))?;
     let action = Action::parse(&rule.action).ok_or_else(|| {
         invalid(
             &key("action"),
@@ -763,27 +752,7 @@ fn validate_rule(
             ),
         )
     })?;
-    if rule.waiter_modes.is_empty() {
-        return Err(invalid(&key("waiter_modes"), "an empty list matches no waiter".into()));
-    }
-    if let Some(mode) = rule.waiter_modes.iter().find(|m| !is_lock_mode(m)) {
-        return Err(invalid(
-            &key("waiter_modes"),
-            format!("`{mode}` is not a PostgreSQL lock mode such as AccessExclusiveLock or ShareRowExclusiveLock"),
-        ));
-    }
-    if rule.waiter_locktypes.is_empty() {
-        return Err(invalid(
-            &key("waiter_locktypes"),
-            "an empty list matches no waiter".into(),
-        ));
-    }
-    if let Some(locktype) = rule.waiter_locktypes.iter().find(|t| !is_lock_type(t)) {
-        return Err(invalid(
-            &key("waiter_locktypes"),
-            format!("`{locktype}` is not a pg_locks.locktype such as relation, tuple or transactionid"),
-        ));
-    }
+    check_waiter_kinds(rule).map_err(|(field, message)| invalid(&key(field), message))?;
     let min_wait = parse_duration_or_zero(&rule.min_wait).map_err(|m| invalid(&key("min_wait"), m))?;
     let terminate_after =
         parse_duration_or_zero(&rule.terminate_after).map_err(|m| invalid(&key("terminate_after"), m))?;
@@ -815,6 +784,41 @@ fn validate_rule(
         )?,
         on_standby: rule.on_standby,
     })
+}
+
+/// A rule's name is the `rule` label: short, printable, trimmed.
+fn check_rule_name(name: &str) -> Result<(), &'static str> {
+    if name.trim().is_empty() {
+        return Err("every rule needs a name (it is the `rule` label)");
+    }
+    if name != name.trim() || name.chars().any(char::is_control) || name.len() > 64 {
+        return Err("at most 64 characters, no control characters, no space at either end (it is the `rule` label)");
+    }
+    Ok(())
+}
+
+/// The waits a rule is about: lock modes and lock types PostgreSQL has.
+/// On error, the field at fault and why.
+fn check_waiter_kinds(rule: &RawRule) -> Result<(), (&'static str, String)> {
+    if rule.waiter_modes.is_empty() {
+        return Err(("waiter_modes", "an empty list matches no waiter".into()));
+    }
+    if let Some(mode) = rule.waiter_modes.iter().find(|m| !is_lock_mode(m)) {
+        return Err((
+            "waiter_modes",
+            format!("`{mode}` is not a PostgreSQL lock mode such as AccessExclusiveLock or ShareRowExclusiveLock"),
+        ));
+    }
+    if rule.waiter_locktypes.is_empty() {
+        return Err(("waiter_locktypes", "an empty list matches no waiter".into()));
+    }
+    if let Some(locktype) = rule.waiter_locktypes.iter().find(|t| !is_lock_type(t)) {
+        return Err((
+            "waiter_locktypes",
+            format!("`{locktype}` is not a pg_locks.locktype such as relation, tuple or transactionid"),
+        ));
+    }
+    Ok(())
 }
 
 /// `--cancel-blockers-after`: sets `min_wait` of rule `unblock-migrations`,

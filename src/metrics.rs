@@ -230,6 +230,67 @@ fn unix_seconds(t: SystemTime) -> f64 {
         .as_secs_f64()
 }
 
+/// Registers the gauge families a sample replaces as a whole, in the order
+/// of [`Families::database_families`].
+fn register_database_families(registry: &Registry) -> [Family; 11] {
+    let family = |name: &str, help: &str, labels: &[&str]| Family::new(registry, name, help, labels);
+    let by_db = ["target", "datname"];
+    let by_queue = ["target", "datname", "relation", "mode"];
+    [
+        family(
+            "lockjam_sessions",
+            "Client backends by database and state.",
+            &["target", "datname", "state"],
+        ),
+        family(
+            "lockjam_transaction_max_age_seconds",
+            "Age of the oldest open transaction per database and state.",
+            &["target", "datname", "state"],
+        ),
+        family(
+            "lockjam_lock_waiters",
+            "Sessions waiting for a heavyweight lock, by requested lock type and mode.",
+            &["target", "datname", "locktype", "mode"],
+        ),
+        family("lockjam_lock_wait_max_seconds", "Longest current lock wait.", &by_db),
+        family(
+            "lockjam_blocked_sessions",
+            "Sessions waiting, directly or transitively, behind a root blocker.",
+            &by_db,
+        ),
+        family(
+            "lockjam_root_blockers",
+            "Sessions that block others and wait on no one.",
+            &by_db,
+        ),
+        family(
+            "lockjam_root_blocker_max_age_seconds",
+            "Age of the oldest transaction among root blockers.",
+            &by_db,
+        ),
+        family(
+            "lockjam_blocking_chain_max_depth",
+            "Wait edges in the longest wait chain (1: waiters directly behind a root blocker).",
+            &by_db,
+        ),
+        family(
+            "lockjam_lock_queue_depth",
+            "Sessions queued behind a queue head waiting for mode on relation.",
+            &by_queue,
+        ),
+        family(
+            "lockjam_lock_queue_head_wait_seconds",
+            "How long the queue head has waited.",
+            &by_queue,
+        ),
+        family(
+            "lockjam_relation_lock_waiters",
+            "Sessions waiting for a lock on relation, or for a tuple or page lock of it: where queries are stuck.",
+            &["target", "datname", "relation"],
+        ),
+    ]
+}
+
 impl Families {
     /// Observes the waits that ended. A database's wait histogram exists,
     /// at 0, from the first sample that sees it, so that Prometheus'
@@ -336,7 +397,6 @@ impl Metrics {
             registry.register(Box::new(histogram.clone())).expect("unique");
             histogram
         };
-        let family = |name: &str, help: &str, labels: &[&str]| Family::new(&registry, name, help, labels);
         let policy_signals = IntCounterVec::new(
             Opts::new(
                 "lockjam_policy_actions_total",
@@ -346,8 +406,8 @@ impl Metrics {
         )
         .expect("valid");
         registry.register(Box::new(policy_signals.clone())).expect("unique");
-        let by_db = ["target", "datname"];
-        let by_queue = ["target", "datname", "relation", "mode"];
+        let [sessions, transaction_max_age, lock_waiters, lock_wait_max, blocked_sessions, root_blockers, root_blocker_max_age, chain_max_depth, queue_depth, queue_head_wait, relation_waiters] =
+            register_database_families(&registry);
         let families = Families {
             up: gauge(
                 "lockjam_up",
@@ -366,60 +426,20 @@ impl Metrics {
             lock_wait: histogram(
                 "lockjam_lock_wait_seconds",
                 "Lengths of lock waits that ended, each observed once, as last seen.",
-                &by_db,
+                &["target", "datname"],
                 WAIT_BUCKETS,
             ),
-            sessions: family(
-                "lockjam_sessions",
-                "Client backends by database and state.",
-                &["target", "datname", "state"],
-            ),
-            transaction_max_age: family(
-                "lockjam_transaction_max_age_seconds",
-                "Age of the oldest open transaction per database and state.",
-                &["target", "datname", "state"],
-            ),
-            lock_waiters: family(
-                "lockjam_lock_waiters",
-                "Sessions waiting for a heavyweight lock, by requested lock type and mode.",
-                &["target", "datname", "locktype", "mode"],
-            ),
-            lock_wait_max: family("lockjam_lock_wait_max_seconds", "Longest current lock wait.", &by_db),
-            blocked_sessions: family(
-                "lockjam_blocked_sessions",
-                "Sessions waiting, directly or transitively, behind a root blocker.",
-                &by_db,
-            ),
-            root_blockers: family(
-                "lockjam_root_blockers",
-                "Sessions that block others and wait on no one.",
-                &by_db,
-            ),
-            root_blocker_max_age: family(
-                "lockjam_root_blocker_max_age_seconds",
-                "Age of the oldest transaction among root blockers.",
-                &by_db,
-            ),
-            chain_max_depth: family(
-                "lockjam_blocking_chain_max_depth",
-                "Wait edges in the longest wait chain (1: waiters directly behind a root blocker).",
-                &by_db,
-            ),
-            queue_depth: family(
-                "lockjam_lock_queue_depth",
-                "Sessions queued behind a queue head waiting for mode on relation.",
-                &by_queue,
-            ),
-            queue_head_wait: family(
-                "lockjam_lock_queue_head_wait_seconds",
-                "How long the queue head has waited.",
-                &by_queue,
-            ),
-            relation_waiters: family(
-                "lockjam_relation_lock_waiters",
-                "Sessions waiting for a lock on relation, or for a tuple or page lock of it: where queries are stuck.",
-                &["target", "datname", "relation"],
-            ),
+            sessions,
+            transaction_max_age,
+            lock_waiters,
+            lock_wait_max,
+            blocked_sessions,
+            root_blockers,
+            root_blocker_max_age,
+            chain_max_depth,
+            queue_depth,
+            queue_head_wait,
+            relation_waiters,
             policy_signals,
             policy_leader: gauge(
                 "lockjam_policy_leader",

@@ -805,31 +805,12 @@ impl<'a> Deciding<'a> {
         // Rules that matched before this one but could signal nothing.
         let mut passed: Vec<&str> = Vec::new();
         for rule in rules {
-            let targets: Vec<(i32, Option<&'a Session>)> = match rule.action {
-                Action::CancelBlockers => tree
-                    .roots
-                    .iter()
-                    .map(|pid| (*pid, graph.blocker(*pid).and_then(|b| b.session.as_ref())))
-                    .collect(),
-                Action::CancelWaiter => vec![(waiter.session.pid, Some(&waiter.session))],
-            };
-            if targets.is_empty() {
+            let assessed = self.assess_targets(rule, waiter, &tree);
+            if assessed.is_empty() {
                 // No root yet: a tree in motion (a blocker began to wait
                 // between the reads), which the next sample shows settled.
                 break;
             }
-            let assessed: Vec<Assessed<'a>> = targets
-                .into_iter()
-                .map(|(pid, session)| {
-                    let assessment = if self.decided.contains(&pid) {
-                        Assessment::InHand
-                    } else {
-                        let candidate = Candidate { pid, session };
-                        assess(rule, self.policy, graph, waiter, &candidate, self.memory, self.now)
-                    };
-                    (pid, session, assessment)
-                })
-                .collect();
             let handles = assessed
                 .iter()
                 .any(|(_, _, a)| matches!(a, Assessment::Send(..) | Assessment::InHand));
@@ -851,6 +832,33 @@ impl<'a> Deciding<'a> {
             }
             passed.push(&rule.name);
         }
+    }
+
+    /// The sessions `rule` would signal for `waiter` (its tree's roots, or
+    /// the waiter itself), each assessed; one already signalled this tick
+    /// is in hand.
+    fn assess_targets(&self, rule: &Rule, waiter: &'a Waiter, tree: &crate::analysis::WaitTree) -> Vec<Assessed<'a>> {
+        let graph = self.graph;
+        let targets: Vec<(i32, Option<&'a Session>)> = match rule.action {
+            Action::CancelBlockers => tree
+                .roots
+                .iter()
+                .map(|pid| (*pid, graph.blocker(*pid).and_then(|b| b.session.as_ref())))
+                .collect(),
+            Action::CancelWaiter => vec![(waiter.session.pid, Some(&waiter.session))],
+        };
+        targets
+            .into_iter()
+            .map(|(pid, session)| {
+                let assessment = if self.decided.contains(&pid) {
+                    Assessment::InHand
+                } else {
+                    let candidate = Candidate { pid, session };
+                    assess(rule, self.policy, graph, waiter, &candidate, self.memory, self.now)
+                };
+                (pid, session, assessment)
+            })
+            .collect()
     }
 
     /// Turns one assessment into a decision: a signal within the budget,
