@@ -181,6 +181,19 @@ async fn a_roles_search_path_cannot_hide_a_lock_queue() {
     .await;
     let migrate = connect(&cluster.dsn("postgres"), "migrate").await;
     let _alter = tokio::spawn(async move { migrate.simple_query("ALTER TABLE t ADD COLUMN x int").await });
+    // The reads must queue behind a waiting ALTER, not run before it.
+    wait_until("the ALTER to wait", || async {
+        postgres
+            .query_one(
+                "SELECT count(*) FROM pg_catalog.pg_locks WHERE relation OPERATOR(pg_catalog.=) 't'::regclass AND NOT granted",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+            > 0
+    })
+    .await;
     let mut selects = Vec::new();
     for _ in 0..3 {
         let web = connect(&cluster.dsn("postgres"), "web").await;
