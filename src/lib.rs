@@ -15,6 +15,8 @@ pub mod connect;
 pub mod demo;
 /// Connection strings, libpq environment defaults, TLS modes.
 pub mod dsn;
+/// Durations as people write them, within PostgreSQL's bounds.
+pub mod duration;
 /// The only code that signals backends; leader election.
 pub mod enforcer;
 /// The only module that knows axum and hyper.

@@ -57,7 +57,7 @@ struct DemoArgs {
     #[arg(long, default_value_t = 30)]
     queries: usize,
     /// How long the incident lasts before the long read is cancelled.
-    #[arg(long, default_value = "8s", value_parser = config::parse_duration)]
+    #[arg(long, default_value = "8s", value_parser = lockjam::duration::parse)]
     hold: Duration,
 }
 

@@ -14,6 +14,8 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, SystemTime};
 
+use serde::{Deserialize, Serialize};
+
 use crate::analysis::{Blocker, LockGraph, Waiter};
 use crate::snapshot::Session;
 
@@ -38,7 +40,9 @@ pub const DEFAULT_WAITER_LOCKTYPES: [&str; 1] = ["relation"];
 /// goes to the next matching rule.
 pub const CANCEL_GRACE: Duration = Duration::from_secs(1);
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// What a rule does: the `action` key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case", try_from = "String")]
 pub enum Action {
     /// Cancel the root blockers of the waiter's wait tree; terminate what
     /// cancel cannot end.
@@ -48,19 +52,24 @@ pub enum Action {
 }
 
 impl Action {
-    pub fn parse(text: &str) -> Option<Action> {
-        match text {
-            "cancel_blockers" => Some(Action::CancelBlockers),
-            "cancel_waiter" => Some(Action::CancelWaiter),
-            _ => None,
-        }
-    }
+    pub const ALL: [Action; 2] = [Action::CancelBlockers, Action::CancelWaiter];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Action::CancelBlockers => "cancel_blockers",
             Action::CancelWaiter => "cancel_waiter",
         }
+    }
+}
+
+impl TryFrom<String> for Action {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Self, String> {
+        Action::ALL
+            .into_iter()
+            .find(|action| action.as_str() == text)
+            .ok_or_else(|| format!("`{text}` is not an action: use cancel_blockers or cancel_waiter"))
     }
 }
 
@@ -122,7 +131,8 @@ impl Outcome {
 }
 
 /// A shell-style pattern: `*` matches any run of characters, `?` one.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(transparent)]
 pub struct Glob(pub String);
 
 impl Glob {
@@ -172,31 +182,28 @@ fn patterns(globs: &[Glob]) -> String {
     globs.iter().map(|g| g.0.as_str()).collect::<Vec<_>>().join(",")
 }
 
-/// Sessions never signalled: by user, application or database (globs).
-#[derive(Debug, Clone, PartialEq, Default)]
-pub struct Protections {
-    pub users: Vec<Glob>,
-    pub applications: Vec<Glob>,
-    pub databases: Vec<Glob>,
+/// Sessions never signalled, by user, application or database (globs):
+/// the `protect_*` keys of a policy or of a rule.
+#[derive(Debug, Clone, Copy)]
+pub struct Protections<'a> {
+    pub users: &'a [Glob],
+    pub applications: &'a [Glob],
+    pub databases: &'a [Glob],
 }
 
-impl Protections {
-    pub fn is_empty(&self) -> bool {
-        self.users.is_empty() && self.applications.is_empty() && self.databases.is_empty()
-    }
-
+impl Protections<'_> {
     /// Why `session` is protected, if it is.
     fn reason(&self, session: &Session) -> Option<String> {
         let user = session.usename.as_deref().unwrap_or("");
         let application = session.application_name.as_deref().unwrap_or("");
         let database = session.datname.as_deref().unwrap_or("");
-        if any_matches(&self.users, user) {
+        if any_matches(self.users, user) {
             return Some(format!("user `{user}` is protected"));
         }
-        if any_matches(&self.applications, application) {
+        if any_matches(self.applications, application) {
             return Some(format!("application `{application}` is protected"));
         }
-        if any_matches(&self.databases, database) {
+        if any_matches(self.databases, database) {
             return Some(format!("database `{database}` is protected"));
         }
         None
@@ -205,9 +212,9 @@ impl Protections {
     /// The protections, in one line: `users a,b; applications pg_dump*`.
     pub fn describe(&self) -> String {
         let parts: Vec<String> = [
-            ("users", &self.users),
-            ("applications", &self.applications),
-            ("databases", &self.databases),
+            ("users", self.users),
+            ("applications", self.applications),
+            ("databases", self.databases),
         ]
         .into_iter()
         .filter(|(_, globs)| !globs.is_empty())
@@ -221,21 +228,33 @@ impl Protections {
     }
 }
 
-#[derive(Debug, Clone, PartialEq)]
+/// One `[[policy.rules]]` table, as written (serde reads and writes it);
+/// `config` checks what spans its keys.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct Rule {
+    /// The `rule` label.
     pub name: String,
+    /// Lock modes (`AccessExclusiveLock`, ...) of the waits the rule is about.
     pub waiter_modes: Vec<String>,
+    /// `pg_locks.locktype` of the waits the rule is about.
     pub waiter_locktypes: Vec<String>,
+    /// Schema-qualified relation names (`public.orders`).
     pub relations: Vec<Glob>,
     pub databases: Vec<Glob>,
     pub waiter_applications: Vec<Glob>,
+    #[serde(with = "crate::duration::or_zero")]
     pub min_wait: Duration,
+    /// Sessions behind the waiter, at least.
     pub min_queue: u64,
     pub action: Action,
-    /// `None`: never terminate.
+    /// `None` (written `"0s"`): never terminate.
+    #[serde(with = "crate::duration::zero_is_never")]
     pub terminate_after: Option<Duration>,
     /// Protected from this rule, in addition to the policy's protections.
-    pub protect: Protections,
+    pub protect_users: Vec<Glob>,
+    pub protect_applications: Vec<Glob>,
+    pub protect_databases: Vec<Glob>,
     /// Whether the rule acts on a hot standby too. Off by default: there,
     /// PostgreSQL resolves a recovery conflict itself after
     /// `max_standby_streaming_delay`, and a standby query may be a report
@@ -243,24 +262,47 @@ pub struct Rule {
     pub on_standby: bool,
 }
 
-impl Rule {
-    /// The rule of `lockjam run --cancel-blockers-after`, and of the
-    /// shipped configuration's example: every default.
-    pub fn unblock_migrations(min_wait: Duration) -> Rule {
+impl Default for Rule {
+    /// Every default of a rule (`config/lockjam.toml` spells them out),
+    /// but no name: each rule is given one.
+    fn default() -> Self {
         let everything = || vec![Glob("*".into())];
         Rule {
-            name: UNBLOCK_MIGRATIONS.into(),
+            name: String::new(),
             waiter_modes: DEFAULT_WAITER_MODES.iter().map(|m| m.to_string()).collect(),
             waiter_locktypes: DEFAULT_WAITER_LOCKTYPES.iter().map(|t| t.to_string()).collect(),
             relations: everything(),
             databases: everything(),
             waiter_applications: everything(),
-            min_wait,
+            min_wait: Duration::from_secs(5),
             min_queue: 0,
             action: Action::CancelBlockers,
             terminate_after: Some(Duration::from_secs(10)),
-            protect: Protections::default(),
+            protect_users: Vec::new(),
+            protect_applications: Vec::new(),
+            protect_databases: Vec::new(),
             on_standby: false,
+        }
+    }
+}
+
+impl Rule {
+    /// The rule of `lockjam run --cancel-blockers-after`, and of the
+    /// shipped configuration's example: every default.
+    pub fn unblock_migrations(min_wait: Duration) -> Rule {
+        Rule {
+            name: UNBLOCK_MIGRATIONS.into(),
+            min_wait,
+            ..Rule::default()
+        }
+    }
+
+    /// Who this rule never signals, beyond the policy's protections.
+    pub fn protections(&self) -> Protections<'_> {
+        Protections {
+            users: &self.protect_users,
+            applications: &self.protect_applications,
+            databases: &self.protect_databases,
         }
     }
 
@@ -283,7 +325,7 @@ impl Rule {
 
     /// The rule in one line, for the start-up log.
     pub fn describe(&self) -> String {
-        let human = |d: Duration| humantime::format_duration(d).to_string();
+        let show = crate::duration::show;
         format!(
             "rule `{}`: {} when a {} wait for {} on {} in database {} from application {} has waited {}{}; {}; protects {}; {}",
             self.name,
@@ -293,17 +335,17 @@ impl Rule {
             patterns(&self.relations),
             patterns(&self.databases),
             patterns(&self.waiter_applications),
-            if self.min_wait.is_zero() { "0s".into() } else { human(self.min_wait) },
+            show(self.min_wait),
             if self.min_queue > 0 {
                 format!(" with {} or more behind it", self.min_queue)
             } else {
                 String::new()
             },
             match self.terminate_after {
-                Some(after) => format!("terminate after {}", human(after)),
+                Some(after) => format!("terminate after {}", show(after)),
                 None => "never terminate".into(),
             },
-            self.protect.describe(),
+            self.protections().describe(),
             if self.on_standby {
                 "acts on a hot standby too"
             } else {
@@ -316,13 +358,18 @@ impl Rule {
 /// The name of the rule `--cancel-blockers-after` builds or adjusts.
 pub const UNBLOCK_MIGRATIONS: &str = "unblock-migrations";
 
-#[derive(Debug, Clone, PartialEq)]
+/// The `[policy]` section, as written (serde reads and writes it).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct Policy {
     pub enabled: bool,
     pub dry_run: bool,
+    /// Signals per target per minute, at most.
     pub max_actions_per_minute: u32,
     /// Protected from every rule.
-    pub protect: Protections,
+    pub protect_users: Vec<Glob>,
+    pub protect_applications: Vec<Glob>,
+    pub protect_databases: Vec<Glob>,
     pub rules: Vec<Rule>,
 }
 
@@ -334,6 +381,15 @@ impl Policy {
             dry_run: false,
             rules,
             ..Policy::default()
+        }
+    }
+
+    /// Who no rule ever signals.
+    pub fn protections(&self) -> Protections<'_> {
+        Protections {
+            users: &self.protect_users,
+            applications: &self.protect_applications,
+            databases: &self.protect_databases,
         }
     }
 
@@ -353,7 +409,9 @@ impl Default for Policy {
             enabled: false,
             dry_run: true,
             max_actions_per_minute: 30,
-            protect: Protections::default(),
+            protect_users: Vec::new(),
+            protect_applications: Vec::new(),
+            protect_databases: Vec::new(),
             rules: Vec::new(),
         }
     }
@@ -565,7 +623,10 @@ fn protection(session: &Session, own_pids: &[i32], policy: &Policy, rule: &Rule)
     if backend_type != "client backend" {
         return Some(format!("backend type `{backend_type}`, not a client backend"));
     }
-    policy.protect.reason(session).or_else(|| rule.protect.reason(session))
+    policy
+        .protections()
+        .reason(session)
+        .or_else(|| rule.protections().reason(session))
 }
 
 fn idle_in_transaction(session: &Session) -> bool {
@@ -1057,11 +1118,8 @@ mod tests {
         Rule::unblock_migrations(Duration::from_secs_f64(min_wait))
     }
 
-    fn protect_applications(glob: &str) -> Protections {
-        Protections {
-            applications: vec![Glob(glob.into())],
-            ..Protections::default()
-        }
+    fn one_glob(glob: &str) -> Vec<Glob> {
+        vec![Glob(glob.into())]
     }
 
     /// The same scene sampled at `t`.
@@ -1344,7 +1402,7 @@ mod tests {
                 ..rule(1.0)
             },
         ]);
-        two.protect = protect_applications("pg_dump*");
+        two.protect_applications = one_glob("pg_dump*");
         let mut memory = Memory::default();
         let decided = decisions(&graph, &two, &memory, 100.0);
         assert_eq!(
@@ -1385,7 +1443,7 @@ mod tests {
 
         // With no later rule, the report says the waiter stays queued.
         let mut one = policy(rule(1.0));
-        one.protect = protect_applications("pg_dump*");
+        one.protect_applications = one_glob("pg_dump*");
         let decided = decisions(&graph, &one, &Memory::default(), 100.0);
         assert_eq!(
             decided[0].reason,
@@ -1405,7 +1463,7 @@ mod tests {
         snapshot.sessions.iter_mut().find(|s| s.pid == 20).unwrap().blocked_by = Some(vec![10, 11]);
         let two = Policy::acting(vec![
             Rule {
-                protect: protect_applications("psql"),
+                protect_applications: one_glob("psql"),
                 ..rule(1.0)
             },
             Rule {
@@ -1429,10 +1487,7 @@ mod tests {
     fn protected_and_non_client_sessions_are_reported_once_never_signalled() {
         let (mut snapshot, _) = incident("active", 1);
         let protect = Rule {
-            protect: Protections {
-                users: vec![Glob("analyst".into())],
-                ..Protections::default()
-            },
+            protect_users: one_glob("analyst"),
             ..rule(5.0)
         };
         let graph = analyze(&snapshot);
@@ -1467,7 +1522,7 @@ mod tests {
                 _ => read.backend_type = Some(value.into()),
             }
             let r = Rule {
-                protect: protect_applications("pg_dump"),
+                protect_applications: one_glob("pg_dump"),
                 ..rule(5.0)
             };
             let decided = decisions(&analyze(&snapshot), &policy(r), &Memory::default(), 100.0);
@@ -1497,10 +1552,7 @@ mod tests {
     fn policy_protections_apply_to_every_rule() {
         let (snapshot, _) = incident("active", 1);
         let mut protected = policy(rule(5.0));
-        protected.protect = Protections {
-            databases: vec![Glob("ap?".into())],
-            ..Protections::default()
-        };
+        protected.protect_databases = one_glob("ap?");
         let decided = decisions(&analyze(&snapshot), &protected, &Memory::default(), 100.0);
         assert_eq!(summary(&decided), vec![(10, Signal::Cancel, Some(Outcome::Protected))]);
         assert!(decided[0].reason.starts_with("database `app` is protected"));
@@ -1783,7 +1835,7 @@ mod tests {
     #[test]
     fn rules_describe_themselves_in_one_line() {
         let mut described = Rule {
-            protect: protect_applications("pg_dump*"),
+            protect_applications: one_glob("pg_dump*"),
             min_queue: 3,
             ..rule(2.0)
         };
@@ -1795,7 +1847,7 @@ mod tests {
              not on a hot standby"
         );
         described.terminate_after = None;
-        described.protect = Protections::default();
+        described.protect_applications.clear();
         described.on_standby = true;
         assert!(described
             .describe()

@@ -77,9 +77,9 @@ impl Prepared {
         let samplers = config
             .targets
             .iter()
-            .map(|target| Sampler::new(target, &config.sampler, config.sessions))
+            .map(|target| Sampler::new(target, &config.sampler))
             .collect::<Result<Vec<_>, _>>()?;
-        let session_settings = config.sessions;
+        let session_settings = config.sampler.sessions();
         let enforcers = config
             .targets
             .iter()
@@ -142,7 +142,7 @@ impl ServiceError {
 /// used. `check-config` runs it, so that whatever it accepts, `run` does.
 pub fn preflight(config: &Config) -> Result<(), ServiceError> {
     Prepared::new(config)?;
-    config.server.tls.as_ref().map(TlsReloader::load).transpose()?;
+    config.server.tls().as_ref().map(TlsReloader::load).transpose()?;
     Ok(())
 }
 
@@ -151,7 +151,7 @@ impl Service {
     /// cannot be reached is no error: it is retried with backoff.
     pub async fn start(config: &Config) -> Result<Service, ServiceError> {
         let prepared = Prepared::new(config)?;
-        let tls = config.server.tls.as_ref().map(TlsReloader::load).transpose()?;
+        let tls = config.server.tls().as_ref().map(TlsReloader::load).transpose()?;
         let listener = tokio::net::TcpListener::bind(config.server.listen)
             .await
             .map_err(|source| ServiceError::Bind {
@@ -169,7 +169,7 @@ impl Service {
             listener,
             shared.clone(),
             tls.clone(),
-            config.server.limits,
+            config.server.limits(),
             async move {
                 let _ = stop.wait_for(|stopped| *stopped).await;
             },
@@ -188,7 +188,7 @@ impl Service {
         Ok(Service {
             addr,
             listen: config.server.listen,
-            limits: config.server.limits,
+            limits: config.server.limits(),
             log: config.log.clone(),
             shared,
             tls,
@@ -213,7 +213,7 @@ impl Service {
     /// or off, logging) is named in a warning and left as it was.
     pub async fn reload(&mut self, config: &Config) -> Result<(), ServiceError> {
         let prepared = Prepared::new(config)?;
-        match (&self.tls, &config.server.tls) {
+        match (&self.tls, &config.server.tls()) {
             (Some(reloader), Some(files)) => reloader.reload(files)?,
             (None, None) => {}
             _ => tracing::warn!("turning HTTPS on or off takes a restart; serving as before"),
@@ -225,7 +225,7 @@ impl Service {
                 config.server.listen
             );
         }
-        if config.server.limits != self.limits {
+        if config.server.limits() != self.limits {
             tracing::warn!("server.header_timeout and server.max_connections take a restart; serving as before");
         }
         if config.log != self.log {
@@ -534,7 +534,7 @@ fn announce_policy(name: &str, policy: &Policy, leader: Option<bool>) {
         "policy {}{leads}; {} rule(s); protected from every rule: {}",
         policy.mode(),
         policy.rules.len(),
-        policy.protect.describe()
+        policy.protections().describe()
     );
     if policy.enabled {
         for (index, rule) in policy.rules.iter().enumerate() {

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 
 use tokio_postgres::{Client, NoTls};
 
-use crate::config::{Config, LogConfig, LogFormat, SamplerConfig, ServerConfig, SessionSettings, Target};
+use crate::config::{Config, LogConfig, LogFormat, SamplerConfig, ServerConfig, Target};
 use crate::dsn::{Dsn, DsnError};
 use crate::policy::Policy;
 
@@ -53,7 +53,6 @@ pub fn config(targets: &[(&str, &str)], listen: SocketAddr, policy: Policy) -> R
     Ok(Config {
         server: ServerConfig::plain(listen),
         sampler: SamplerConfig::default(),
-        sessions: SessionSettings::default(),
         targets: targets
             .iter()
             .map(|(name, dsn)| {

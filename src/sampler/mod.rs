@@ -113,7 +113,8 @@ pub struct Sampler {
 }
 
 impl Sampler {
-    pub fn new(target: &Target, config: &SamplerConfig, settings: SessionSettings) -> Result<Sampler, ConnectError> {
+    pub fn new(target: &Target, config: &SamplerConfig) -> Result<Sampler, ConnectError> {
+        let settings = config.sessions();
         Ok(Sampler {
             target: target.clone(),
             connector: Connector::new(target, settings)?,

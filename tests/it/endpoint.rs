@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
 
-use lockjam::config::{BasicAuth, FileSecret, HttpAuth, Secret, TlsFiles};
+use lockjam::config::{BasicAuth, Config, FileSecret, HttpAuth, Secret, TlsFiles};
 use lockjam::service::Service;
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
 
@@ -48,6 +48,12 @@ fn make_pki(dir: &Path, name: &str) -> Pki {
             key_file: write("key.pem", key.serialize_pem()),
         },
     }
+}
+
+/// Serves HTTPS with these files, as `tls_cert_file` and `tls_key_file` would.
+fn serve_https(config: &mut Config, files: &TlsFiles) {
+    config.server.tls_cert_file = Some(files.cert_file.clone());
+    config.server.tls_key_file = Some(files.key_file.clone());
 }
 
 fn secret_file(dir: &Path, name: &str, secret: &str) -> FileSecret {
@@ -89,7 +95,7 @@ async fn https_with_basic_auth_and_bearer_token() {
     let dir = tempfile::tempdir().unwrap();
     let first = make_pki(dir.path(), "first");
     let mut config = config_for(vec![("it", cluster.dsn("postgres"))]);
-    config.server.tls = Some(first.files.clone());
+    serve_https(&mut config, &first.files);
     config.server.auth = HttpAuth {
         basic: Some(BasicAuth {
             user: "prometheus".into(),
@@ -180,7 +186,7 @@ async fn https_with_basic_auth_and_bearer_token() {
         "not yet trusted"
     );
     let mut renewed = config.clone();
-    renewed.server.tls = Some(second.files.clone());
+    serve_https(&mut renewed, &second.files);
     renewed.server.auth.basic = Some(BasicAuth {
         user: "prometheus".into(),
         password: secret_file(dir.path(), "password", "battery staple"),
@@ -201,10 +207,13 @@ async fn https_with_basic_auth_and_bearer_token() {
 
     // A reload whose key does not match its certificate changes nothing.
     let mut mismatched = renewed.clone();
-    mismatched.server.tls = Some(TlsFiles {
-        cert_file: second.files.cert_file.clone(),
-        key_file: make_pki(dir.path(), "third").files.key_file,
-    });
+    serve_https(
+        &mut mismatched,
+        &TlsFiles {
+            cert_file: second.files.cert_file.clone(),
+            key_file: make_pki(dir.path(), "third").files.key_file,
+        },
+    );
     let error = service.reload(&mismatched).await.unwrap_err().to_string();
     assert!(error.contains("third-key.pem"), "{error}");
     let still = base.clone() + "/metrics";

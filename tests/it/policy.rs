@@ -6,7 +6,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use lockjam::cluster::ClusterOptions;
-use lockjam::policy::{Action, Glob, Outcome, Policy, Protections, Rule};
+use lockjam::policy::{Action, Glob, Outcome, Policy, Rule};
 use lockjam::service::Service;
 use serde_json::Value;
 use tokio::io::AsyncReadExt;
@@ -192,10 +192,7 @@ async fn stalled_pg_dump(env: &TestEnv) -> StalledBackup {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn incident_001_protected_pg_dump_survives_and_the_waiter_is_reported() {
     let rule = Rule {
-        protect: Protections {
-            applications: vec![Glob("pg_dump".into())],
-            ..Protections::default()
-        },
+        protect_applications: vec![Glob("pg_dump".into())],
         terminate_after: Some(Duration::from_secs(2)),
         ..unblock(1)
     };
@@ -463,7 +460,7 @@ async fn incident_001_protected_backup_finishes_and_the_migration_is_cancelled()
             ..unblock(1)
         },
     ]);
-    policy.protect.applications = vec![Glob("pg_dump*".into())];
+    policy.protect_applications = vec![Glob("pg_dump*".into())];
     let env = TestEnv::start_full(ClusterOptions::default(), policy).await;
     let StalledBackup {
         mut dump,
@@ -868,12 +865,7 @@ async fn the_signalling_statement_refuses_a_waiting_session() {
         dsn: lockjam::dsn::Dsn::parse(&env.cluster.dsn("postgres")).unwrap(),
         default_user: None,
     };
-    let mut sampler = lockjam::sampler::Sampler::new(
-        &target,
-        &crate::support::sampler_config(),
-        crate::support::session_settings(),
-    )
-    .unwrap();
+    let mut sampler = lockjam::sampler::Sampler::new(&target, &crate::support::sampler_config()).unwrap();
     let graph = lockjam::analysis::analyze(&sampler.sample().await.unwrap());
     let waiter = graph.waiter(migration_pid).expect("the migration waits").clone();
     let hard: Vec<i32> = waiter.blocked_by.iter().map(|edge| edge.pid).collect();

@@ -37,7 +37,7 @@ use std::time::{Duration, SystemTime};
 
 use lockjam::audit::AuditEvent;
 use lockjam::cluster::{Cluster, ClusterOptions};
-use lockjam::policy::{Action, Glob, Policy, Protections, Rule};
+use lockjam::policy::{Action, Glob, Policy, Rule};
 use lockjam::service::Service;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -142,13 +142,10 @@ impl RoundPolicy {
         let backup = || vec![Glob("backup".into())];
         let first = Rule {
             terminate_after: self.terminate.then_some(Duration::from_secs(1)),
-            protect: Protections {
-                users: if self.protect_backup == Some(Level::FirstRule) {
-                    backup()
-                } else {
-                    Vec::new()
-                },
-                ..Protections::default()
+            protect_users: if self.protect_backup == Some(Level::FirstRule) {
+                backup()
+            } else {
+                Vec::new()
             },
             ..Rule::unblock_migrations(self.min_wait)
         };
@@ -164,10 +161,10 @@ impl RoundPolicy {
         let mut policy = Policy::acting(rules);
         policy.max_actions_per_minute = 100_000;
         if self.protect_pg_dump {
-            policy.protect.applications = vec![Glob("pg_dump*".into())];
+            policy.protect_applications = vec![Glob("pg_dump*".into())];
         }
         if self.protect_backup == Some(Level::Policy) {
-            policy.protect.users = backup();
+            policy.protect_users = backup();
         }
         policy
     }

@@ -91,7 +91,7 @@ pub async fn staged(migration_sql: &str) -> Staged {
         dsn: lockjam::dsn::Dsn::parse(&env.cluster.dsn("postgres")).unwrap(),
         default_user: None,
     };
-    let mut sampler = Sampler::new(&target, &sampler_config(), session_settings()).unwrap();
+    let mut sampler = Sampler::new(&target, &sampler_config()).unwrap();
     let graph = analyze(&sampler.sample().await.unwrap());
     let rule = Rule {
         terminate_after: Some(Duration::ZERO),

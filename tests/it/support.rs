@@ -21,20 +21,20 @@ pub const INTERVAL: Duration = Duration::from_secs(1);
 /// How long a test waits for a state it expects before it fails.
 pub const PATIENCE: Duration = Duration::from_secs(30);
 
+/// The calm interval is [`INTERVAL`], the fast one 100 ms, and a dead
+/// server is given up on after 2 s.
 pub fn sampler_config() -> SamplerConfig {
     SamplerConfig {
         interval: INTERVAL,
         fast_interval: Duration::from_millis(100),
+        connect_timeout: Duration::from_secs(2),
         ..SamplerConfig::default()
     }
 }
 
-/// The defaults, but a dead server is given up on after 2 s.
+/// The session settings of [`sampler_config`].
 pub fn session_settings() -> SessionSettings {
-    SessionSettings {
-        connect_timeout: Duration::from_secs(2),
-        ..SessionSettings::default()
-    }
+    sampler_config().sessions()
 }
 
 pub fn config_for(targets: Vec<(&str, String)>) -> Config {
@@ -46,7 +46,6 @@ pub fn config_with(targets: Vec<(&str, String)>, policy: Policy) -> Config {
     let mut config =
         lockjam::staging::config(&targets, SocketAddr::from(([127, 0, 0, 1], 0)), policy).expect("test DSNs parse");
     config.sampler = sampler_config();
-    config.sessions = session_settings();
     config
 }
 

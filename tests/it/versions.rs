@@ -35,7 +35,7 @@ async fn wait_start_is_waitstart_from_14_and_first_seen_before() {
         dsn: Dsn::parse(&env.cluster.dsn("postgres")).unwrap(),
         default_user: None,
     };
-    let mut sampler = Sampler::new(&target, &sampler_config(), crate::support::session_settings()).unwrap();
+    let mut sampler = Sampler::new(&target, &sampler_config()).unwrap();
     let wait_start = |snapshot: &lockjam::snapshot::Snapshot| {
         snapshot
             .locks
