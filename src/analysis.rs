@@ -50,7 +50,7 @@ impl Lock {
     /// The `relation` label of queue series: the schema-qualified name, or
     /// the lock type in parentheses for locks not on a relation (a
     /// schema-qualified name always has a dot, so the two cannot collide).
-    pub fn relation_label(&self) -> String {
+    pub(crate) fn relation_label(&self) -> String {
         match &self.relation {
             Some(name) => name.clone(),
             None => format!("({})", self.locktype),
@@ -112,7 +112,7 @@ impl Blocker {
     /// object the waiter asks for, else on the same relation, else the
     /// strongest it holds on anything someone waits for (a root that blocks
     /// through a chain of other waiters).
-    pub fn lock_held_against(&self, waiter: &Lock) -> Option<&Lock> {
+    pub(crate) fn lock_held_against(&self, waiter: &Lock) -> Option<&Lock> {
         self.held
             .iter()
             .find(|held| held.tag == waiter.tag)
@@ -178,7 +178,7 @@ pub struct LockGraph {
 /// The sessions a waiter waits on, followed through the sessions that
 /// themselves wait: its *wait tree*.
 #[derive(Debug, Clone, PartialEq, Default)]
-pub struct WaitTree {
+pub(crate) struct WaitTree {
     /// Root blockers, ascending: sessions that block the waiter directly or
     /// through other waiting sessions, and wait on no one. Signalling them,
     /// and only them, can free the waiter; every other session in the tree
@@ -219,7 +219,7 @@ impl LockGraph {
     /// The wait tree of the waiter `pid`: computed on demand, for the few
     /// waiters a policy rule matches, because a queue of N waiters that
     /// each name every waiter ahead of them has N² edges.
-    pub fn wait_tree(&self, pid: i32) -> WaitTree {
+    pub(crate) fn wait_tree(&self, pid: i32) -> WaitTree {
         let mut seen: HashSet<i32> = HashSet::from([pid]);
         let mut stack = vec![pid];
         let mut roots = BTreeSet::new();
@@ -280,12 +280,12 @@ const CONFLICTS: [u8; 8] = [
 ];
 
 /// Whether `name` is one of PostgreSQL's heavyweight lock modes.
-pub fn is_lock_mode(name: &str) -> bool {
+pub(crate) fn is_lock_mode(name: &str) -> bool {
     LOCK_MODES.contains(&name)
 }
 
 /// The lock types of `pg_locks.locktype`.
-pub const LOCK_TYPES: [&str; 12] = [
+pub(crate) const LOCK_TYPES: [&str; 12] = [
     "relation",
     "extend",
     "frozenid",
@@ -301,7 +301,7 @@ pub const LOCK_TYPES: [&str; 12] = [
 ];
 
 /// Whether `name` is one of `pg_locks.locktype`'s values.
-pub fn is_lock_type(name: &str) -> bool {
+pub(crate) fn is_lock_type(name: &str) -> bool {
     LOCK_TYPES.contains(&name)
 }
 
@@ -312,7 +312,7 @@ fn mode_strength(mode: &str) -> usize {
 
 /// Whether two lock modes conflict. Unknown modes are taken to conflict, so
 /// that a blocker the server reports is never explained away.
-pub fn modes_conflict(a: &str, b: &str) -> bool {
+pub(crate) fn modes_conflict(a: &str, b: &str) -> bool {
     let index = |name| LOCK_MODES.iter().position(|mode| *mode == name);
     match (index(a), index(b)) {
         (Some(a), Some(b)) => CONFLICTS[a] & (1 << b) != 0,
@@ -623,7 +623,7 @@ impl WaitIdentity {
 
 /// A lock wait that ended between two samples.
 #[derive(Debug, Clone, PartialEq)]
-pub struct EndedWait {
+pub(crate) struct EndedWait {
     pub datname: String,
     /// The wait as last seen: a lower bound, short of the truth by less than
     /// one sampling interval.
@@ -632,7 +632,7 @@ pub struct EndedWait {
 
 /// The waits of `previous` that `current` no longer shows. With no current
 /// graph (the sample failed), nothing is known to have ended yet.
-pub fn ended_waits(previous: &LockGraph, current: &LockGraph) -> Vec<EndedWait> {
+pub(crate) fn ended_waits(previous: &LockGraph, current: &LockGraph) -> Vec<EndedWait> {
     let still_waiting: HashSet<WaitIdentity> = current.waiters.iter().map(WaitIdentity::of).collect();
     previous
         .waiters

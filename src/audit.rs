@@ -14,7 +14,7 @@ use crate::analysis::{Blocker, Lock};
 use crate::policy::{Action, Decision, Outcome};
 use crate::view::{rfc3339, seconds, SessionView};
 
-pub const EVENT_CAPACITY: usize = 1000;
+pub(crate) const EVENT_CAPACITY: usize = 1000;
 /// Characters of query text the log line keeps.
 const LOG_QUERY_CHARS: usize = 60;
 
@@ -153,7 +153,7 @@ fn unsafe_in_a_line(c: char) -> bool {
 /// Text from the database (names, states) for a log line: what could break
 /// the line or disguise it is escaped, so that a table or role named with a
 /// newline cannot forge a second line.
-pub fn one_line(text: &str) -> String {
+pub(crate) fn one_line(text: &str) -> String {
     text.chars()
         .map(|c| {
             if unsafe_in_a_line(c) {

@@ -246,7 +246,7 @@ impl Cluster {
     }
 
     /// The end of the server log, for failure messages.
-    pub fn log_tail(&self) -> String {
+    pub(crate) fn log_tail(&self) -> String {
         let log = std::fs::read_to_string(self.log_file()).unwrap_or_default();
         let lines: Vec<&str> = log.lines().collect();
         lines[lines.len().saturating_sub(30)..].join("\n")
@@ -405,7 +405,7 @@ impl Cluster {
     }
 
     /// The pid of the postmaster, from `postmaster.pid`.
-    pub fn postmaster_pid(&self) -> Option<u32> {
+    pub(crate) fn postmaster_pid(&self) -> Option<u32> {
         let text = std::fs::read_to_string(self.data_dir().join("postmaster.pid")).ok()?;
         text.lines().next()?.trim().parse().ok()
     }

@@ -15,7 +15,7 @@ use tokio_postgres::config::{SslMode, TargetSessionAttrs};
 /// The `application_name` of every session lockjam opens. It names them
 /// in `pg_stat_activity` for people; lockjam itself knows its sessions by
 /// pid, since any session may take this name.
-pub const APPLICATION_NAME: &str = "lockjam";
+pub(crate) const APPLICATION_NAME: &str = "lockjam";
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum DsnError {
@@ -172,7 +172,7 @@ impl Dsn {
 
     /// A DSN from the libpq environment variables alone (`DATABASE_URL`
     /// first, then `PG*`), or `None` when none is set.
-    pub fn from_env(env: &HashMap<String, String>) -> Result<Option<Dsn>, DsnError> {
+    pub(crate) fn from_env(env: &HashMap<String, String>) -> Result<Option<Dsn>, DsnError> {
         if let Some(url) = env.get("DATABASE_URL").filter(|v| !v.is_empty()) {
             return Dsn::parse(url)?.with_env_defaults(env).map(Some);
         }
@@ -184,7 +184,7 @@ impl Dsn {
     /// libpq does. Every variable lockjam honours is checked like the
     /// string, set or not: a misspelt `PGSSLMODE` is an error, never a
     /// silent `prefer`.
-    pub fn with_env_defaults(mut self, env: &HashMap<String, String>) -> Result<Dsn, DsnError> {
+    pub(crate) fn with_env_defaults(mut self, env: &HashMap<String, String>) -> Result<Dsn, DsnError> {
         for (variable, key) in ENV_DEFAULTS {
             let Some(value) = env.get(*variable).filter(|v| !v.is_empty()) else {
                 continue;
@@ -212,7 +212,7 @@ impl Dsn {
     }
 
     /// The same DSN pointed at another database of the same server.
-    pub fn with_dbname(&self, dbname: &str) -> Dsn {
+    pub(crate) fn with_dbname(&self, dbname: &str) -> Dsn {
         let mut params: Vec<_> = self.params.iter().filter(|(k, _)| k != "dbname").cloned().collect();
         params.push(("dbname".into(), dbname.into()));
         Dsn { params }
@@ -240,7 +240,7 @@ impl Dsn {
     /// The tokio-postgres configuration, with lockjam's
     /// [`APPLICATION_NAME`].
     /// `default_user` stands in for libpq's default (the OS user name).
-    pub fn pg_config(&self, default_user: Option<&str>) -> Result<tokio_postgres::Config, DsnError> {
+    pub(crate) fn pg_config(&self, default_user: Option<&str>) -> Result<tokio_postgres::Config, DsnError> {
         let mut config = tokio_postgres::Config::new();
         config.application_name(APPLICATION_NAME);
         for (key, value) in &self.params {

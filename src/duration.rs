@@ -9,11 +9,11 @@ use serde::{Deserializer, Serializer};
 /// The longest duration lockjam accepts: PostgreSQL's longest timeout
 /// (`statement_timeout` and friends are `int` milliseconds), about 24.8
 /// days. Anything longer could not be sent, or would overflow a clock.
-pub const MAX_DURATION: Duration = Duration::from_millis(i32::MAX as u64);
+pub(crate) const MAX_DURATION: Duration = Duration::from_millis(i32::MAX as u64);
 
 /// Parses a duration from 1ms to [`MAX_DURATION`], or zero (`0s`, `0ms`,
 /// `0 s`).
-pub fn parse_or_zero(text: &str) -> Result<Duration, String> {
+pub(crate) fn parse_or_zero(text: &str) -> Result<Duration, String> {
     let duration = humantime::parse_duration(text.trim())
         .map_err(|e| format!("`{text}` is not a duration ({e}); write it like 0s, 250ms, 5s or 1m"))?;
     if duration > MAX_DURATION {
@@ -66,11 +66,11 @@ fn text<'de, D: Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> 
 pub mod positive {
     use super::*;
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
         parse(&text(deserializer)?).map_err(serde::de::Error::custom)
     }
 
-    pub fn serialize<S: Serializer>(duration: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
+    pub(crate) fn serialize<S: Serializer>(duration: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
         serializer.serialize_str(&show(*duration))
     }
 }
@@ -79,11 +79,11 @@ pub mod positive {
 pub mod or_zero {
     use super::*;
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
         parse_or_zero(&text(deserializer)?).map_err(serde::de::Error::custom)
     }
 
-    pub use super::positive::serialize;
+    pub(crate) use super::positive::serialize;
 }
 
 /// A key where `"0s"` means never (`None`):
@@ -91,12 +91,12 @@ pub mod or_zero {
 pub mod zero_is_never {
     use super::*;
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Duration>, D::Error> {
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Duration>, D::Error> {
         let duration = super::or_zero::deserialize(deserializer)?;
         Ok((!duration.is_zero()).then_some(duration))
     }
 
-    pub fn serialize<S: Serializer>(duration: &Option<Duration>, serializer: S) -> Result<S::Ok, S::Error> {
+    pub(crate) fn serialize<S: Serializer>(duration: &Option<Duration>, serializer: S) -> Result<S::Ok, S::Error> {
         serializer.serialize_str(&show(duration.unwrap_or(Duration::ZERO)))
     }
 }

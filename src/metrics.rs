@@ -13,7 +13,7 @@ use crate::analysis::{EndedWait, LockGraph, Queue};
 use crate::policy::{Outcome, Policy, Signal};
 
 /// Label value that collects the relation series past `max_relations`.
-pub const OTHER_RELATIONS: &str = "_other";
+pub(crate) const OTHER_RELATIONS: &str = "_other";
 
 /// Buckets of `lockjam_sample_duration_seconds`: samples take milliseconds.
 const SAMPLE_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5];
@@ -114,7 +114,7 @@ impl Default for Metrics {
 
 /// A queue series after the `max_relations` cap.
 #[derive(Debug, Clone, PartialEq)]
-pub struct QueueSeries {
+pub(crate) struct QueueSeries {
     pub datname: String,
     pub relation: String,
     pub mode: String,
@@ -125,7 +125,7 @@ pub struct QueueSeries {
 /// Merges queues that share labels (their depths add up, the head wait is
 /// the longest), keeps the `max_relations` deepest series and sums the rest
 /// into `relation="_other"` per database and mode.
-pub fn cap_queue_series(queues: &[Queue], max_relations: usize) -> Vec<QueueSeries> {
+pub(crate) fn cap_queue_series(queues: &[Queue], max_relations: usize) -> Vec<QueueSeries> {
     let mut merged: BTreeMap<(String, String, String), (u64, Duration)> = BTreeMap::new();
     for queue in queues {
         let entry = merged
@@ -176,7 +176,7 @@ pub fn cap_queue_series(queues: &[Queue], max_relations: usize) -> Vec<QueueSeri
 
 /// Sessions waiting on one relation, after the `max_relations` cap.
 #[derive(Debug, Clone, PartialEq)]
-pub struct RelationWaiters {
+pub(crate) struct RelationWaiters {
     pub datname: String,
     pub relation: String,
     pub waiters: u64,
@@ -185,7 +185,7 @@ pub struct RelationWaiters {
 /// Keeps the `max_relations` relations with the most waiters (ties by
 /// name, so the choice is stable between samples) and sums the rest into
 /// `relation="_other"` per database.
-pub fn cap_relation_waiters(graph: &LockGraph, max_relations: usize) -> Vec<RelationWaiters> {
+pub(crate) fn cap_relation_waiters(graph: &LockGraph, max_relations: usize) -> Vec<RelationWaiters> {
     let mut series: Vec<RelationWaiters> = graph
         .databases
         .iter()
@@ -461,7 +461,7 @@ impl Metrics {
     }
 
     /// Replaces the target's series with those of a successful sample.
-    pub fn record_sample(
+    pub(crate) fn record_sample(
         &self,
         target: &str,
         graph: &LockGraph,
@@ -483,7 +483,7 @@ impl Metrics {
 
     /// A failed sample: `lockjam_up` drops to 0 and the target's database
     /// series go away rather than show stale figures.
-    pub fn record_failure(&self, target: &str, took: Duration) {
+    pub(crate) fn record_failure(&self, target: &str, took: Duration) {
         let mut guard = self.families();
         let f = &mut *guard;
         f.up.with_label_values(&[target]).set(0.0);
@@ -494,7 +494,7 @@ impl Metrics {
     }
 
     /// Counts one policy decision.
-    pub fn record_policy_signal(&self, target: &str, rule: &str, signal: &str, outcome: &str) {
+    pub(crate) fn record_policy_signal(&self, target: &str, rule: &str, signal: &str, outcome: &str) {
         self.families()
             .policy_signals
             .with_label_values(&[target, rule, signal, outcome])
@@ -505,7 +505,7 @@ impl Metrics {
     /// as Prometheus advises for label values known in advance: a counter
     /// born at 1 would hide its first increment from `increase()`, and an
     /// alert on the first `permission_denied` would never fire.
-    pub fn register_policy(&self, target: &str, policy: &Policy) {
+    pub(crate) fn register_policy(&self, target: &str, policy: &Policy) {
         let mut families = self.families();
         for rule in &policy.rules {
             families
@@ -523,7 +523,7 @@ impl Metrics {
         }
     }
 
-    pub fn set_policy_leader(&self, target: &str, leader: bool) {
+    pub(crate) fn set_policy_leader(&self, target: &str, leader: bool) {
         self.families()
             .policy_leader
             .with_label_values(&[target])
@@ -532,14 +532,14 @@ impl Metrics {
 
     /// Declares a target before its first sample: `lockjam_up` is 0 until
     /// a sample succeeds, so an alert on it fires for a target never reached.
-    pub fn register_target(&self, target: &str) {
+    pub(crate) fn register_target(&self, target: &str) {
         self.families().up.with_label_values(&[target]).set(0.0);
     }
 
     /// Removes every series of `target`, counters and histograms included:
     /// a configuration reload that drops or restarts a target starts its
     /// series afresh, as a restart would.
-    pub fn forget_target(&self, target: &str) {
+    pub(crate) fn forget_target(&self, target: &str) {
         let mut guard = self.families();
         let f = &mut *guard;
         for family in f.database_families() {

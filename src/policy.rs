@@ -20,7 +20,7 @@ use crate::analysis::{Blocker, LockGraph, Waiter};
 use crate::snapshot::Session;
 
 /// A snapshot older than this is stale: nothing is decided on it.
-pub const MAX_SNAPSHOT_AGE: Duration = Duration::from_secs(1);
+pub(crate) const MAX_SNAPSHOT_AGE: Duration = Duration::from_secs(1);
 
 /// The lock modes migrations queue on, which rules match by default:
 /// SHARE ROW EXCLUSIVE (`ADD FOREIGN KEY`, `CREATE TRIGGER`), EXCLUSIVE
@@ -30,15 +30,15 @@ pub const MAX_SNAPSHOT_AGE: Duration = Duration::from_secs(1);
 /// it runs once it has its lock, so clearing its way moves the outage
 /// rather than ending it; and applications take SHARE themselves
 /// (`LOCK TABLE ... IN SHARE MODE`) to freeze writes.
-pub const DEFAULT_WAITER_MODES: [&str; 3] = ["ShareRowExclusiveLock", "ExclusiveLock", "AccessExclusiveLock"];
+pub(crate) const DEFAULT_WAITER_MODES: [&str; 3] = ["ShareRowExclusiveLock", "ExclusiveLock", "AccessExclusiveLock"];
 /// Rules match waits for a lock on a relation by default. Row-lock waits
 /// (`transactionid`, and `tuple`, whose mode reads AccessExclusiveLock for
 /// a plain `SELECT ... FOR UPDATE`) are an application's own business.
-pub const DEFAULT_WAITER_LOCKTYPES: [&str; 1] = ["relation"];
+pub(crate) const DEFAULT_WAITER_LOCKTYPES: [&str; 1] = ["relation"];
 /// With `terminate_after = "0s"`, a root blocker that still blocks this long
 /// after its cancel counts as one the rule cannot signal, and the waiter
 /// goes to the next matching rule.
-pub const CANCEL_GRACE: Duration = Duration::from_secs(1);
+pub(crate) const CANCEL_GRACE: Duration = Duration::from_secs(1);
 
 /// What a rule does: the `action` key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
@@ -185,7 +185,7 @@ fn patterns(globs: &[Glob]) -> String {
 /// Sessions never signalled, by user, application or database (globs):
 /// the `protect_*` keys of a policy or of a rule.
 #[derive(Debug, Clone, Copy)]
-pub struct Protections<'a> {
+pub(crate) struct Protections<'a> {
     pub users: &'a [Glob],
     pub applications: &'a [Glob],
     pub databases: &'a [Glob],
@@ -298,7 +298,7 @@ impl Rule {
     }
 
     /// Who this rule never signals, beyond the policy's protections.
-    pub fn protections(&self) -> Protections<'_> {
+    pub(crate) fn protections(&self) -> Protections<'_> {
         Protections {
             users: &self.protect_users,
             applications: &self.protect_applications,
@@ -356,7 +356,7 @@ impl Rule {
 }
 
 /// The name of the rule `--cancel-blockers-after` builds or adjusts.
-pub const UNBLOCK_MIGRATIONS: &str = "unblock-migrations";
+pub(crate) const UNBLOCK_MIGRATIONS: &str = "unblock-migrations";
 
 /// The `[policy]` section, as written (serde reads and writes it).
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -385,7 +385,7 @@ impl Policy {
     }
 
     /// Who no rule ever signals.
-    pub fn protections(&self) -> Protections<'_> {
+    pub(crate) fn protections(&self) -> Protections<'_> {
         Protections {
             users: &self.protect_users,
             applications: &self.protect_applications,
@@ -568,7 +568,7 @@ impl Memory {
     }
 
     /// Remembers that a deadlock was reported, so that it is reported once.
-    pub fn record_deadlock(&mut self, deadlock: &Deadlock) {
+    pub(crate) fn record_deadlock(&mut self, deadlock: &Deadlock) {
         if self.deadlocks.len() > MEMORY_LIMIT {
             self.deadlocks.clear();
         }

@@ -36,7 +36,8 @@ pub const LONG_READ: &str = "SELECT pg_sleep(3600), count(*) AS orders, sum(tota
 /// EXCLUSIVE on `customers`).
 pub const DROP_CONSTRAINT: &str = "ALTER TABLE orders DROP CONSTRAINT orders_customer_id_fkey";
 /// The application's query that queues behind the migration.
-pub const APP_QUERY: &str = "SELECT id, total FROM orders WHERE customer_id = $1 ORDER BY created_at DESC LIMIT 20";
+pub(crate) const APP_QUERY: &str =
+    "SELECT id, total FROM orders WHERE customer_id = $1 ORDER BY created_at DESC LIMIT 20";
 
 /// A session to `dsn` named `application_name` (quoted, so any name works);
 /// its connection runs on a task of its own.

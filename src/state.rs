@@ -57,7 +57,13 @@ impl TargetRecord {
         self.status.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    pub fn record_success(&self, graph: Arc<LockGraph>, server_version: Option<i32>, warnings: &[String], at: Instant) {
+    pub(crate) fn record_success(
+        &self,
+        graph: Arc<LockGraph>,
+        server_version: Option<i32>,
+        warnings: &[String],
+        at: Instant,
+    ) {
         let mut status = self.status.write().unwrap_or_else(|p| p.into_inner());
         status.last_good = Some(at);
         status.graph = Some(graph);
@@ -68,7 +74,7 @@ impl TargetRecord {
 
     /// A failed sample: the graph is dropped so that nothing downstream
     /// acts on, or shows, what is no longer known.
-    pub fn record_failure(&self, error: String) {
+    pub(crate) fn record_failure(&self, error: String) {
         let mut status = self.status.write().unwrap_or_else(|p| p.into_inner());
         status.graph = None;
         status.last_error = Some(error);
@@ -76,7 +82,7 @@ impl TargetRecord {
 
     /// Why the target is not ready, or `None` when it is: a good sample
     /// within the last three intervals.
-    pub fn not_ready_reason(&self, now: Instant) -> Option<String> {
+    pub(crate) fn not_ready_reason(&self, now: Instant) -> Option<String> {
         let status = self.status();
         let limit = self.interval * 3;
         match status.last_good {
@@ -120,7 +126,7 @@ impl SharedState {
 
     /// Replaces every target: the old ones' series go (a reload starts
     /// each target afresh, as a restart would), the new ones are declared.
-    pub fn replace_targets(&self, targets: Vec<TargetRecord>) {
+    pub(crate) fn replace_targets(&self, targets: Vec<TargetRecord>) {
         let mut current = self.targets.write().unwrap_or_else(|p| p.into_inner());
         for old in current.iter() {
             self.metrics.forget_target(&old.name);
@@ -135,7 +141,7 @@ impl SharedState {
         self.auth.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    pub fn set_auth(&self, auth: HttpAuth) {
+    pub(crate) fn set_auth(&self, auth: HttpAuth) {
         *self.auth.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(auth);
     }
 }

@@ -58,11 +58,11 @@ pub fn seconds(d: Duration) -> f64 {
 }
 
 /// Seconds from `since` to `now`, rounded to the millisecond.
-pub fn age_seconds(now: SystemTime, since: Option<SystemTime>) -> Option<f64> {
+pub(crate) fn age_seconds(now: SystemTime, since: Option<SystemTime>) -> Option<f64> {
     since.map(|t| seconds(now.duration_since(t).unwrap_or_default()))
 }
 
 /// RFC 3339 with milliseconds, UTC.
-pub fn rfc3339(t: SystemTime) -> String {
+pub(crate) fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_millis(t).to_string()
 }

@@ -168,7 +168,7 @@ impl ServerConfig {
     }
 
     /// Bounds on HTTP clients.
-    pub fn limits(&self) -> ConnectionLimits {
+    pub(crate) fn limits(&self) -> ConnectionLimits {
         ConnectionLimits {
             header_timeout: self.header_timeout,
             max_connections: self.max_connections,
@@ -202,7 +202,7 @@ pub struct HttpAuth {
 }
 
 impl HttpAuth {
-    pub fn is_required(&self) -> bool {
+    pub(crate) fn is_required(&self) -> bool {
         self.basic.is_some() || self.bearer_token.is_some()
     }
 }
@@ -354,11 +354,11 @@ mod listen_address {
             .map_err(|_| format!("`{text}` is not an address such as 127.0.0.1:9863 or 0.0.0.0:9863"))
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<SocketAddr, D::Error> {
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<SocketAddr, D::Error> {
         parse(&String::deserialize(deserializer)?).map_err(serde::de::Error::custom)
     }
 
-    pub fn serialize<S: Serializer>(address: &SocketAddr, serializer: S) -> Result<S::Ok, S::Error> {
+    pub(crate) fn serialize<S: Serializer>(address: &SocketAddr, serializer: S) -> Result<S::Ok, S::Error> {
         serializer.collect_str(address)
     }
 }
@@ -369,12 +369,12 @@ mod optional_path {
 
     use serde::{Deserialize, Deserializer, Serializer};
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<PathBuf>, D::Error> {
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<PathBuf>, D::Error> {
         let text = String::deserialize(deserializer)?;
         Ok((!text.trim().is_empty()).then(|| PathBuf::from(text.trim())))
     }
 
-    pub fn serialize<S: Serializer>(path: &Option<PathBuf>, serializer: S) -> Result<S::Ok, S::Error> {
+    pub(crate) fn serialize<S: Serializer>(path: &Option<PathBuf>, serializer: S) -> Result<S::Ok, S::Error> {
         match path {
             Some(path) => serializer.collect_str(&path.display()),
             None => serializer.serialize_str(""),

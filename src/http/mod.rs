@@ -19,8 +19,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 
-pub use serve::{serve, ConnectionLimits};
-pub use tls::TlsReloader;
+pub use serve::serve;
+pub(crate) use serve::ConnectionLimits;
+pub(crate) use tls::TlsReloader;
 
 use crate::state::SharedState;
 
@@ -37,12 +38,12 @@ const SNAPSHOT: &str = "/api/v1/snapshot";
 const EVENTS: &str = "/api/v1/events";
 
 /// Every route lockjam serves, as the startup log and the 404 name them.
-pub const ROUTES: [&str; 5] = [METRICS, HEALTHZ, READYZ, SNAPSHOT, EVENTS];
+pub(crate) const ROUTES: [&str; 5] = [METRICS, HEALTHZ, READYZ, SNAPSHOT, EVENTS];
 
 /// The routes. `/metrics` and `/api/*` require the configured credentials;
 /// `/healthz` never does, and `/readyz` gives its status code to anyone
 /// and its reasons only with credentials, so that probes need none.
-pub fn router(state: Arc<SharedState>) -> Router {
+pub(crate) fn router(state: Arc<SharedState>) -> Router {
     let protected = Router::new()
         .route(METRICS, get(metrics))
         .route(SNAPSHOT, get(snapshot))

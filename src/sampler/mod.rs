@@ -264,7 +264,7 @@ impl Sampler {
     }
 
     /// The pids of this sampler's open sessions.
-    pub fn own_pids(&self) -> Vec<i32> {
+    pub(crate) fn own_pids(&self) -> Vec<i32> {
         self.main
             .iter()
             .map(|m| m.pid)
