@@ -493,6 +493,8 @@ async fn incident_001_protected_backup_finishes_and_the_migration_is_cancelled()
         "pg_dump ran to its end"
     );
 
+    // The cancel takes effect before lockjam records it.
+    env.wait_for_event("the signal", |e| e["outcome"] == "success").await;
     let events = env.events().await;
     let summary: Vec<(&str, &str, i64)> = events
         .iter()
@@ -1197,6 +1199,8 @@ async fn a_stalled_leader_session_neither_freezes_sampling_nor_acts_late() {
         .unwrap()
         .expect("the ALTER succeeds");
     assert!(within("the read", read).await.unwrap().is_err());
+    // The cancel takes effect before lockjam records it.
+    env.wait_for_event("the signal", |e| e["outcome"] == "success").await;
     let events = env.events().await;
     let signals: Vec<&Value> = events.iter().filter(|e| e["outcome"] == "success").collect();
     assert_eq!(signals.len(), 1, "{events:#?}");
