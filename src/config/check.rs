@@ -225,23 +225,27 @@ fn check_rule(rule: &Rule, interval: Duration) -> Result<(), (&'static str, Stri
 
 /// The waits a rule is about: lock modes and lock types PostgreSQL has.
 fn check_waiter_kinds(rule: &Rule) -> Result<(), (&'static str, String)> {
-    if rule.waiter_modes.is_empty() {
-        return Err(("waiter_modes", "an empty list matches no waiter".into()));
-    }
-    if let Some(mode) = rule.waiter_modes.iter().find(|m| !is_lock_mode(m)) {
-        return Err((
+    let kinds: [(&str, &[String], fn(&str) -> bool, &str); 2] = [
+        (
             "waiter_modes",
-            format!("`{mode}` is not a PostgreSQL lock mode such as AccessExclusiveLock or ShareRowExclusiveLock"),
-        ));
-    }
-    if rule.waiter_locktypes.is_empty() {
-        return Err(("waiter_locktypes", "an empty list matches no waiter".into()));
-    }
-    if let Some(locktype) = rule.waiter_locktypes.iter().find(|t| !is_lock_type(t)) {
-        return Err((
+            &rule.waiter_modes,
+            is_lock_mode,
+            "a PostgreSQL lock mode such as AccessExclusiveLock or ShareRowExclusiveLock",
+        ),
+        (
             "waiter_locktypes",
-            format!("`{locktype}` is not a pg_locks.locktype such as relation, tuple or transactionid"),
-        ));
+            &rule.waiter_locktypes,
+            is_lock_type,
+            "a pg_locks.locktype such as relation, tuple or transactionid",
+        ),
+    ];
+    for (field, names, known, example) in kinds {
+        if names.is_empty() {
+            return Err((field, "an empty list matches no waiter".into()));
+        }
+        if let Some(name) = names.iter().find(|name| !known(name)) {
+            return Err((field, format!("`{name}` is not {example}")));
+        }
     }
     Ok(())
 }
