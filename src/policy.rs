@@ -815,6 +815,45 @@ pub fn decide(graph: &LockGraph, policy: &Policy, memory: &Memory, now: SystemTi
     deciding.plan
 }
 
+/// The next moment, on the server's clock, at which [`decide`] could
+/// decide something new for the waiters of `graph` without anything else
+/// changing: a waiter reaching a rule's `min_wait`, a cancelled blocker
+/// reaching `terminate_after` or the cancel's grace, a failed signal's
+/// retry. The service samples then, so that the policy acts on time rather
+/// than on its next tick. `None` when nothing is due (no waiter, or the
+/// policy is off).
+pub fn next_deadline(graph: &LockGraph, policy: &Policy, memory: &Memory) -> Option<SystemTime> {
+    if !policy.enabled || graph.waiters.is_empty() {
+        return None;
+    }
+    let rules: Vec<&Rule> = policy
+        .rules
+        .iter()
+        .filter(|rule| rule.on_standby || !graph.in_recovery)
+        .collect();
+    let waits = graph.waiters.iter().flat_map(|waiter| {
+        rules
+            .iter()
+            .filter(|rule| rule.concerns(waiter) && waiter.wait < rule.min_wait)
+            .map(|rule| graph.taken_at + (rule.min_wait - waiter.wait))
+    });
+    let escalations = memory
+        .signalled
+        .values()
+        .filter(|signalled| signalled.signal == Signal::Cancel && !signalled.dry_run)
+        .flat_map(|signalled| {
+            rules
+                .iter()
+                .map(|rule| signalled.at + rule.terminate_after.unwrap_or(CANCEL_GRACE))
+        });
+    let retries = memory.failed.values().map(|(_, retry_at)| *retry_at);
+    waits
+        .chain(escalations)
+        .chain(retries)
+        .filter(|at| *at > graph.taken_at)
+        .min()
+}
+
 /// One run of [`decide`]: what it reads, and what it has decided so far.
 struct Deciding<'a> {
     graph: &'a LockGraph,
@@ -1190,6 +1229,65 @@ mod tests {
                 reference(&chars(&pattern), &chars(&text))
             );
         }
+    }
+
+    #[test]
+    fn the_next_deadline_is_when_a_rule_would_act() {
+        // The ALTER has waited 50 s at t=100: a 60 s rule acts at t=110,
+        // and not a moment before.
+        let (snapshot, _) = incident("active", 3);
+        let graph = analyze(&snapshot);
+        let sixty = policy(rule(60.0));
+        let memory = Memory::default();
+        assert_eq!(next_deadline(&graph, &sixty, &memory), Some(at(110.0)));
+        assert!(decisions(&graph_at(&snapshot, 109.99), &sixty, &memory, 109.99).is_empty());
+        assert_eq!(decisions(&graph_at(&snapshot, 110.0), &sixty, &memory, 110.0).len(), 1);
+        // The earliest of several rules; none for a rule about other modes,
+        // an off policy, or a rule that already matches.
+        let mut two = sixty.clone();
+        two.rules.push(Rule {
+            name: "sooner".into(),
+            ..rule(55.0)
+        });
+        assert_eq!(next_deadline(&graph, &two, &memory), Some(at(105.0)));
+        let shares = policy(Rule {
+            waiter_modes: vec!["ShareLock".into()],
+            ..rule(60.0)
+        });
+        assert_eq!(next_deadline(&graph, &shares, &memory), None);
+        assert_eq!(
+            next_deadline(
+                &graph,
+                &Policy {
+                    enabled: false,
+                    ..sixty
+                },
+                &memory
+            ),
+            None
+        );
+        let five = policy(rule(5.0));
+        assert_eq!(next_deadline(&graph, &five, &memory), None);
+
+        // Once the root is cancelled, terminate_after (10 s) after the cancel.
+        let mut memory = Memory::default();
+        let cancel = decisions(&graph, &five, &memory, 100.0).remove(0);
+        memory.record(&cancel, Outcome::Success, at(100.0));
+        assert_eq!(
+            next_deadline(&graph_at(&snapshot, 101.0), &five, &memory),
+            Some(at(110.0))
+        );
+        // A dry run's cancel is never followed up.
+        let mut dry = Memory::default();
+        dry.record(&cancel, Outcome::DryRun, at(100.0));
+        assert_eq!(next_deadline(&graph_at(&snapshot, 101.0), &five, &dry), None);
+        // A failed signal is retried after its pause (2 s).
+        let mut failed = Memory::default();
+        failed.record(&cancel, Outcome::Error, at(100.0));
+        assert_eq!(
+            next_deadline(&graph_at(&snapshot, 101.0), &five, &failed),
+            Some(at(102.0))
+        );
     }
 
     #[test]

@@ -16,7 +16,7 @@ use crate::config::{Config, LogConfig, SamplerConfig};
 use crate::connect::ConnectError;
 use crate::enforcer::{Enforcer, Sent};
 use crate::http::{ConnectionLimits, HttpError, TlsReloader};
-use crate::policy::{decide, Memory, Policy, Verdict, MAX_SNAPSHOT_AGE};
+use crate::policy::{decide, next_deadline, Memory, Policy, Verdict, MAX_SNAPSHOT_AGE};
 use crate::sampler::{SampleError, Sampler};
 use crate::snapshot::Snapshot;
 use crate::state::{SharedState, TargetRecord};
@@ -428,14 +428,19 @@ impl Watch {
             );
         }
         self.failures = 0;
-        let waiting = !graph.waiters.is_empty();
-        self.previous = Some(graph);
-        started
-            + if waiting {
-                self.settings.fast_interval
-            } else {
-                self.settings.interval
-            }
+        let cadence = match self.settings.fast_interval {
+            Some(fast) if !graph.waiters.is_empty() => fast,
+            _ => self.settings.interval,
+        };
+        let deadline = match (&self.policy, leader) {
+            (Some((_, policy)), Some(true)) => next_deadline(&graph, policy, &self.memory),
+            _ => None,
+        };
+        self.previous = Some(graph.clone());
+        match deadline {
+            Some(at) => (started + cadence).min(on_local_clock(at, &graph, started)),
+            None => started + cadence,
+        }
     }
 
     /// Reports a failed sample; returns when to try again.
@@ -452,6 +457,19 @@ impl Watch {
         self.record.record_failure(error.to_string());
         Instant::now() + delay
     }
+}
+
+/// How long after a policy deadline the sample for it starts, so that it
+/// sees the deadline passed on the server's clock.
+const DEADLINE_MARGIN: Duration = Duration::from_millis(2);
+
+/// The moment on this machine's clock of `at` on the server's. `graph`
+/// was taken at `graph.taken_at` by the server's clock and its sample
+/// began at `started` by ours; the statement of the sample due at `at`
+/// starts as long after its own beginning, so the offset between the
+/// clocks and the round trip cancel out.
+fn on_local_clock(at: std::time::SystemTime, graph: &LockGraph, started: Instant) -> Instant {
+    started + at.duration_since(graph.taken_at).unwrap_or_default() + DEADLINE_MARGIN
 }
 
 /// Runs the policy on a fresh graph: only the leader decides and signals,

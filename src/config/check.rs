@@ -145,12 +145,13 @@ fn read_auth(server: &ServerConfig) -> Result<HttpAuth, Fault> {
 }
 
 fn check_sampler(sampler: &SamplerConfig) -> Result<(), Fault> {
-    if sampler.fast_interval > sampler.interval {
+    if let Some(fast) = sampler.fast_interval.filter(|fast| *fast > sampler.interval) {
         return Err(fault(
             "sampler.fast_interval",
             format!(
-                "{} is longer than sampler.interval ({}); it is the faster cadence used while locks are waited for",
-                show(sampler.fast_interval),
+                "{} is longer than sampler.interval ({}); it is the faster cadence used while locks are waited for, \
+                 or \"0s\" for none",
+                show(fast),
                 show(sampler.interval)
             ),
         ));

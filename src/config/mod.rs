@@ -228,9 +228,11 @@ pub struct SamplerConfig {
     /// Time between samples while no session waits for a lock.
     #[serde(with = "crate::duration::positive")]
     pub interval: Duration,
-    /// Time between samples while some session waits for a lock.
-    #[serde(with = "crate::duration::positive")]
-    pub fast_interval: Duration,
+    /// Time between samples while some session waits for a lock; `None`
+    /// (written `"0s"`): the calm interval. The policy needs no fast
+    /// cadence: it samples at its rules' deadlines.
+    #[serde(with = "crate::duration::zero_is_never")]
+    pub fast_interval: Option<Duration>,
     #[serde(with = "crate::duration::positive")]
     pub statement_timeout: Duration,
     #[serde(with = "crate::duration::positive")]
@@ -249,7 +251,7 @@ impl Default for SamplerConfig {
     fn default() -> Self {
         SamplerConfig {
             interval: Duration::from_secs(1),
-            fast_interval: Duration::from_millis(250),
+            fast_interval: None,
             statement_timeout: Duration::from_secs(2),
             lock_timeout: Duration::from_millis(500),
             connect_timeout: Duration::from_secs(5),

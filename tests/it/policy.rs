@@ -6,6 +6,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use lockjam::cluster::ClusterOptions;
+use lockjam::config::SamplerConfig;
 use lockjam::policy::{Action, Glob, Outcome, Policy, Rule};
 use lockjam::service::Service;
 use serde_json::Value;
@@ -15,8 +16,8 @@ use tokio_postgres::error::SqlState;
 
 use crate::scenes::{migration_behind_long_read, orders, staged, DROP_CONSTRAINT, LONG_READ};
 use crate::support::{
-    apply_lockjam_role_sql, backend_pid, config_with, connect, events, lockjam, pg_dump_for, scrape, start_cluster,
-    wait_until, within, LockjamRun, TestEnv,
+    apply_lockjam_role_sql, backend_pid, config_with, connect, events, lockjam, pg_dump_for, sampler_config, scrape,
+    start_cluster, wait_until, within, LockjamRun, TestEnv,
 };
 
 fn acting(rule: Rule) -> Policy {
@@ -41,6 +42,47 @@ async fn state_of(env: &TestEnv, pid: i32) -> Option<String> {
         .await
         .unwrap()
         .map(|row| row.get(0))
+}
+
+/// The policy samples when a rule comes due, not at its next tick: with a
+/// 10 s interval, no fast cadence and `min_wait = "5s"`, a migration that a
+/// calm tick sees 0–3 s into its wait is cleared once it has waited 5 s,
+/// not at the tick 10 s later. (The margins are seconds either way: this
+/// is the order of samples, not a timing claim; BENCHMARKS.md has the
+/// reaction times.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_policy_acts_at_its_deadline_between_calm_ticks() {
+    let sampler = SamplerConfig {
+        interval: Duration::from_secs(10),
+        fast_interval: None,
+        ..sampler_config()
+    };
+    let env = TestEnv::start_sampling(ClusterOptions::default(), acting(unblock(5)), sampler).await;
+    env.admin.batch_execute(&orders()).await.unwrap();
+    // The first tick: the next is 10 s after it.
+    env.wait_for_metrics("the first sample, as leader", |m| {
+        m.value("lockjam_policy_leader", &[]) == Some(1.0)
+    })
+    .await;
+    let first_tick = std::time::Instant::now();
+    let (reader_pid, read) = env.spawn_statement("analyst", LONG_READ).await;
+    env.wait_until_holding(reader_pid, "orders", None).await;
+    tokio::time::sleep_until((first_tick + Duration::from_secs(7)).into()).await;
+    let (migration_pid, alter) = env.spawn_statement("migrate", DROP_CONSTRAINT).await;
+    env.wait_until_waiting(migration_pid).await;
+    assert!(
+        first_tick.elapsed() < Duration::from_secs(9),
+        "the migration waits before the second tick"
+    );
+    within("the ALTER", alter).await.unwrap().expect("the ALTER succeeds");
+    assert!(within("the read", read).await.unwrap().is_err());
+    let event = env.wait_for_event("the signal", |e| e["outcome"] == "success").await;
+    assert_eq!(event["waiter"]["pid"], migration_pid);
+    let waited = event["waiter"]["wait_seconds"].as_f64().unwrap();
+    // At the deadline (5 s), never before it; at the tick it would have
+    // waited 10 s or more.
+    assert!((5.0..8.0).contains(&waited), "acted after a wait of {waited}s");
+    env.stop().await;
 }
 
 /// Incident 000 with `min_wait = "2s"`: the long read is cancelled, the

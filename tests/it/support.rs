@@ -26,7 +26,7 @@ pub const PATIENCE: Duration = Duration::from_secs(30);
 pub fn sampler_config() -> SamplerConfig {
     SamplerConfig {
         interval: INTERVAL,
-        fast_interval: Duration::from_millis(100),
+        fast_interval: Some(Duration::from_millis(100)),
         connect_timeout: Duration::from_secs(2),
         ..SamplerConfig::default()
     }
@@ -139,13 +139,19 @@ impl TestEnv {
 
     /// A cluster with `options`, and lockjam with `policy`.
     pub async fn start_full(options: ClusterOptions, policy: Policy) -> TestEnv {
+        TestEnv::start_sampling(options, policy, sampler_config()).await
+    }
+
+    /// A cluster with `options`, and lockjam with `policy`, sampling as
+    /// `sampler` says.
+    pub async fn start_sampling(options: ClusterOptions, policy: Policy, sampler: SamplerConfig) -> TestEnv {
         let cluster = start_cluster(options).await;
         let postgres = connect(&cluster.dsn("postgres"), "fixture").await;
         postgres.batch_execute("CREATE DATABASE app").await.unwrap();
         let admin = connect(&cluster.dsn("app"), "fixture").await;
-        let service = Service::start(&config_with(vec![("it", cluster.dsn("postgres"))], policy))
-            .await
-            .expect("lockjam starts");
+        let mut config = config_with(vec![("it", cluster.dsn("postgres"))], policy);
+        config.sampler = sampler;
+        let service = Service::start(&config).await.expect("lockjam starts");
         TestEnv {
             cluster,
             service: Some(service),
