@@ -224,9 +224,13 @@ fn check_rule(rule: &Rule, interval: Duration) -> Result<(), (&'static str, Stri
     }
 }
 
+/// One list of the waits a rule is about: its key, its names, which names
+/// PostgreSQL knows, and what a known one looks like.
+type WaiterKind<'a> = (&'static str, &'a [String], fn(&str) -> bool, &'static str);
+
 /// The waits a rule is about: lock modes and lock types PostgreSQL has.
 fn check_waiter_kinds(rule: &Rule) -> Result<(), (&'static str, String)> {
-    let kinds: [(&str, &[String], fn(&str) -> bool, &str); 2] = [
+    let kinds: [WaiterKind; 2] = [
         (
             "waiter_modes",
             &rule.waiter_modes,
