@@ -127,6 +127,7 @@ async fn server_ms(client: &Client, sql: &str, params: &[&(dyn ToSql + Sync)]) -
 
 /// lockjam's statements for this server, and the pids its locks read takes.
 struct Lockjam {
+    probe: String,
     activity: String,
     waiters: String,
     locks: String,
@@ -139,24 +140,27 @@ impl Lockjam {
             .await
             .unwrap()
             .get(0);
-        let [activity, waiters, locks] = lockjam::sampler::sample_statements(version);
+        let [probe, activity, waiters, locks] = lockjam::sampler::sample_statements(version);
         Lockjam {
+            probe,
             activity,
             waiters,
             locks,
         }
     }
 
-    /// One calm-path read, and (when someone waits) one waiting-path
-    /// sample: activity, waiters, and the locks of the pids involved.
-    async fn sample(&self, client: &Client, own: &[i32]) -> (f64, Option<f64>) {
+    /// One probe (every tick), one read of sessions by state (every
+    /// activity_interval), and (when someone waits) one waiting-path
+    /// sample: probe, waiters, and the locks of the pids involved.
+    async fn sample(&self, client: &Client, own: &[i32]) -> (f64, f64, Option<f64>) {
         let own = own.to_vec();
-        let calm = server_ms(client, &self.activity, &[&own]).await;
-        let activity = client.query(&self.activity, &[&own]).await.unwrap();
-        let waiting: i64 = activity[0].get("lock_waiters");
-        let in_recovery: bool = activity[0].get("in_recovery");
+        let calm = server_ms(client, &self.probe, &[&own]).await;
+        let activity = server_ms(client, &self.activity, &[&own]).await;
+        let probe = client.query_one(&self.probe, &[&own]).await.unwrap();
+        let waiting: i64 = probe.get("lock_waiters");
+        let in_recovery: bool = probe.get("in_recovery");
         if waiting == 0 {
-            return (calm, None);
+            return (calm, activity, None);
         }
         let text_length = lockjam::sampler::QUERY_TEXT_LENGTH;
         let pids: Vec<i32> = client
@@ -168,7 +172,7 @@ impl Lockjam {
             .collect();
         let waiters = server_ms(client, &self.waiters, &[&own, &text_length, &in_recovery]).await;
         let locks = server_ms(client, &self.locks, &[&pids]).await;
-        (calm, Some(calm + waiters + locks))
+        (calm, activity, Some(calm + waiters + locks))
     }
 }
 
@@ -179,8 +183,29 @@ pub struct LoadResult {
     pub rows: Vec<(String, Stats)>,
 }
 
-pub const LOCKJAM_CALM: &str = "lockjam, every tick (activity.sql)";
-pub const LOCKJAM_WAITING: &str = "lockjam, sample while someone waits (activity + waiters + locks)";
+pub const LOCKJAM_CALM: &str = "lockjam, every tick (probe.sql)";
+pub const LOCKJAM_ACTIVITY: &str = "lockjam, every activity_interval (activity.sql)";
+pub const LOCKJAM_WAITING: &str = "lockjam, sample while someone waits (probe + waiters + locks)";
+/// The candidates for lockjam's probe of every tick: is anyone waiting for
+/// a lock? `probe.sql` is the third.
+pub const PROBE_CANDIDATES: [(&str, &str); 3] = [
+    (
+        "probe candidate: the view",
+        "SELECT count(*) FROM pg_catalog.pg_stat_activity WHERE wait_event_type = 'Lock'",
+    ),
+    (
+        "probe candidate: pg_stat_get_activity(NULL), no joins",
+        "SELECT count(*) FROM pg_catalog.pg_stat_get_activity(NULL) AS a WHERE a.wait_event_type = 'Lock'",
+    ),
+    (
+        "probe candidate: per-backend functions (probe.sql)",
+        "SELECT count(*) FROM pg_catalog.pg_stat_get_backend_idset() AS b \
+         WHERE pg_catalog.pg_stat_get_backend_wait_event_type(b) = 'Lock'",
+    ),
+];
+
+/// Not a query: lockjam's database time per second at the default cadence.
+pub const LOCKJAM_PER_SECOND: &str = "lockjam, database ms per second (a sample a second, activity every 5 s)";
 
 pub async fn sample_costs(dsn: &str, admin: &Client, scale: Scale) -> Vec<LoadResult> {
     let loads = scale.pick(vec![100, 500, 1000], vec![20, 40]);
@@ -201,10 +226,15 @@ pub async fn sample_costs(dsn: &str, admin: &Client, scale: Scale) -> Vec<LoadRe
                 None => times.push((name.to_string(), vec![value])),
             };
             for _ in 0..repeats {
-                let (calm, waiting) = lockjam.sample(&client, &own).await;
+                let (calm, activity, waiting) = lockjam.sample(&client, &own).await;
                 record(LOCKJAM_CALM, calm);
+                record(LOCKJAM_ACTIVITY, activity);
+                record(LOCKJAM_PER_SECOND, waiting.unwrap_or(calm) + activity / 5.0);
                 if let Some(waiting) = waiting {
                     record(LOCKJAM_WAITING, waiting);
+                }
+                for (name, sql) in PROBE_CANDIDATES {
+                    record(name, server_ms(&client, sql, &[]).await);
                 }
                 for peer in &PEERS {
                     record(peer.name, server_ms(&client, peer.sql, &[]).await);
@@ -297,7 +327,7 @@ impl Watcher {
     fn label(self) -> String {
         match self {
             Watcher::Nothing => "no watcher".into(),
-            Watcher::Lockjam => "lockjam (interval 1s, fast_interval 250ms)".into(),
+            Watcher::Lockjam => "lockjam (interval 1s, activity_interval 5s)".into(),
             Watcher::Peer(i) => format!("{} every 250 ms", PEERS[i].name),
         }
     }

@@ -141,8 +141,9 @@ async fn run(scale: Scale, wanted: &dyn Fn(&str) -> bool) -> Report {
 
     if wanted("outage") {
         let (tables, results) = outage::all(&dsn, scale).await;
-        let reactions = outage::reaction_times(&dsn, scale.pick(10, 1)).await;
+        let (reactions, timeouts) = outage::reaction_times(&dsn, scale.pick(20, 1)).await;
         let r = Stats::of(&reactions);
+        let t = Stats::of(&timeouts);
         text.push_str(&format!(
             "## 1. The outage lockjam prevents\n\n\
              Incident 000 under load: `orders` holds 200,000 rows (with a foreign key to 1,000\n\
@@ -153,12 +154,14 @@ async fn run(scale: Scale, wanted: &dyn Fn(&str) -> bool) -> Report {
              application query of the run; \"cancelled\" lists the statements a strategy cancelled.\n\n\
              {tables}\n\
              ![Longest application query per strategy](docs/benchmarks/stall.svg)\n\n\
-             **Reaction time** of `cancel_blockers` (`min_wait = 2s`, interval 1 s, fast_interval 250 ms):\n\
+             **Reaction time** of `cancel_blockers` (`min_wait = 2s`, interval 1 s, no fast_interval):\n\
              from the waiter's `pg_locks.waitstart` to the blocker's cancel taking effect (its\n\
              `state_change`), both on the server's clock, {} runs: median {:.3} s, max {:.3} s,\n\
-             min {:.3} s. The floor is `min_wait`; the rest is at most one `fast_interval` plus one\n\
-             signalling statement.\n\n",
-            r.n, r.median, r.max, r.min
+             min {:.3} s. The floor is `min_wait`; the rest is the sample lockjam takes at that\n\
+             deadline (mapped from the server's clock onto its own) and one signalling statement.\n\
+             On the same runs, interleaved, `lock_timeout = 2s` on the migration: from its\n\
+             `waitstart` to its error, median {:.3} s, max {:.3} s, min {:.3} s.\n\n",
+            r.n, r.median, r.max, r.min, t.median, t.max, t.min
         ));
         plots.push(("stall.svg".to_string(), plot::stall(&results)));
     }
@@ -177,8 +180,11 @@ async fn run(scale: Scale, wanted: &dyn Fn(&str) -> bool) -> Report {
              the stated number wait for a lock (one idle-in-transaction holder of `orders`, an `ALTER\n\
              TABLE` waiting, reads queued behind it). Each cell: median (p10–p90) over the runs, and for\n\
              peers the ratio to lockjam's sample at that load (its calm path when no one waits, its\n\
-             waiting path otherwise). lockjam runs `activity.sql` every tick; only when it reports a\n\
-             waiter does it run `waiters.sql` and `locks.sql` (`src/sampler/`).\n\n\
+             waiting path otherwise). lockjam runs `probe.sql` every tick (1 s) and `activity.sql`\n\
+             every `activity_interval` (5 s); only when the probe reports a waiter does it run\n\
+             `waiters.sql` and `locks.sql` (`src/sampler/`). Its database time per second is the probe\n\
+             plus a fifth of the activity read while calm, and the waiting sample plus a fifth of the\n\
+             activity read while someone waits.\n\n\
              The peers' queries are written by us from each project's documented shape:\n\n{sources}\n\
              {}\n\
              ![Server time per sample against sessions](docs/benchmarks/cost.svg)\n\n\

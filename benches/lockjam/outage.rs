@@ -312,67 +312,92 @@ pub async fn all(dsn: &str, scale: Scale) -> (String, Vec<(Workload, Strategy, V
     (text, results)
 }
 
-/// Reaction time of `cancel_blockers` (`min_wait = 2s`, default cadence):
-/// from the waiter's `pg_locks.waitstart` to the blocker's cancel (its
-/// `state_change`), both on the server's clock, one table per run.
-pub async fn reaction_times(dsn: &str, runs: usize) -> Vec<f64> {
+/// Reaction times, interleaved run by run: `cancel_blockers` (`min_wait =
+/// 2s`, default cadence), from the waiter's `pg_locks.waitstart` to the
+/// blocker's cancel (its `state_change`); and `lock_timeout = 2s` on the
+/// migration, from its `waitstart` to its own error (its `state_change`).
+/// Both on the server's clock, one table per run. Returns (lockjam,
+/// lock_timeout).
+pub async fn reaction_times(dsn: &str, runs: usize) -> (Vec<f64>, Vec<f64>) {
     let admin = connect(dsn, "bench").await;
     let policy = Policy::acting(vec![Rule::unblock_migrations(Duration::from_secs(2))]);
-    let service = Service::start(&lockjam_config(dsn, policy)).await.unwrap();
-    let mut reactions = Vec::new();
+    let mut lockjam = Vec::new();
+    let mut lock_timeout = Vec::new();
     for run in 0..runs {
-        let table = format!("reaction_{run}");
-        admin
-            .batch_execute(&format!(
-                "CREATE TABLE {table} (id int); INSERT INTO {table} VALUES (1)"
-            ))
-            .await
-            .unwrap();
-        let reader = connect(dsn, "analyst").await;
-        let reader_pid = backend_pid(&reader).await;
-        let read_sql = format!("SELECT pg_sleep(600), count(*) FROM {table}");
-        // The reader's client is kept, so that its session (and its
-        // state_change) outlive the cancelled statement.
-        let read = tokio::spawn(async move {
-            let result = reader.simple_query(&read_sql).await;
-            (reader, result)
-        });
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let migration = connect(dsn, "migrate").await;
-        let migration_pid = backend_pid(&migration).await;
-        let alter_sql = format!("ALTER TABLE {table} ADD COLUMN note text");
-        let alter = tokio::spawn(async move { migration.simple_query(&alter_sql).await });
-        wait_for_waiters(&admin, 1).await;
-        let wait_start: SystemTime = loop {
-            let row = admin
-                .query_opt(
-                    "SELECT waitstart FROM pg_locks WHERE pid = $1 AND NOT granted AND waitstart IS NOT NULL",
-                    &[&migration_pid],
-                )
-                .await
-                .unwrap();
-            if let Some(row) = row {
-                break row.get(0);
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        };
-        tokio::time::timeout(Duration::from_secs(60), alter)
-            .await
-            .expect("the policy unblocks the ALTER within a minute")
-            .unwrap()
-            .expect("the ALTER succeeds");
-        let (_reader, result) = read.await.unwrap();
-        assert!(result.is_err(), "the read was cancelled");
-        let cancelled: SystemTime = admin
-            .query_one(
-                "SELECT state_change FROM pg_stat_activity WHERE pid = $1",
-                &[&reader_pid],
+        let service = Service::start(&lockjam_config(dsn, policy.clone())).await.unwrap();
+        lockjam.push(reaction(dsn, &admin, &format!("reaction_{run}"), false).await);
+        service.stop().await;
+        lock_timeout.push(reaction(dsn, &admin, &format!("reaction_timeout_{run}"), true).await);
+    }
+    (lockjam, lock_timeout)
+}
+
+/// One run: a long read of `table`, a migration waiting behind it (with
+/// `lock_timeout = 2s` when `own_timeout`); seconds from the migration's
+/// waitstart to the end of the statement that gave way.
+async fn reaction(dsn: &str, admin: &tokio_postgres::Client, table: &str, own_timeout: bool) -> f64 {
+    admin
+        .batch_execute(&format!(
+            "CREATE TABLE {table} (id int); INSERT INTO {table} VALUES (1)"
+        ))
+        .await
+        .unwrap();
+    let reader = connect(dsn, "analyst").await;
+    let reader_pid = backend_pid(&reader).await;
+    let read_sql = format!("SELECT pg_sleep(600), count(*) FROM {table}");
+    // The clients are kept, so that their sessions (and state_change)
+    // outlive the cancelled statements.
+    let read = tokio::spawn(async move {
+        let result = reader.simple_query(&read_sql).await;
+        (reader, result)
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let migration = connect(dsn, "migrate").await;
+    let migration_pid = backend_pid(&migration).await;
+    if own_timeout {
+        migration.batch_execute("SET lock_timeout = '2s'").await.unwrap();
+    }
+    let alter_sql = format!("ALTER TABLE {table} ADD COLUMN note text");
+    let alter = tokio::spawn(async move {
+        let result = migration.simple_query(&alter_sql).await;
+        (migration, result)
+    });
+    wait_for_waiters(admin, 1).await;
+    let wait_start: SystemTime = loop {
+        let row = admin
+            .query_opt(
+                "SELECT waitstart FROM pg_locks WHERE pid = $1 AND NOT granted AND waitstart IS NOT NULL",
+                &[&migration_pid],
             )
             .await
-            .unwrap()
-            .get(0);
-        reactions.push(cancelled.duration_since(wait_start).unwrap().as_secs_f64());
-    }
-    service.stop().await;
-    reactions
+            .unwrap();
+        if let Some(row) = row {
+            break row.get(0);
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let (_migration, altered) = tokio::time::timeout(Duration::from_secs(60), alter)
+        .await
+        .expect("the ALTER ends within a minute")
+        .unwrap();
+    let gave_way = if own_timeout {
+        assert!(altered.is_err(), "lock_timeout cancels the ALTER");
+        read.abort();
+        admin
+            .execute("SELECT pg_cancel_backend($1)", &[&reader_pid])
+            .await
+            .unwrap();
+        migration_pid
+    } else {
+        altered.expect("the ALTER succeeds");
+        let (_reader, result) = read.await.unwrap();
+        assert!(result.is_err(), "the read was cancelled");
+        reader_pid
+    };
+    let ended: SystemTime = admin
+        .query_one("SELECT state_change FROM pg_stat_activity WHERE pid = $1", &[&gave_way])
+        .await
+        .unwrap()
+        .get(0);
+    ended.duration_since(wait_start).unwrap().as_secs_f64()
 }

@@ -4,7 +4,7 @@
 
 use std::fmt::Write;
 
-use crate::cost::{lockjam_sample, LoadResult, LOCKJAM_CALM, LOCKJAM_WAITING};
+use crate::cost::{lockjam_sample, LoadResult, LOCKJAM_ACTIVITY, LOCKJAM_CALM, LOCKJAM_PER_SECOND, LOCKJAM_WAITING};
 use crate::outage::{Run, Strategy, Workload};
 
 const COLOURS: [&str; 6] = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b"];
@@ -121,7 +121,10 @@ pub fn cost(results: &[LoadResult]) -> String {
     let mut names: Vec<String> = vec!["lockjam sample".into()];
     for r in results {
         for (name, _) in &r.rows {
-            if name != LOCKJAM_CALM && name != LOCKJAM_WAITING && !names.contains(name) {
+            if ![LOCKJAM_CALM, LOCKJAM_ACTIVITY, LOCKJAM_WAITING, LOCKJAM_PER_SECOND].contains(&name.as_str())
+                && !name.starts_with("probe candidate")
+                && !names.contains(name)
+            {
                 names.push(name.clone());
             }
         }

@@ -239,6 +239,10 @@ pub struct SamplerConfig {
     pub lock_timeout: Duration,
     #[serde(with = "crate::duration::positive")]
     pub connect_timeout: Duration,
+    /// Time between reads of sessions by database and state (one scan of
+    /// every backend's status); the probe for lock waits runs every tick.
+    #[serde(with = "crate::duration::positive")]
+    pub activity_interval: Duration,
     /// Relation series per target, at most.
     pub max_relations: usize,
     /// A session to another database (opened to name its relations)
@@ -255,6 +259,7 @@ impl Default for SamplerConfig {
             statement_timeout: Duration::from_secs(2),
             lock_timeout: Duration::from_millis(500),
             connect_timeout: Duration::from_secs(5),
+            activity_interval: Duration::from_secs(5),
             max_relations: 20,
             database_session_idle: Duration::from_secs(60),
         }

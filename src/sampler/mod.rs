@@ -2,9 +2,13 @@
 //! one connection per target (plus, lazily, one per other database whose
 //! relation names it must resolve), producing a [`Snapshot`] per tick.
 //!
-//! Every tick reads `pg_stat_activity` only. When some backend waits for a
-//! lock, it also reads the waiters' `pg_blocking_pids` and their `pg_locks`
-//! rows, and resolves relation names in the database that owns them.
+//! Every tick reads one field of each backend's status (`probe.sql`):
+//! whether any waits for a lock. Sessions by database and state
+//! (`activity.sql`, one scan of `pg_stat_get_activity`) are read every
+//! `activity_interval`. When some backend waits, the tick also reads the
+//! waiters' `pg_blocking_pids` and the sessions involved (`waiters.sql`),
+//! their `pg_locks` rows (`locks.sql`), and resolves relation names in the
+//! database that owns them.
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant, SystemTime};
@@ -16,6 +20,7 @@ use crate::config::{SamplerConfig, Target};
 use crate::connect::{error_chain, ConnectError, Connector};
 use crate::snapshot::{ActivityGroup, LockRow, Session, Snapshot};
 
+const PROBE_SQL: &str = include_str!("probe.sql");
 const ACTIVITY_SQL: &str = include_str!("activity.sql");
 const WAITERS_SQL: &str = include_str!("waiters.sql");
 const LOCKS_SQL: &str = include_str!("locks.sql");
@@ -54,6 +59,7 @@ struct MainSession {
     /// The role lockjam is, as named in warnings.
     role: String,
     server_version: i32,
+    probe: Statement,
     activity: Statement,
     waiters: Statement,
     locks: Statement,
@@ -73,27 +79,28 @@ struct DatabaseSession {
 type WaitKey = (i32, Option<SystemTime>, String, String);
 
 /// The statements of a sample on a server of `server_version`
-/// (`server_version_num`): the activity read of every tick, then the
-/// waiters and their `pg_locks` rows, read only while someone waits.
-pub fn sample_statements(server_version: i32) -> [String; 3] {
+/// (`server_version_num`): the probe of every tick, the sessions by state
+/// (every `activity_interval`), then the waiters and their `pg_locks`
+/// rows, read only while someone waits.
+pub fn sample_statements(server_version: i32) -> [String; 4] {
     let waitstart = if server_version >= 140_000 {
         "l.waitstart"
     } else {
         "NULL::pg_catalog.timestamptz"
     };
     [
+        PROBE_SQL.into(),
         ACTIVITY_SQL.into(),
         WAITERS_SQL.replace("{replay}", &REPLAY_SQL.replace("{in_recovery}", "$3::pg_catalog.bool")),
         LOCKS_SQL.replace("{waitstart}", waitstart),
     ]
 }
 
-/// What the read of every tick says.
+/// What the probe of every tick says.
 struct Tick {
     taken_at: SystemTime,
     lock_waiters: i64,
     in_recovery: bool,
-    activity: Vec<ActivityGroup>,
 }
 
 pub struct Sampler {
@@ -104,6 +111,10 @@ pub struct Sampler {
     databases: HashMap<String, DatabaseSession>,
     first_seen: HashMap<WaitKey, SystemTime>,
     database_session_idle: Duration,
+    /// Sessions by database and state, as last read, and when.
+    activity: Vec<ActivityGroup>,
+    activity_read_at: Option<Instant>,
+    activity_interval: Duration,
     /// Databases with client sessions in the last sample.
     databases_with_sessions: HashSet<String>,
     /// When the server's list of databases was last read.
@@ -123,6 +134,9 @@ impl Sampler {
             databases: HashMap::new(),
             first_seen: HashMap::new(),
             database_session_idle: config.database_session_idle,
+            activity: Vec::new(),
+            activity_read_at: None,
+            activity_interval: config.activity_interval,
             databases_with_sessions: HashSet::new(),
             databases_read_at: None,
             warnings: Vec::new(),
@@ -150,6 +164,7 @@ impl Sampler {
     pub fn reset(&mut self) {
         self.main = None;
         self.databases.clear();
+        self.activity_read_at = None;
     }
 
     /// Takes one sample. On error every session is dropped and the next
@@ -168,15 +183,22 @@ impl Sampler {
             self.main = Some(main);
         }
         let own_pids = self.own_pids();
-        let tick = self.read_activity(&own_pids).await?;
-        let existing_databases = self.databases_if_one_vanished(&tick.activity).await?;
+        let tick = self.probe(&own_pids).await?;
+        let existing_databases = match self.activity_read_at {
+            Some(at) if at.elapsed() < self.activity_interval => None,
+            _ => {
+                self.activity = self.read_activity(&own_pids).await?;
+                self.activity_read_at = Some(Instant::now());
+                self.databases_if_one_vanished().await?
+            }
+        };
         if tick.lock_waiters == 0 {
             self.first_seen.clear();
             self.close_idle_database_sessions();
             return Ok(Snapshot {
                 existing_databases,
                 in_recovery: tick.in_recovery,
-                ..Snapshot::calm(tick.taken_at, tick.activity)
+                ..Snapshot::calm(tick.taken_at, self.activity.clone())
             });
         }
         let sessions = self.read_waiters(&own_pids, tick.in_recovery).await?;
@@ -188,7 +210,7 @@ impl Sampler {
         self.close_idle_database_sessions();
         Ok(Snapshot {
             taken_at: tick.taken_at,
-            activity: tick.activity,
+            activity: self.activity.clone(),
             sessions,
             locks,
             existing_databases,
@@ -196,17 +218,32 @@ impl Sampler {
         })
     }
 
-    /// The read of every tick (`activity.sql`); it also re-checks the
+    /// The probe of every tick (`probe.sql`); it also re-checks the
     /// role's grant.
-    async fn read_activity(&mut self, own_pids: &[i32]) -> Result<Tick, SampleError> {
+    async fn probe(&mut self, own_pids: &[i32]) -> Result<Tick, SampleError> {
+        let main = self.main.as_ref().expect("opened");
+        let row = main
+            .client
+            .query_one(&main.probe, &[&own_pids])
+            .await
+            .map_err(|e| self.query_error("probing for lock waits", &e))?;
+        self.note_privilege(row.get("reads_all_stats"));
+        Ok(Tick {
+            taken_at: row.get("taken_at"),
+            lock_waiters: row.get("lock_waiters"),
+            in_recovery: row.get("in_recovery"),
+        })
+    }
+
+    /// Sessions by database and state (`activity.sql`).
+    async fn read_activity(&self, own_pids: &[i32]) -> Result<Vec<ActivityGroup>, SampleError> {
         let main = self.main.as_ref().expect("opened");
         let rows = main
             .client
             .query(&main.activity, &[&own_pids])
             .await
             .map_err(|e| self.query_error("reading pg_stat_activity", &e))?;
-        self.note_privilege(rows[0].get("reads_all_stats"));
-        let activity = rows
+        Ok(rows
             .iter()
             .filter_map(|row| {
                 Some(ActivityGroup {
@@ -216,13 +253,7 @@ impl Sampler {
                     oldest_xact_start: row.get("oldest_xact_start"),
                 })
             })
-            .collect();
-        Ok(Tick {
-            taken_at: rows[0].get("taken_at"),
-            lock_waiters: rows[0].get("lock_waiters"),
-            in_recovery: rows[0].get("in_recovery"),
-            activity,
-        })
+            .collect())
     }
 
     /// The waiters and their blockers (`waiters.sql`).
@@ -313,7 +344,8 @@ impl Sampler {
             let client = &client;
             async move { client.prepare(&sql).await.map_err(|e| self.query_error(what, &e)) }
         };
-        let [activity, waiters, locks] = sample_statements(server_version);
+        let [probe, activity, waiters, locks] = sample_statements(server_version);
+        let probe = prepare(probe, "preparing the probe").await?;
         let activity = prepare(activity, "preparing the activity query").await?;
         let waiters = prepare(waiters, "preparing the waiters query").await?;
         let locks = prepare(locks, "preparing the pg_locks query").await?;
@@ -324,6 +356,7 @@ impl Sampler {
             dbname: row.get("dbname"),
             server_version,
             client,
+            probe,
             activity,
             waiters,
             locks,
@@ -429,13 +462,11 @@ impl Sampler {
     }
 
     /// The server's databases, read when a database that had client
-    /// sessions in the last sample has none now (it may have been dropped,
-    /// and its series must go with it); `None`, with no query, otherwise.
-    async fn databases_if_one_vanished(
-        &mut self,
-        activity: &[ActivityGroup],
-    ) -> Result<Option<Vec<String>>, SampleError> {
-        let now: HashSet<String> = activity.iter().map(|g| g.datname.clone()).collect();
+    /// sessions in the previous read of the activity has none in the one
+    /// just made (it may have been dropped, and its series must go with
+    /// it); `None`, with no query, otherwise.
+    async fn databases_if_one_vanished(&mut self) -> Result<Option<Vec<String>>, SampleError> {
+        let now: HashSet<String> = self.activity.iter().map(|g| g.datname.clone()).collect();
         let vanished = self.databases_with_sessions.iter().any(|d| !now.contains(d));
         self.databases_with_sessions = now;
         // Also now and then: a database can be dropped long after its
