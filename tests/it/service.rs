@@ -128,8 +128,13 @@ async fn golden_metrics() {
         sessions.push(env.spawn_statement("web", "SELECT count(*) FROM orders").await);
     }
     env.wait_until_waiting_count("web", 3).await;
+    // Sessions by state are read every activity_interval (5 s), the
+    // queue every tick.
     let scrape = env
-        .wait_for_metrics("the queue", |m| m.value("lockjam_lock_queue_depth", &[]) == Some(3.0))
+        .wait_for_metrics("the queue and the sessions in it", |m| {
+            m.value("lockjam_lock_queue_depth", &[]) == Some(3.0)
+                && m.value("lockjam_sessions", &[("datname", "app"), ("state", "active")]) == Some(5.0)
+        })
         .await;
     let rendered = mask(&scrape.text);
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(GOLDEN);
