@@ -328,7 +328,7 @@ impl Watcher {
         match self {
             Watcher::Nothing => "no watcher".into(),
             Watcher::Lockjam => "lockjam (interval 1s, activity_interval 5s)".into(),
-            Watcher::Peer(i) => format!("{} every 250 ms", PEERS[i].name),
+            Watcher::Peer(i) => format!("{} every second", PEERS[i].name),
         }
     }
 }
@@ -381,7 +381,8 @@ pub async fn pgbench_tps(dsn: &str, port: u16, admin: &Client, scale: Scale, pgb
         .collect();
     format!(
         "pgbench -S (select-only), 4 clients, 2 threads, {seconds} s, scale 10, beside {sessions} sessions \
-         of which {waiters} wait for a lock (so lockjam samples every 250 ms); {rounds} rounds, watchers \
+         of which {waiters} wait for a lock (lockjam samples every second; each peer's query runs as often); \
+         {rounds} rounds, watchers \
          interleaved, after one uncounted warm-up run; median (min–max).\n\n{}",
         table(&["watcher", "TPS", "vs no watcher"], &rows)
     )
@@ -438,7 +439,7 @@ async fn start_watcher(watcher: Watcher, dsn: &str) -> Running {
             let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
             let flag = stop.clone();
             let task = tokio::spawn(async move {
-                let mut tick = tokio::time::interval(Duration::from_millis(250));
+                let mut tick = tokio::time::interval(Duration::from_secs(1));
                 while !flag.load(std::sync::atomic::Ordering::Relaxed) {
                     tick.tick().await;
                     client.simple_query(PEERS[i].sql).await.unwrap();
