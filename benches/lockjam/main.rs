@@ -8,6 +8,9 @@
 //! 3. `exporter`: the `lockjam run` process: startup, detection latency,
 //!    memory, CPU, `/metrics` under 200 connections.
 //!
+//! `cargo bench --bench lockjam -- reaction` runs only the reaction times
+//! of part 1 and prints them.
+//!
 //! `cargo bench --bench lockjam` runs all three at full scale (about 40
 //! minutes on 2 cores) and rewrites BENCHMARKS.md and
 //! docs/benchmarks/*.svg; `cargo bench --bench lockjam -- outage` (or
@@ -39,7 +42,7 @@ fn main() {
     let parts: Vec<&str> = args
         .iter()
         .map(String::as_str)
-        .filter(|a| ["outage", "cost", "exporter", "all"].contains(a))
+        .filter(|a| ["outage", "reaction", "cost", "exporter", "all"].contains(a))
         .collect();
     let all = parts.is_empty() || parts.contains(&"all");
     let wanted = |part: &str| all || parts.contains(&part);
@@ -139,6 +142,16 @@ async fn run(scale: Scale, wanted: &dyn Fn(&str) -> bool) -> Report {
     );
     let mut plots = Vec::new();
 
+    if wanted("reaction") && !wanted("outage") {
+        let (reactions, timeouts) = outage::reaction_times(&dsn, scale.pick(20, 1)).await;
+        let (r, t) = (Stats::of(&reactions), Stats::of(&timeouts));
+        text.push_str(&format!(
+            "Reaction time over {} interleaved runs (`min_wait = 2s` against `lock_timeout = 2s`): \
+             lockjam median {:.3} s, max {:.3} s, min {:.3} s; lock_timeout median {:.3} s, max {:.3} s, \
+             min {:.3} s.\n",
+            r.n, r.median, r.max, r.min, t.median, t.max, t.min
+        ));
+    }
     if wanted("outage") {
         let (tables, results) = outage::all(&dsn, scale).await;
         let (reactions, timeouts) = outage::reaction_times(&dsn, scale.pick(20, 1)).await;

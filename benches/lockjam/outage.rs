@@ -380,19 +380,21 @@ async fn reaction(dsn: &str, admin: &tokio_postgres::Client, table: &str, own_ti
         .await
         .expect("the ALTER ends within a minute")
         .unwrap();
-    let gave_way = if own_timeout {
+    // Both clients live until state_change is read: a closed session
+    // leaves pg_stat_activity.
+    let (gave_way, _reader) = if own_timeout {
         assert!(altered.is_err(), "lock_timeout cancels the ALTER");
-        read.abort();
         admin
             .execute("SELECT pg_cancel_backend($1)", &[&reader_pid])
             .await
             .unwrap();
-        migration_pid
+        let (reader, _) = read.await.unwrap();
+        (migration_pid, reader)
     } else {
         altered.expect("the ALTER succeeds");
-        let (_reader, result) = read.await.unwrap();
+        let (reader, result) = read.await.unwrap();
         assert!(result.is_err(), "the read was cancelled");
-        reader_pid
+        (reader_pid, reader)
     };
     let ended: SystemTime = admin
         .query_one("SELECT state_change FROM pg_stat_activity WHERE pid = $1", &[&gave_way])
