@@ -18,7 +18,8 @@ pub(crate) const OTHER_RELATIONS: &str = "_other";
 /// Buckets of `lockjam_sample_duration_seconds`: samples take milliseconds.
 const SAMPLE_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5];
 /// Buckets of `lockjam_lock_wait_seconds`: waits are seen at the sampling
-/// cadence (250 ms) and matter from seconds to many minutes.
+/// cadence (1 s by default; a `fast_interval` as short as 250 ms is still
+/// resolved) and matter from seconds to many minutes.
 const WAIT_BUCKETS: &[f64] = &[0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0, 1800.0];
 
 /// One labelled gauge family and, per target, the label sets it holds.

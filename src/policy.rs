@@ -705,15 +705,10 @@ fn choose_signal(
     earlier: Option<&Signalled>,
     now: SystemTime,
 ) -> Assessment {
-    let human = |d: Duration| humantime::format_duration(d).to_string();
     let waited = format!(
         "the waiter has waited {:.1}s (min_wait {})",
         waiter.wait.as_secs_f64(),
-        if rule.min_wait.is_zero() {
-            "0s".into()
-        } else {
-            human(rule.min_wait)
-        }
+        crate::duration::show(rule.min_wait)
     );
     if rule.action == Action::CancelWaiter {
         // A server-side lock_timeout: each wait is cancelled once, and
@@ -777,11 +772,7 @@ fn handover(policy: &Policy, rule: &Rule, waiter: &Waiter) -> String {
         Some(next) => format!(
             "; the waiter goes to rule `{}` once it has waited {} with {} or more behind it",
             next.name,
-            if next.min_wait.is_zero() {
-                "0s".into()
-            } else {
-                humantime::format_duration(next.min_wait).to_string()
-            },
+            crate::duration::show(next.min_wait),
             next.min_queue
         ),
         None => "; no later rule matches: the waiter stays queued".into(),
@@ -837,6 +828,7 @@ pub fn next_deadline(graph: &LockGraph, policy: &Policy, memory: &Memory) -> Opt
             .filter(|rule| rule.concerns(waiter) && waiter.wait < rule.min_wait)
             .map(|rule| graph.taken_at + (rule.min_wait - waiter.wait))
     });
+    // Only cancel_blockers follows a cancel up (cancel_waiter never does).
     let escalations = memory
         .signalled
         .values()
@@ -844,6 +836,7 @@ pub fn next_deadline(graph: &LockGraph, policy: &Policy, memory: &Memory) -> Opt
         .flat_map(|signalled| {
             rules
                 .iter()
+                .filter(|rule| rule.action == Action::CancelBlockers)
                 .map(|rule| signalled.at + rule.terminate_after.unwrap_or(CANCEL_GRACE))
         });
     let retries = memory.failed.values().map(|(_, retry_at)| *retry_at);
@@ -1276,6 +1269,18 @@ mod tests {
         assert_eq!(
             next_deadline(&graph_at(&snapshot, 101.0), &five, &memory),
             Some(at(110.0))
+        );
+        // cancel_waiter never follows its cancel up: no deadline for it.
+        let waiter_rule = policy(Rule {
+            action: Action::CancelWaiter,
+            ..rule(5.0)
+        });
+        let mut cancelled = Memory::default();
+        let cancel_waiter = decisions(&graph, &waiter_rule, &cancelled, 100.0).remove(0);
+        cancelled.record(&cancel_waiter, Outcome::Success, at(100.0));
+        assert_eq!(
+            next_deadline(&graph_at(&snapshot, 101.0), &waiter_rule, &cancelled),
+            None
         );
         // A dry run's cancel is never followed up.
         let mut dry = Memory::default();

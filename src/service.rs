@@ -436,11 +436,12 @@ impl Watch {
             (Some((_, policy)), Some(true)) => next_deadline(&graph, policy, &self.memory),
             _ => None,
         };
-        self.previous = Some(graph.clone());
-        match deadline {
+        let wake = match deadline {
             Some(at) => (started + cadence).min(on_local_clock(at, &graph, started)),
             None => started + cadence,
-        }
+        };
+        self.previous = Some(graph);
+        wake
     }
 
     /// Reports a failed sample; returns when to try again.
