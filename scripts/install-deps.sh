@@ -5,7 +5,8 @@
 # /usr/lib/postgresql/*/bin. With --test-tools, also pgbench and wrk (the
 # benchmark and its smoke mode in the tests), Prometheus with promtool and
 # Alertmanager's amtool (the monitoring tests), psql (the role script's
-# tests) and curl (the HTTPS tests). Debian and Ubuntu only;
+# tests), curl (the HTTPS tests) and postgres_exporter (the benchmark
+# measures it beside lockjam). Debian and Ubuntu only;
 # elsewhere it says what to install. Idempotent.
 set -euo pipefail
 
@@ -27,6 +28,7 @@ if [ "${1:-}" = "--test-tools" ]; then
   command -v amtool >/dev/null 2>&1 || packages+=(prometheus-alertmanager)
   command -v psql >/dev/null 2>&1 || packages+=(postgresql-client)
   command -v curl >/dev/null 2>&1 || packages+=(curl)
+  command -v prometheus-postgres-exporter >/dev/null 2>&1 || packages+=(prometheus-postgres-exporter)
 fi
 if [ ${#packages[@]} -eq 0 ]; then
   exit 0

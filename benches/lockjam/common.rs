@@ -34,7 +34,7 @@ pub async fn start_cluster(options: ClusterOptions) -> Cluster {
 pub async fn connect(dsn: &str, application_name: &str) -> Client {
     lockjam::staging::connect(dsn, application_name)
         .await
-        .unwrap_or_else(|e| panic!("cannot connect to {dsn}: {e}"))
+        .unwrap_or_else(|e| panic!("cannot connect to {dsn}: {}", lockjam::connect::error_chain(&e)))
 }
 
 pub async fn backend_pid(client: &Client) -> i32 {

@@ -14,13 +14,18 @@ use tokio_postgres::Client;
 use crate::common::{connect, spread, table, Scale, Stats};
 use crate::cost::Scene;
 
-struct LockjamRun {
+/// Debian's package of prometheus-community/postgres_exporter.
+pub(crate) const POSTGRES_EXPORTER: &str = "prometheus-postgres-exporter";
+
+/// An exporter as its own process, serving `/metrics` on `addr`.
+pub(crate) struct Served {
     child: Child,
-    addr: SocketAddr,
+    pub addr: SocketAddr,
 }
 
-impl LockjamRun {
-    fn spawn(dsn: &str) -> LockjamRun {
+impl Served {
+    /// The release `lockjam run` binary with its default configuration.
+    pub fn lockjam(dsn: &str) -> Served {
         let port = lockjam::cluster::free_port().unwrap();
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let child = Command::new(env!("CARGO_BIN_EXE_lockjam"))
@@ -29,10 +34,46 @@ impl LockjamRun {
             .stdout(Stdio::null())
             .spawn()
             .expect("the lockjam binary runs");
-        LockjamRun { child, addr }
+        Served { child, addr }
     }
 
-    fn status(&self, field: &str) -> u64 {
+    /// Debian's `prometheus-postgres-exporter` as the package runs it (no
+    /// arguments beyond the address, every default collector).
+    pub fn postgres_exporter(dsn: &str) -> Served {
+        let port = lockjam::cluster::free_port().unwrap();
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let child = Command::new(POSTGRES_EXPORTER)
+            .arg(format!("--web.listen-address={addr}"))
+            .arg("--log.level=warn")
+            .env("DATA_SOURCE_NAME", dsn)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot run {POSTGRES_EXPORTER} ({e}): run scripts/install-deps.sh --test-tools")
+            });
+        Served { child, addr }
+    }
+
+    /// Waits until a `/metrics` holds a line starting with `up`.
+    pub async fn wait_up(&self, up: &str) {
+        let started = Instant::now();
+        loop {
+            if let Some(text) = metrics(self.addr).await {
+                if text.lines().any(|l| l.starts_with(up)) {
+                    return;
+                }
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "{up} never showed on {}",
+                self.addr
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn status(&self, field: &str) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
         status
             .lines()
@@ -42,7 +83,7 @@ impl LockjamRun {
     }
 
     /// User plus system CPU seconds so far.
-    fn cpu_seconds(&self) -> f64 {
+    pub fn cpu_seconds(&self) -> f64 {
         let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap();
         let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
         // utime and stime are fields 14 and 15 of stat(5); fields[0] is 3.
@@ -53,7 +94,7 @@ impl LockjamRun {
     }
 }
 
-impl Drop for LockjamRun {
+impl Drop for Served {
     /// Never left running, even when the bench panics.
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -61,7 +102,7 @@ impl Drop for LockjamRun {
     }
 }
 
-async fn metrics(addr: SocketAddr) -> Option<String> {
+pub(crate) async fn metrics(addr: SocketAddr) -> Option<String> {
     let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
     stream
         .write_all(b"GET /metrics HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
@@ -72,7 +113,7 @@ async fn metrics(addr: SocketAddr) -> Option<String> {
     Some(body)
 }
 
-fn value(text: &str, prefix: &str) -> Option<f64> {
+pub(crate) fn value(text: &str, prefix: &str) -> Option<f64> {
     text.lines()
         .find(|l| l.starts_with(prefix))
         .and_then(|l| l.rsplit_once(' '))
@@ -82,7 +123,7 @@ fn value(text: &str, prefix: &str) -> Option<f64> {
 /// Seconds from spawning `lockjam run` to a `/metrics` with `lockjam_up 1`.
 async fn startup(dsn: &str) -> f64 {
     let started = Instant::now();
-    let run = LockjamRun::spawn(dsn);
+    let run = Served::lockjam(dsn);
     loop {
         if let Some(text) = metrics(run.addr).await {
             if value(&text, "lockjam_up{") == Some(1.0) {
@@ -138,7 +179,7 @@ async fn detection(dsn: &str, admin: &Client, addr: SocketAddr, n: usize) -> f64
 }
 
 /// wrk against `/metrics`: (requests per second, p50 ms, p99 ms).
-fn wrk(addr: SocketAddr, connections: usize, seconds: u64) -> (f64, f64, f64) {
+pub(crate) fn wrk(addr: SocketAddr, connections: usize, seconds: u64) -> (f64, f64, f64) {
     let output = Command::new("wrk")
         .args([
             "-t2",
@@ -189,7 +230,7 @@ pub async fn all(dsn: &str, admin: &Client, scale: Scale) -> String {
     let detections_wanted = scale.pick(20, 1);
     let mut scene = Scene::new(dsn);
     scene.set(admin, sessions, 0, 2 + 1).await;
-    let run = LockjamRun::spawn(dsn);
+    let run = Served::lockjam(dsn);
     let started = Instant::now();
     let mut detections = Vec::new();
     let mut scrapes = 0u64;

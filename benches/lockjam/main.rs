@@ -7,14 +7,16 @@
 //!    queries, by sessions and waiters; pgbench TPS beside each.
 //! 3. `exporter`: the `lockjam run` process: startup, detection latency,
 //!    memory, CPU, `/metrics` under 200 connections.
+//! 4. `versus`: lockjam and the real postgres_exporter side by side on a
+//!    cluster of their own: database time by role, memory, `/metrics`.
 //!
 //! `cargo bench --bench lockjam -- reaction` runs only the reaction times
 //! of part 1 and prints them.
 //!
-//! `cargo bench --bench lockjam` runs all three at full scale (about 40
+//! `cargo bench --bench lockjam` runs all four at full scale (about 50
 //! minutes on 2 cores) and rewrites BENCHMARKS.md and
 //! docs/benchmarks/*.svg; `cargo bench --bench lockjam -- outage` (or
-//! `cost`, `exporter`) runs one part and only prints it. Without `--bench`
+//! `cost`, `exporter`, `versus`) runs one part and only prints it. Without `--bench`
 //! (under `cargo test --benches`) it runs every part at smoke scale, in
 //! about a minute, and writes nothing into the tree.
 
@@ -24,6 +26,7 @@ mod exporter;
 mod outage;
 mod peers;
 mod plot;
+mod versus;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -42,7 +45,7 @@ fn main() {
     let parts: Vec<&str> = args
         .iter()
         .map(String::as_str)
-        .filter(|a| ["outage", "reaction", "cost", "exporter", "all"].contains(a))
+        .filter(|a| ["outage", "reaction", "cost", "exporter", "versus", "all"].contains(a))
         .collect();
     let all = parts.is_empty() || parts.contains(&"all");
     let wanted = |part: &str| all || parts.contains(&part);
@@ -216,5 +219,10 @@ async fn run(scale: Scale, wanted: &dyn Fn(&str) -> bool) -> Report {
         ));
     }
     tokio::task::spawn_blocking(move || drop(cluster)).await.unwrap();
+
+    if wanted("versus") {
+        let table = versus::all(scale).await;
+        text.push_str(&format!("## 4. Beside postgres_exporter\n\n{table}\n"));
+    }
     Report { text, plots }
 }

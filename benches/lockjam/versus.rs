@@ -1,0 +1,352 @@
+//! Part 4: lockjam beside the real postgres_exporter (Debian's
+//! `prometheus-postgres-exporter`), both running at once on one cluster,
+//! each under a role of its own with `pg_monitor`, so that
+//! `pg_stat_statements` counts each one's statements apart: database time
+//! per second in three scenes, resident memory, and `/metrics` under wrk.
+//!
+//! postgres_exporter reads the database at every scrape, so its cost is
+//! per scrape: the table gives it at a 15 s and a 5 s scrape interval.
+//! lockjam reads the database on its own cadence whatever the scrapes, so
+//! its cost is per second.
+
+use std::time::{Duration, Instant};
+
+use lockjam::cluster::ClusterOptions;
+use tokio_postgres::Client;
+
+use crate::common::{connect, spread, start_cluster, table, Scale, Stats};
+use crate::cost::Scene;
+use crate::exporter::{metrics, wrk, Served, POSTGRES_EXPORTER};
+
+/// One scene: client sessions, of which this many wait for a lock.
+struct SceneSpec {
+    label: String,
+    sessions: usize,
+    waiters: usize,
+}
+
+/// What one window of one scene measured.
+#[derive(Default, Clone)]
+struct Window {
+    /// lockjam's database milliseconds and statements per second.
+    lockjam_ms: Vec<f64>,
+    lockjam_calls: Vec<f64>,
+    /// postgres_exporter's database milliseconds and statements per scrape.
+    exporter_ms: Vec<f64>,
+    exporter_calls: Vec<f64>,
+}
+
+const LOCKJAM_ROLE: &str = "lockjam_watch";
+const EXPORTER_ROLE: &str = "exporter_watch";
+
+pub async fn all(scale: Scale) -> String {
+    let cluster = start_cluster(ClusterOptions {
+        max_connections: 1100,
+        settings: [
+            ("shared_preload_libraries", "pg_stat_statements"),
+            ("pg_stat_statements.track", "all"),
+            ("pg_stat_statements.track_planning", "on"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect(),
+        ..Default::default()
+    })
+    .await;
+    let dsn = cluster.dsn("postgres");
+    let postgres = cluster.version().to_string();
+    let admin = connect(&dsn, "bench").await;
+    admin
+        .batch_execute(&format!(
+            "CREATE EXTENSION pg_stat_statements; \
+             CREATE TABLE orders (id int PRIMARY KEY); \
+             CREATE ROLE {LOCKJAM_ROLE} LOGIN IN ROLE pg_monitor; \
+             CREATE ROLE {EXPORTER_ROLE} LOGIN IN ROLE pg_monitor;"
+        ))
+        .await
+        .unwrap_or_else(|e| panic!("pg_stat_statements is needed beside the server binaries: {e}"));
+    let role_dsn = |role: &str| dsn.replace("user=postgres", &format!("user={role}"));
+    let lockjam = Served::lockjam(&role_dsn(LOCKJAM_ROLE));
+    let exporter = Served::postgres_exporter(&role_dsn(EXPORTER_ROLE));
+    lockjam.wait_up("lockjam_up{").await;
+    exporter.wait_up("pg_up 1").await;
+
+    let sessions = scale.pick(1000, 30);
+    let waiters = scale.pick(100, 5);
+    let scenes = [
+        SceneSpec {
+            label: "no client sessions".into(),
+            sessions: 0,
+            waiters: 0,
+        },
+        SceneSpec {
+            label: format!("{sessions} idle sessions"),
+            sessions,
+            waiters: 0,
+        },
+        SceneSpec {
+            label: format!("{sessions} sessions, {waiters} queued behind an ALTER"),
+            sessions,
+            waiters,
+        },
+    ];
+    let rounds = scale.pick(3, 1);
+    let window = scale.pick(Duration::from_secs(45), Duration::from_secs(4));
+    let scrape_every = scale.pick(Duration::from_secs(5), Duration::from_secs(1));
+    let mut results = vec![Window::default(); scenes.len()];
+    let mut scene = Scene::new(&dsn);
+    let mut memory = (0, 0);
+    for _ in 0..rounds {
+        for (spec, result) in scenes.iter().zip(results.iter_mut()) {
+            // The bench's session and one of each exporter's.
+            scene.set(&admin, spec.sessions, spec.waiters, 3).await;
+            measure(&admin, &lockjam, &exporter, window, scrape_every, result).await;
+            if spec.waiters > 0 {
+                memory = (lockjam.status("VmRSS:"), exporter.status("VmRSS:"));
+            }
+        }
+        eprintln!("versus: a round of {} scenes done", scenes.len());
+    }
+    // Short waits, as Prometheus sees them, then /metrics under load,
+    // beside the idle sessions.
+    scene.set(&admin, sessions, 0, 3).await;
+    let short = ShortWaits {
+        count: scale.pick(20, 2),
+        each: scale.pick(Duration::from_secs(3), Duration::from_millis(1500)),
+        spacing: scale.pick(Duration::from_millis(7300), Duration::from_millis(2300)),
+        scrape_every: scale.pick(Duration::from_secs(15), Duration::from_secs(1)),
+    };
+    let (seen_by_lockjam, seen_by_exporter) = short.run(&dsn, &admin, &lockjam, &exporter).await;
+    let (connections, seconds) = scale.pick((10, 10), (2, 1));
+    let lockjam_wrk = wrk(lockjam.addr, connections, seconds);
+    let exporter_wrk = wrk(exporter.addr, connections, seconds);
+    scene.clear_waiters(&admin).await;
+    drop(scene);
+    drop((lockjam, exporter));
+    tokio::task::spawn_blocking(move || drop(cluster)).await.unwrap();
+
+    let rows: Vec<Vec<String>> = scenes
+        .iter()
+        .zip(&results)
+        .map(|(spec, r)| {
+            let lockjam = Stats::of(&r.lockjam_ms).median;
+            let per_scrape = Stats::of(&r.exporter_ms).median;
+            let at = |seconds: f64| per_scrape / seconds;
+            vec![
+                spec.label.clone(),
+                format!(
+                    "{} ({} statements/s)",
+                    spread(&r.lockjam_ms, 2, ""),
+                    spread(&r.lockjam_calls, 1, "")
+                ),
+                format!(
+                    "{} ({} statements)",
+                    spread(&r.exporter_ms, 2, ""),
+                    spread(&r.exporter_calls, 0, "")
+                ),
+                format!("{:.2}", at(15.0)),
+                format!("{:.2}", at(5.0)),
+                format!("{:.2}× / {:.2}×", lockjam / at(15.0), lockjam / at(5.0)),
+            ]
+        })
+        .collect();
+    let version = exporter_version();
+    format!(
+        "Both at once on one cluster ({}), each under its own role with `pg_monitor`;\n\
+         `pg_stat_statements` (with `track_planning`) counts each role's statements apart. lockjam is\n\
+         `lockjam run` with its default configuration (probe every 1 s, sessions by state every\n\
+         5 s, waiters only while someone waits); postgres_exporter is {version} with every default\n\
+         collector, scraped every {} s during each {} s window. Its database time is per scrape,\n\
+         so the table also gives it per second at a 15 s and a 5 s scrape interval. {rounds} rounds,\n\
+         scenes interleaved; median (min–max) over rounds.\n\n{}\n\
+         **Short waits.** {} lock waits of {} s each (an `ACCESS EXCLUSIVE` request behind a\n\
+         reader, one every {} s), both exporters scraped every {} s as Prometheus would: lockjam's\n\
+         `lockjam_lock_wait_seconds_count` counted {seen_by_lockjam} of them (it samples every second\n\
+         and records each wait when it ends); postgres_exporter's `pg_locks_count{{mode=\"accessexclusivelock\"}}`\n\
+         showed {seen_by_exporter} (it shows a lock only if a scrape falls inside the wait).\n\n\
+         Resident memory (VmRSS) at the end of the last queue scene: lockjam {} kB, postgres_exporter {} kB.\n\n\
+         `/metrics` under wrk ({connections} connections, 2 threads, {seconds} s) beside {sessions} idle sessions:\n\n{}",
+        postgres,
+        scrape_every.as_secs(),
+        window.as_secs(),
+        table(
+            &[
+                "scene",
+                "lockjam DB ms per second",
+                "postgres_exporter DB ms per scrape",
+                "… per second, 15 s scrape",
+                "… per second, 5 s scrape",
+                "lockjam ÷ exporter (15 s / 5 s)",
+            ],
+            &rows
+        ),
+        short.count,
+        short.each.as_secs_f64(),
+        short.spacing.as_secs_f64(),
+        short.scrape_every.as_secs(),
+        memory.0,
+        memory.1,
+        table(
+            &["exporter", "p50", "p99", "requests/s"],
+            &[
+                wrk_row("lockjam", lockjam_wrk),
+                wrk_row("postgres_exporter", exporter_wrk),
+            ]
+        ),
+    )
+}
+
+fn wrk_row(name: &str, (rate, p50, p99): (f64, f64, f64)) -> Vec<String> {
+    vec![
+        name.to_string(),
+        format!("{p50:.2} ms"),
+        format!("{p99:.2} ms"),
+        format!("{rate:.0}"),
+    ]
+}
+
+/// One window: counters reset, both exporters scraped every
+/// `scrape_every` (Prometheus' part) for `window`, then each role's
+/// statements read.
+async fn measure(
+    admin: &Client,
+    lockjam: &Served,
+    exporter: &Served,
+    window: Duration,
+    scrape_every: Duration,
+    result: &mut Window,
+) {
+    // Let lockjam see the scene, and the exporter run its first scrape on
+    // it, before counting.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    metrics(exporter.addr).await.expect("postgres_exporter answers");
+    admin.batch_execute("SELECT pg_stat_statements_reset()").await.unwrap();
+    let started = Instant::now();
+    let mut scrapes = 0u32;
+    while started.elapsed() < window {
+        let (ours, theirs) = tokio::join!(metrics(lockjam.addr), metrics(exporter.addr));
+        assert!(ours.is_some() && theirs.is_some(), "an exporter stopped answering");
+        scrapes += 1;
+        let next = scrape_every * scrapes;
+        tokio::time::sleep(next.saturating_sub(started.elapsed())).await;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let rows = admin
+        .query(
+            "SELECT r.rolname::text, sum(s.total_exec_time + s.total_plan_time)::float8, sum(s.calls)::float8 \
+             FROM pg_stat_statements AS s JOIN pg_roles AS r ON r.oid = s.userid \
+             WHERE r.rolname IN ($1, $2) GROUP BY 1",
+            &[&LOCKJAM_ROLE, &EXPORTER_ROLE],
+        )
+        .await
+        .unwrap();
+    let of = |role: &str| {
+        rows.iter()
+            .find(|row| row.get::<_, String>(0) == role)
+            .map_or((0.0, 0.0), |row| (row.get::<_, f64>(1), row.get::<_, f64>(2)))
+    };
+    let (ms, calls) = of(LOCKJAM_ROLE);
+    result.lockjam_ms.push(ms / seconds);
+    result.lockjam_calls.push(calls / seconds);
+    let (ms, calls) = of(EXPORTER_ROLE);
+    assert!(calls > 0.0, "postgres_exporter ran no statement in the window");
+    result.exporter_ms.push(ms / f64::from(scrapes));
+    result.exporter_calls.push(calls / f64::from(scrapes));
+}
+
+fn exporter_version() -> String {
+    let output = std::process::Command::new(POSTGRES_EXPORTER).arg("--version").output();
+    let text = output.map_or(String::new(), |o| {
+        String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr)
+    });
+    text.lines()
+        .next()
+        .and_then(|l| l.split_whitespace().nth(2))
+        .map_or_else(|| "postgres_exporter".into(), |v| format!("postgres_exporter {v}"))
+}
+
+/// Lock waits shorter than a scrape interval, while both exporters are
+/// scraped at Prometheus' pace: how many each one shows.
+struct ShortWaits {
+    count: usize,
+    each: Duration,
+    spacing: Duration,
+    scrape_every: Duration,
+}
+
+impl ShortWaits {
+    /// (waits lockjam counted, waits postgres_exporter showed).
+    async fn run(&self, dsn: &str, admin: &Client, lockjam: &Served, exporter: &Served) -> (usize, usize) {
+        admin.batch_execute("CREATE TABLE short_wait (id int)").await.unwrap();
+        let counted = |text: &str| -> f64 {
+            text.lines()
+                .filter(|l| l.starts_with("lockjam_lock_wait_seconds_count{"))
+                .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+                .sum()
+        };
+        // The scene's own waits, ended by its change, are counted first.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let before = counted(&metrics(lockjam.addr).await.unwrap());
+        // Prometheus' part: the times at which the exporter showed an
+        // ACCESS EXCLUSIVE lock in this database.
+        let exporter_addr = exporter.addr;
+        let scrape_every = self.scrape_every;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
+        let scraper = tokio::spawn(async move {
+            let mut shown = Vec::new();
+            let mut tick = tokio::time::interval(scrape_every);
+            while !stopped.load(std::sync::atomic::Ordering::Relaxed) {
+                tick.tick().await;
+                let at = Instant::now();
+                let text = metrics(exporter_addr).await.expect("postgres_exporter answers");
+                let locks = text
+                    .lines()
+                    .find(|l| {
+                        l.starts_with("pg_locks_count{")
+                            && l.contains("datname=\"postgres\"")
+                            && l.contains("mode=\"accessexclusivelock\"")
+                    })
+                    .and_then(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+                    .expect("postgres_exporter shows pg_locks_count");
+                if locks > 0.0 {
+                    shown.push(at);
+                }
+            }
+            shown
+        });
+        let started = Instant::now();
+        let mut waits = Vec::new();
+        for n in 0..self.count {
+            tokio::time::sleep((self.spacing * n as u32).saturating_sub(started.elapsed())).await;
+            let holder = connect(dsn, "reader").await;
+            holder
+                .batch_execute("BEGIN; LOCK TABLE short_wait IN ACCESS SHARE MODE")
+                .await
+                .unwrap();
+            let waiter = connect(dsn, "migrate").await;
+            let begun = Instant::now();
+            let request = tokio::spawn(async move {
+                waiter
+                    .batch_execute("BEGIN; LOCK TABLE short_wait IN ACCESS EXCLUSIVE MODE; COMMIT")
+                    .await
+                    .unwrap();
+            });
+            tokio::time::sleep(self.each).await;
+            holder.batch_execute("COMMIT").await.unwrap();
+            request.await.unwrap();
+            waits.push((begun, Instant::now()));
+        }
+        // Two more samples and a scrape, so that the last wait's end is in.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let lockjam_counted = counted(&metrics(lockjam.addr).await.unwrap()) - before;
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let shown = scraper.await.unwrap();
+        let exporter_showed = waits
+            .iter()
+            .filter(|(begun, ended)| shown.iter().any(|at| at >= begun && at <= ended))
+            .count();
+        admin.batch_execute("DROP TABLE short_wait").await.unwrap();
+        (lockjam_counted as usize, exporter_showed)
+    }
+}
