@@ -324,10 +324,12 @@ impl Watch {
     fn new(
         name: &str,
         settings: SamplerConfig,
-        sampler: Sampler,
+        mut sampler: Sampler,
         policy: Option<(Enforcer, Policy)>,
         shared: Arc<SharedState>,
     ) -> Watch {
+        let watching_only = !policy.as_ref().is_some_and(|(_, p)| p.enabled);
+        sampler.reuse_waiting_reads(watching_only && settings.fast_interval.is_none());
         let record = shared
             .target(name)
             .expect("a target's state is declared before its task starts");

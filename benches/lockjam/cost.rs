@@ -157,9 +157,9 @@ impl Lockjam {
         let calm = server_ms(client, &self.probe, &[&own]).await;
         let activity = server_ms(client, &self.activity, &[&own]).await;
         let probe = client.query_one(&self.probe, &[&own]).await.unwrap();
-        let waiting: i64 = probe.get("lock_waiters");
+        let waiting: Vec<i32> = probe.get("lock_waiting_pids");
         let in_recovery: bool = probe.get("in_recovery");
-        if waiting == 0 {
+        if waiting.is_empty() {
             return (calm, activity, None);
         }
         let text_length = lockjam::sampler::QUERY_TEXT_LENGTH;
@@ -205,7 +205,7 @@ pub const PROBE_CANDIDATES: [(&str, &str); 3] = [
 ];
 
 /// Not a query: lockjam's database time per second at the default cadence.
-pub const LOCKJAM_PER_SECOND: &str = "lockjam, database ms per second (a sample a second, activity every 5 s)";
+pub const LOCKJAM_PER_SECOND: &str = "lockjam, database ms per second (a probe a second; sessions by state, and the waiters while the same wait, every 5 s)";
 
 pub async fn sample_costs(dsn: &str, admin: &Client, scale: Scale) -> Vec<LoadResult> {
     let loads = scale.pick(vec![100, 500, 1000], vec![20, 40]);
@@ -229,7 +229,10 @@ pub async fn sample_costs(dsn: &str, admin: &Client, scale: Scale) -> Vec<LoadRe
                 let (calm, activity, waiting) = lockjam.sample(&client, &own).await;
                 record(LOCKJAM_CALM, calm);
                 record(LOCKJAM_ACTIVITY, activity);
-                record(LOCKJAM_PER_SECOND, waiting.unwrap_or(calm) + activity / 5.0);
+                // While the same backends wait, the waiters' read is reused
+                // for an activity_interval.
+                let waiters_read = waiting.map_or(0.0, |w| w - calm);
+                record(LOCKJAM_PER_SECOND, calm + (waiters_read + activity) / 5.0);
                 if let Some(waiting) = waiting {
                     record(LOCKJAM_WAITING, waiting);
                 }

@@ -3,12 +3,13 @@
 //! relation names it must resolve), producing a [`Snapshot`] per tick.
 //!
 //! Every tick reads one field of each backend's status (`probe.sql`):
-//! whether any waits for a lock. Sessions by database and state
+//! which wait for a lock. Sessions by database and state
 //! (`activity.sql`, one scan of `pg_stat_get_activity`) are read every
 //! `activity_interval`. When some backend waits, the tick also reads the
 //! waiters' `pg_blocking_pids` and the sessions involved (`waiters.sql`),
 //! their `pg_locks` rows (`locks.sql`), and resolves relation names in the
-//! database that owns them.
+//! database that owns them; when only watching, a tick that finds the same
+//! backends waiting reuses that read for up to `activity_interval`.
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant, SystemTime};
@@ -99,8 +100,19 @@ pub fn sample_statements(server_version: i32) -> [String; 4] {
 /// What the probe of every tick says.
 struct Tick {
     taken_at: SystemTime,
-    lock_waiters: i64,
+    /// The pids waiting for a heavyweight lock, in order.
+    lock_waiting_pids: Vec<i32>,
     in_recovery: bool,
+}
+
+/// The last read of the waiters and their locks, kept while the same
+/// backends wait.
+struct WaitingRead {
+    /// The probe's waiting pids when it was made.
+    waiting_pids: Vec<i32>,
+    read_at: Instant,
+    sessions: Vec<Session>,
+    locks: Vec<LockRow>,
 }
 
 pub struct Sampler {
@@ -115,6 +127,10 @@ pub struct Sampler {
     activity: Vec<ActivityGroup>,
     activity_read_at: Option<Instant>,
     activity_interval: Duration,
+    /// The last read of the waiters, and whether a tick may reuse it (see
+    /// [`Sampler::reuse_waiting_reads`]).
+    waiting: Option<WaitingRead>,
+    reuse_waiting: bool,
     /// Databases with client sessions in the last sample.
     databases_with_sessions: HashSet<String>,
     /// When the server's list of databases was last read.
@@ -137,6 +153,8 @@ impl Sampler {
             activity: Vec::new(),
             activity_read_at: None,
             activity_interval: config.activity_interval,
+            waiting: None,
+            reuse_waiting: false,
             databases_with_sessions: HashSet::new(),
             databases_read_at: None,
             warnings: Vec::new(),
@@ -165,6 +183,22 @@ impl Sampler {
         self.main = None;
         self.databases.clear();
         self.activity_read_at = None;
+        self.waiting = None;
+    }
+
+    /// Lets a tick whose probe finds the same backends waiting as at the
+    /// last read of the waiters reuse that read, for up to
+    /// `activity_interval`: the waiters' read scans every backend's status
+    /// (the costliest statement of a sample), and while a queue stands
+    /// still it would read the same thing every tick. A new or departed
+    /// waiter is still seen on the tick it happens; what may lag, by up to
+    /// `activity_interval`, is a change that leaves the waiters as they
+    /// are (a blocker's state or query). Wait and transaction ages keep
+    /// counting, from the server's timestamps. For watching only: a live
+    /// or dry-run policy, or a `fast_interval`, wants every tick fresh.
+    pub fn reuse_waiting_reads(&mut self, reuse: bool) {
+        self.reuse_waiting = reuse;
+        self.waiting = None;
     }
 
     /// Takes one sample. On error every session is dropped and the next
@@ -192,7 +226,8 @@ impl Sampler {
                 self.databases_if_one_vanished().await?
             }
         };
-        if tick.lock_waiters == 0 {
+        if tick.lock_waiting_pids.is_empty() {
+            self.waiting = None;
             self.first_seen.clear();
             self.close_idle_database_sessions();
             return Ok(Snapshot {
@@ -201,12 +236,31 @@ impl Sampler {
                 ..Snapshot::calm(tick.taken_at, self.activity.clone())
             });
         }
-        let sessions = self.read_waiters(&own_pids, tick.in_recovery).await?;
-        let pids: Vec<i32> = sessions.iter().map(|s| s.pid).collect();
-        let mut locks = self.read_locks(&pids).await?;
-        self.name_relations(&mut locks).await;
-        let mut locks: Vec<LockRow> = locks.into_iter().map(|(lock, _, _)| lock).collect();
-        self.fill_wait_starts(&sessions, &mut locks, tick.taken_at);
+        let reusable = self.waiting.as_ref().filter(|read| {
+            self.reuse_waiting
+                && read.waiting_pids == tick.lock_waiting_pids
+                && read.read_at.elapsed() < self.activity_interval
+        });
+        let (sessions, locks) = match reusable {
+            Some(read) => (read.sessions.clone(), read.locks.clone()),
+            None => {
+                let sessions = self.read_waiters(&own_pids, tick.in_recovery).await?;
+                let pids: Vec<i32> = sessions.iter().map(|s| s.pid).collect();
+                let mut locks = self.read_locks(&pids).await?;
+                self.name_relations(&mut locks).await;
+                let mut locks: Vec<LockRow> = locks.into_iter().map(|(lock, _, _)| lock).collect();
+                self.fill_wait_starts(&sessions, &mut locks, tick.taken_at);
+                if self.reuse_waiting {
+                    self.waiting = Some(WaitingRead {
+                        waiting_pids: tick.lock_waiting_pids,
+                        read_at: Instant::now(),
+                        sessions: sessions.clone(),
+                        locks: locks.clone(),
+                    });
+                }
+                (sessions, locks)
+            }
+        };
         self.close_idle_database_sessions();
         Ok(Snapshot {
             taken_at: tick.taken_at,
@@ -230,7 +284,7 @@ impl Sampler {
         self.note_privilege(row.get("reads_all_stats"));
         Ok(Tick {
             taken_at: row.get("taken_at"),
-            lock_waiters: row.get("lock_waiters"),
+            lock_waiting_pids: row.get("lock_waiting_pids"),
             in_recovery: row.get("in_recovery"),
         })
     }

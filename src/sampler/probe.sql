@@ -1,17 +1,20 @@
 -- The read of every tick, as cheap as a read of all backends can be: one
 -- field of each backend's status through the per-backend functions, with no
 -- row of pg_stat_activity formed (at 1,000 sessions this costs a fifth of
--- a scan of the view). It says whether any backend waits for a
--- heavyweight lock, and whether lockjam's role may still see other roles'
+-- a scan of the view). It says which backends wait for a heavyweight lock
+-- (their pids, in order, so that the sampler knows whether the set
+-- changed), and whether lockjam's role may still see other roles'
 -- sessions; sessions by state (activity.sql) are read less often.
 -- Without pg_read_all_stats, other roles' wait events read as NULL, as in
 -- the view.
 -- $1: lockjam's own pids, left out.
 SELECT pg_catalog.statement_timestamp() AS taken_at,
-       (SELECT pg_catalog.count(*)
-        FROM pg_catalog.pg_stat_get_backend_idset() AS b
-        WHERE pg_catalog.pg_stat_get_backend_wait_event_type(b) = 'Lock'
-          AND pg_catalog.pg_stat_get_backend_pid(b) <> ALL ($1::pg_catalog.int4[])) AS lock_waiters,
+       COALESCE((SELECT pg_catalog.array_agg(w.pid ORDER BY w.pid)
+                 FROM (SELECT pg_catalog.pg_stat_get_backend_pid(b) AS pid
+                       FROM pg_catalog.pg_stat_get_backend_idset() AS b
+                       WHERE pg_catalog.pg_stat_get_backend_wait_event_type(b) = 'Lock') AS w
+                 WHERE w.pid <> ALL ($1::pg_catalog.int4[])),
+                '{}') AS lock_waiting_pids,
        -- Re-checked every tick (a cached catalog lookup): a REVOKE of
        -- pg_monitor mid-run would otherwise blind lockjam silently.
        pg_catalog.pg_has_role('pg_read_all_stats', 'USAGE') AS reads_all_stats,

@@ -475,3 +475,78 @@ async fn queries_stuck_on_a_table_the_queue_head_altered() {
     assert_eq!(succeeded, 17);
     env.stop().await;
 }
+
+/// While lockjam only watches, a tick that finds the same backends waiting
+/// reuses the last read of the waiters (the costliest statement of a
+/// sample) for up to `activity_interval`; a new waiter is read on the tick
+/// it appears, and so is everything after `activity_interval`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_standing_queue_is_read_again_only_when_it_changes() {
+    use lockjam::config::{SamplerConfig, Target};
+    use lockjam::sampler::Sampler;
+    use lockjam::snapshot::Snapshot;
+
+    let env = TestEnv::start().await;
+    env.admin.batch_execute(&crate::scenes::orders()).await.unwrap();
+    let reader = env.session("analyst").await;
+    let reader_pid = backend_pid(&reader).await;
+    reader
+        .batch_execute("BEGIN; SELECT count(*) FROM orders")
+        .await
+        .unwrap();
+    let (migration_pid, _alter) = env
+        .spawn_statement("migrate", "ALTER TABLE orders ADD COLUMN note text")
+        .await;
+    env.wait_until_waiting(migration_pid).await;
+    let target = Target {
+        name: "it".into(),
+        dsn: lockjam::dsn::Dsn::parse(&env.cluster.dsn("postgres")).unwrap(),
+        default_user: None,
+    };
+    let refresh = Duration::from_secs(3);
+    let config = SamplerConfig {
+        activity_interval: refresh,
+        ..crate::support::sampler_config()
+    };
+    let mut sampler = Sampler::new(&target, &config).unwrap();
+    sampler.reuse_waiting_reads(true);
+    let reader_app = |snapshot: &Snapshot| {
+        snapshot
+            .sessions
+            .iter()
+            .find(|s| s.pid == reader_pid)
+            .and_then(|s| s.application_name.clone())
+            .expect("the reader blocks the migration")
+    };
+    let first = sampler.sample().await.unwrap();
+    let first_read = Instant::now();
+    assert_eq!(reader_app(&first), "analyst");
+
+    // The same backend waits: the read is reused, on a new clock.
+    reader.batch_execute("SET application_name = 'renamed'").await.unwrap();
+    let second = sampler.sample().await.unwrap();
+    assert!(
+        first_read.elapsed() < refresh,
+        "the second sample came too late to test reuse"
+    );
+    assert_eq!(reader_app(&second), "analyst");
+    assert_eq!(second.locks, first.locks);
+    assert!(second.taken_at > first.taken_at);
+
+    // A new waiter: read afresh on the tick it appears.
+    let (web_pid, _web) = env.spawn_statement("web", "SELECT count(*) FROM orders").await;
+    env.wait_until_waiting(web_pid).await;
+    let third = sampler.sample().await.unwrap();
+    assert_eq!(reader_app(&third), "renamed");
+    assert!(third.sessions.iter().any(|s| s.pid == web_pid));
+
+    // The same waiters, after activity_interval: read afresh.
+    reader.batch_execute("SET application_name = 'again'").await.unwrap();
+    tokio::time::sleep(refresh).await;
+    assert_eq!(reader_app(&sampler.sample().await.unwrap()), "again");
+
+    // Without reuse (a policy, or a fast_interval), every tick reads.
+    sampler.reuse_waiting_reads(false);
+    reader.batch_execute("SET application_name = 'fresh'").await.unwrap();
+    assert_eq!(reader_app(&sampler.sample().await.unwrap()), "fresh");
+}
