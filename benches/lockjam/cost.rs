@@ -38,6 +38,18 @@ impl Scene {
     /// idle-in-transaction holder: an ALTER, and reads queued behind it.
     pub async fn set(&mut self, admin: &Client, sessions: usize, waiters: usize, extra: usize) {
         self.clear_waiters(admin).await;
+        let busy = waiters + usize::from(waiters > 0) + extra;
+        let idle = sessions.saturating_sub(busy);
+        // Idle sessions go first, and their backends exit, so that the
+        // waiters' sessions fit under max_connections.
+        if self.idle.len() > idle {
+            self.idle.truncate(idle);
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            while count_named(admin, "idle").await > idle as i64 {
+                assert!(std::time::Instant::now() < deadline, "idle sessions never went away");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
         if waiters > 0 {
             let holder = connect(&self.dsn, "holder").await;
             holder
@@ -61,9 +73,6 @@ impl Scene {
             }
             wait_for_waiters(admin, waiters).await;
         }
-        let busy = waiters + usize::from(waiters > 0) + extra;
-        let idle = sessions.saturating_sub(busy);
-        self.idle.truncate(idle);
         while self.idle.len() < idle {
             let n = (idle - self.idle.len()).min(50);
             let dsn = self.dsn.clone();
@@ -88,22 +97,23 @@ impl Scene {
         }
         self.holder = None;
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        loop {
+        while count_named(admin, "holder").await + count_named(admin, "waiter").await > 0 {
             assert!(std::time::Instant::now() < deadline, "the waiters never went away");
-            let left: i64 = admin
-                .query_one(
-                    "SELECT count(*) FROM pg_stat_activity WHERE application_name IN ('holder', 'waiter')",
-                    &[],
-                )
-                .await
-                .unwrap()
-                .get(0);
-            if left == 0 {
-                break;
-            }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+}
+
+/// Backends with this application name.
+async fn count_named(admin: &Client, application_name: &str) -> i64 {
+    admin
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1",
+            &[&application_name],
+        )
+        .await
+        .unwrap()
+        .get(0)
 }
 
 /// Server-side milliseconds of one run of `sql`: planning plus execution,
