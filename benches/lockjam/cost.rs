@@ -137,7 +137,8 @@ async fn server_ms(client: &Client, sql: &str, params: &[&(dyn ToSql + Sync)]) -
 
 /// lockjam's statements for this server, and the pids its locks read takes.
 struct Lockjam {
-    probe: String,
+    /// The lock table's slots, for the choice of the probe.
+    lock_slots: i64,
     activity: String,
     waiters: String,
     locks: String,
@@ -150,23 +151,35 @@ impl Lockjam {
             .await
             .unwrap()
             .get(0);
-        let [probe, activity, waiters, locks] = lockjam::sampler::sample_statements(version);
+        let lock_slots: i64 = client
+            .query_one(
+                "SELECT current_setting('max_locks_per_transaction')::int8 \
+                 * (current_setting('max_connections')::int8 + current_setting('max_prepared_transactions')::int8)",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        let [_, activity, waiters, locks] = lockjam::sampler::sample_statements(version);
         Lockjam {
-            probe,
+            lock_slots,
             activity,
             waiters,
             locks,
         }
     }
 
-    /// One probe (every tick), one read of sessions by state (every
-    /// activity_interval), and (when someone waits) one waiting-path
-    /// sample: probe, waiters, and the locks of the pids involved.
-    async fn sample(&self, client: &Client, own: &[i32]) -> (f64, f64, Option<f64>) {
+    /// One probe (every tick, the one lockjam chooses for these
+    /// sessions), one read of sessions by state (every activity_interval),
+    /// and (when someone waits) one waiting-path sample: probe, waiters,
+    /// and the locks of the pids involved.
+    async fn sample(&self, client: &Client, own: &[i32], sessions: usize) -> (f64, f64, Option<f64>) {
         let own = own.to_vec();
-        let calm = server_ms(client, &self.probe, &[&own]).await;
+        let sessions = i64::try_from(sessions).unwrap();
+        let probe = lockjam::sampler::Probe::choose(sessions, self.lock_slots, true).sql();
+        let calm = server_ms(client, probe, &[&own]).await;
         let activity = server_ms(client, &self.activity, &[&own]).await;
-        let probe = client.query_one(&self.probe, &[&own]).await.unwrap();
+        let probe = client.query_one(probe, &[&own]).await.unwrap();
         let waiting: Vec<i32> = probe.get("lock_waiting_pids");
         let in_recovery: bool = probe.get("in_recovery");
         if waiting.is_empty() {
@@ -193,12 +206,13 @@ pub struct LoadResult {
     pub rows: Vec<(String, Stats)>,
 }
 
-pub const LOCKJAM_CALM: &str = "lockjam, every tick (probe.sql)";
+pub const LOCKJAM_CALM: &str = "lockjam, every tick (the cheaper probe for the sessions)";
 pub const LOCKJAM_ACTIVITY: &str = "lockjam, every activity_interval (activity.sql)";
 pub const LOCKJAM_WAITING: &str = "lockjam, sample while someone waits (probe + waiters + locks)";
 /// The candidates for lockjam's probe of every tick: is anyone waiting for
-/// a lock? `probe.sql` is the third.
-pub const PROBE_CANDIDATES: [(&str, &str); 3] = [
+/// a lock? lockjam runs the third (`probe.sql`) or the fourth
+/// (`probe_locks.sql`), whichever costs less for the sessions connected.
+pub const PROBE_CANDIDATES: [(&str, &str); 4] = [
     (
         "probe candidate: the view",
         "SELECT count(*) FROM pg_catalog.pg_stat_activity WHERE wait_event_type = 'Lock'",
@@ -211,6 +225,10 @@ pub const PROBE_CANDIDATES: [(&str, &str); 3] = [
         "probe candidate: per-backend functions (probe.sql)",
         "SELECT count(*) FROM pg_catalog.pg_stat_get_backend_idset() AS b \
          WHERE pg_catalog.pg_stat_get_backend_wait_event_type(b) = 'Lock'",
+    ),
+    (
+        "probe candidate: pg_locks' ungranted rows (probe_locks.sql)",
+        "SELECT count(DISTINCT l.pid) FROM pg_catalog.pg_locks AS l WHERE NOT l.granted",
     ),
 ];
 
@@ -236,7 +254,7 @@ pub async fn sample_costs(dsn: &str, admin: &Client, scale: Scale) -> Vec<LoadRe
                 None => times.push((name.to_string(), vec![value])),
             };
             for _ in 0..repeats {
-                let (calm, activity, waiting) = lockjam.sample(&client, &own).await;
+                let (calm, activity, waiting) = lockjam.sample(&client, &own, sessions).await;
                 record(LOCKJAM_CALM, calm);
                 record(LOCKJAM_ACTIVITY, activity);
                 // While the same backends wait, the waiters' read is reused

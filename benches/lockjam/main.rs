@@ -196,11 +196,15 @@ async fn run(scale: Scale, wanted: &dyn Fn(&str) -> bool) -> Report {
              the stated number wait for a lock (one idle-in-transaction holder of `orders`, an `ALTER\n\
              TABLE` waiting, reads queued behind it). Each cell: median (p10–p90) over the runs, and for\n\
              peers the ratio to lockjam's sample at that load (its calm path when no one waits, its\n\
-             waiting path otherwise). lockjam runs `probe.sql` every tick (1 s) and `activity.sql`\n\
-             every `activity_interval` (5 s); only when the probe reports a waiter does it run\n\
-             `waiters.sql` and `locks.sql` (`src/sampler/`). Its database time per second is the probe\n\
-             plus a fifth of the activity read while calm, and the waiting sample plus a fifth of the\n\
-             activity read while someone waits.\n\n\
+             waiting path otherwise). lockjam runs a probe every tick (1 s): `probe.sql` (each\n\
+             backend's status) or `probe_locks.sql` (`pg_locks`' ungranted rows), whichever the\n\
+             \"probe candidate\" rows show cheaper for the sessions connected (the first grows with the\n\
+             sessions, the second with `max_connections` × `max_locks_per_transaction`; here\n\
+             `max_connections` is 1,100); `activity.sql` every `activity_interval` (5 s); only when the\n\
+             probe reports a waiter does it run `waiters.sql` and `locks.sql` (`src/sampler/`), and\n\
+             while the same backends wait, only every `activity_interval`. Its database time per\n\
+             second is the probe plus a fifth of the activity read while calm, and plus a fifth of\n\
+             the waiters' read while someone waits.\n\n\
              The peers' queries are written by us from each project's documented shape:\n\n{sources}\n\
              {}\n\
              ![Server time per sample against sessions](docs/benchmarks/cost.svg)\n\n\

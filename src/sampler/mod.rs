@@ -2,8 +2,10 @@
 //! one connection per target (plus, lazily, one per other database whose
 //! relation names it must resolve), producing a [`Snapshot`] per tick.
 //!
-//! Every tick reads one field of each backend's status (`probe.sql`):
-//! which wait for a lock. Sessions by database and state
+//! Every tick probes which backends wait for a lock: through one field of
+//! each backend's status (`probe.sql`), or with many sessions connected
+//! through `pg_locks`' ungranted rows (`probe_locks.sql`), whichever costs
+//! less (see [`Probe`]). Sessions by database and state
 //! (`activity.sql`, one scan of `pg_stat_get_activity`) are read every
 //! `activity_interval`. When some backend waits, the tick also reads the
 //! waiters' `pg_blocking_pids` and the sessions involved (`waiters.sql`),
@@ -22,6 +24,7 @@ use crate::connect::{error_chain, ConnectError, Connector};
 use crate::snapshot::{ActivityGroup, LockRow, Session, Snapshot};
 
 const PROBE_SQL: &str = include_str!("probe.sql");
+const PROBE_LOCKS_SQL: &str = include_str!("probe_locks.sql");
 const ACTIVITY_SQL: &str = include_str!("activity.sql");
 const WAITERS_SQL: &str = include_str!("waiters.sql");
 const LOCKS_SQL: &str = include_str!("locks.sql");
@@ -60,7 +63,12 @@ struct MainSession {
     /// The role lockjam is, as named in warnings.
     role: String,
     server_version: i32,
+    /// The lock table's slots (`session.sql`), for [`Probe::choose`].
+    lock_slots: i64,
+    /// Whether the last probe found the role in `pg_read_all_stats`.
+    reads_all_stats: bool,
     probe: Statement,
+    probe_locks: Statement,
     activity: Statement,
     waiters: Statement,
     locks: Statement,
@@ -97,6 +105,48 @@ pub fn sample_statements(server_version: i32) -> [String; 4] {
     ]
 }
 
+/// The statement that probes each tick for lock waits. Both answer with
+/// the waiting pids; what their cost grows with differs (BENCHMARKS.md,
+/// part 2, "probe candidates"): `probe.sql` copies every backend's status,
+/// about 0.85 µs a backend on the bench's machine, and `probe_locks.sql`
+/// walks the lock table, about 5 ns a slot, used or not. So the status
+/// probe is the cheaper with few sessions (0.013 ms against 0.40 ms with 7
+/// sessions and `max_connections = 1100`) and the lock-table probe with
+/// many (0.41 ms against 0.94 ms with 1,000).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Probe {
+    /// `probe.sql`: one field of each backend's status.
+    Status,
+    /// `probe_locks.sql`: `pg_locks`' ungranted rows.
+    Locks,
+}
+
+impl Probe {
+    /// What copying one backend's status costs, in lock-table slots
+    /// walked: the two costs above, divided.
+    const SLOTS_PER_BACKEND: i64 = 170;
+
+    /// The cheaper probe for `backends` connected sessions beside a lock
+    /// table of `lock_slots`. Without `pg_read_all_stats` the status probe
+    /// always: it sees only the role's own waits, as every other read then
+    /// does, where `pg_locks` would show every role's.
+    pub fn choose(backends: i64, lock_slots: i64, reads_all_stats: bool) -> Probe {
+        if reads_all_stats && backends.saturating_mul(Probe::SLOTS_PER_BACKEND) > lock_slots {
+            Probe::Locks
+        } else {
+            Probe::Status
+        }
+    }
+
+    /// The probe's SQL; `$1` is lockjam's own pids.
+    pub fn sql(self) -> &'static str {
+        match self {
+            Probe::Status => PROBE_SQL,
+            Probe::Locks => PROBE_LOCKS_SQL,
+        }
+    }
+}
+
 /// What the probe of every tick says.
 struct Tick {
     taken_at: SystemTime,
@@ -131,6 +181,8 @@ pub struct Sampler {
     /// [`Sampler::reuse_waiting_reads`]).
     waiting: Option<WaitingRead>,
     reuse_waiting: bool,
+    /// The probe the last tick ran.
+    last_probe: Option<Probe>,
     /// Databases with client sessions in the last sample.
     databases_with_sessions: HashSet<String>,
     /// When the server's list of databases was last read.
@@ -155,6 +207,7 @@ impl Sampler {
             activity_interval: config.activity_interval,
             waiting: None,
             reuse_waiting: false,
+            last_probe: None,
             databases_with_sessions: HashSet::new(),
             databases_read_at: None,
             warnings: Vec::new(),
@@ -199,6 +252,11 @@ impl Sampler {
     pub fn reuse_waiting_reads(&mut self, reuse: bool) {
         self.reuse_waiting = reuse;
         self.waiting = None;
+    }
+
+    /// The probe the last tick ran, if any ran.
+    pub fn last_probe(&self) -> Option<Probe> {
+        self.last_probe
     }
 
     /// Takes one sample. On error every session is dropped and the next
@@ -272,16 +330,29 @@ impl Sampler {
         })
     }
 
-    /// The probe of every tick (`probe.sql`); it also re-checks the
-    /// role's grant.
+    /// The probe of every tick, the cheaper of two for the sessions last
+    /// counted (see [`Probe`]); it also re-checks the role's grant.
     async fn probe(&mut self, own_pids: &[i32]) -> Result<Tick, SampleError> {
         let main = self.main.as_ref().expect("opened");
+        let sessions: u64 = self.activity.iter().map(|group| group.sessions).sum();
+        let probe = Probe::choose(
+            i64::try_from(sessions).unwrap_or(i64::MAX),
+            main.lock_slots,
+            main.reads_all_stats,
+        );
+        self.last_probe = Some(probe);
+        let statement = match probe {
+            Probe::Status => &main.probe,
+            Probe::Locks => &main.probe_locks,
+        };
         let row = main
             .client
-            .query_one(&main.probe, &[&own_pids])
+            .query_one(statement, &[&own_pids])
             .await
             .map_err(|e| self.query_error("probing for lock waits", &e))?;
-        self.note_privilege(row.get("reads_all_stats"));
+        let reads_all_stats = row.get("reads_all_stats");
+        self.main.as_mut().expect("opened").reads_all_stats = reads_all_stats;
+        self.note_privilege(reads_all_stats);
         Ok(Tick {
             taken_at: row.get("taken_at"),
             lock_waiting_pids: row.get("lock_waiting_pids"),
@@ -400,6 +471,7 @@ impl Sampler {
         };
         let [probe, activity, waiters, locks] = sample_statements(server_version);
         let probe = prepare(probe, "preparing the probe").await?;
+        let probe_locks = prepare(PROBE_LOCKS_SQL.into(), "preparing the pg_locks probe").await?;
         let activity = prepare(activity, "preparing the activity query").await?;
         let waiters = prepare(waiters, "preparing the waiters query").await?;
         let locks = prepare(locks, "preparing the pg_locks query").await?;
@@ -409,8 +481,11 @@ impl Sampler {
             pid: row.get("pid"),
             dbname: row.get("dbname"),
             server_version,
+            lock_slots: row.get("lock_slots"),
+            reads_all_stats: false,
             client,
             probe,
+            probe_locks,
             activity,
             waiters,
             locks,
@@ -587,5 +662,37 @@ fn session_from_row(row: &tokio_postgres::Row) -> Session {
         query_start: row.get("query_start"),
         query: row.get("query"),
         blocked_by: row.get("blocked_by"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Probe;
+
+    /// The lock table of `max_connections` at the default 64 locks per
+    /// transaction and no prepared transactions.
+    fn slots(max_connections: i64) -> i64 {
+        64 * max_connections
+    }
+
+    #[test]
+    fn the_probe_is_the_cheaper_for_the_sessions_connected() {
+        // The bench's two points: few sessions, and 1,000 of 1,100.
+        assert_eq!(Probe::choose(7, slots(1100), true), Probe::Status);
+        assert_eq!(Probe::choose(1000, slots(1100), true), Probe::Locks);
+        // 1,000 sessions beside a lock table of 5,000 connections: walking
+        // it costs more than copying the sessions' status.
+        assert_eq!(Probe::choose(1000, slots(5000), true), Probe::Status);
+        // The crossover: 170 slots a backend.
+        assert_eq!(Probe::choose(100, 17_000, true), Probe::Status);
+        assert_eq!(Probe::choose(101, 17_000, true), Probe::Locks);
+        // Before the first count of sessions.
+        assert_eq!(Probe::choose(0, slots(100), true), Probe::Status);
+        assert_eq!(Probe::choose(i64::MAX, i64::MAX, true), Probe::Status);
+    }
+
+    #[test]
+    fn without_pg_read_all_stats_the_probe_reads_status() {
+        assert_eq!(Probe::choose(1000, slots(1100), false), Probe::Status);
     }
 }

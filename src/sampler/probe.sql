@@ -1,7 +1,9 @@
--- The read of every tick, as cheap as a read of all backends can be: one
--- field of each backend's status through the per-backend functions, with no
--- row of pg_stat_activity formed (at 1,000 sessions this costs a fifth of
--- a scan of the view). It says which backends wait for a heavyweight lock
+-- The read of every tick while few sessions are connected (with many,
+-- probe_locks.sql costs less; the sampler chooses, see Probe in mod.rs), as
+-- cheap as a read of all backends can be: one field of each backend's
+-- status through the per-backend functions, with no row of
+-- pg_stat_activity formed (half the cost of pg_stat_get_activity(NULL),
+-- a fifth of the view's). It says which backends wait for a heavyweight lock
 -- (their pids, in order, so that the sampler knows whether the set
 -- changed), and whether lockjam's role may still see other roles'
 -- sessions; sessions by state (activity.sql) are read less often.

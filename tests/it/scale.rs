@@ -190,3 +190,105 @@ async fn a_thousand_sessions_and_two_hundred_waiters_are_counted_exactly() {
     drop(idle);
     env.stop().await;
 }
+
+/// The probe of every tick follows the sessions connected: with few, it
+/// reads each backend's status; with many beside a small lock table, the
+/// lock table. Both find the same waiting pids, and the sampler sees a
+/// queue through either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_probe_follows_the_sessions_and_both_see_the_same_waiters() {
+    use lockjam::config::{SamplerConfig, Target};
+    use lockjam::sampler::{Probe, Sampler};
+
+    // 10 locks per transaction (the least PostgreSQL allows) × 100
+    // connections: 1,000 slots, so that 6 sessions tip the choice.
+    let env = TestEnv::start_with(ClusterOptions {
+        settings: [("max_locks_per_transaction".to_string(), "10".to_string())]
+            .into_iter()
+            .collect(),
+        ..Default::default()
+    })
+    .await;
+    env.admin.batch_execute(&orders()).await.unwrap();
+    let target = Target {
+        name: "it".into(),
+        dsn: lockjam::dsn::Dsn::parse(&env.cluster.dsn("postgres")).unwrap(),
+        default_user: None,
+    };
+    let config = SamplerConfig {
+        // Sessions are counted every tick, after its probe.
+        activity_interval: std::time::Duration::ZERO,
+        ..crate::support::sampler_config()
+    };
+    let mut sampler = Sampler::new(&target, &config).unwrap();
+    let clients: i64 = env
+        .admin
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(clients * 170 < 1000, "the fixture alone has {clients} sessions");
+    sampler.sample().await.unwrap();
+    sampler.sample().await.unwrap();
+    assert_eq!(sampler.last_probe(), Some(Probe::Status));
+
+    // A queue: an ALTER behind a reader, and two reads behind the ALTER.
+    let reader = env.session("analyst").await;
+    reader
+        .batch_execute("BEGIN; SELECT count(*) FROM orders")
+        .await
+        .unwrap();
+    let (migration_pid, _alter) = env
+        .spawn_statement("migrate", "ALTER TABLE orders ADD COLUMN note text")
+        .await;
+    env.wait_until_waiting(migration_pid).await;
+    let mut queued = vec![migration_pid];
+    let mut reads = Vec::new();
+    for _ in 0..2 {
+        let (pid, read) = env.spawn_statement("web", "SELECT count(*) FROM orders").await;
+        env.wait_until_waiting(pid).await;
+        queued.push(pid);
+        reads.push(read);
+    }
+    queued.sort_unstable();
+    for probe in [Probe::Status, Probe::Locks] {
+        let row = env.admin.query_one(probe.sql(), &[&Vec::<i32>::new()]).await.unwrap();
+        assert_eq!(row.get::<_, Vec<i32>>("lock_waiting_pids"), queued, "{probe:?}");
+        // lockjam's own pids are left out.
+        let row = env.admin.query_one(probe.sql(), &[&vec![queued[1]]]).await.unwrap();
+        assert_eq!(
+            row.get::<_, Vec<i32>>("lock_waiting_pids"),
+            vec![queued[0], queued[2]],
+            "{probe:?}"
+        );
+    }
+
+    // Three idle sessions more: at least seven sessions now, so the
+    // sessions counted on this tick choose the lock table for the next.
+    let dsn = env.cluster.dsn("app");
+    let _idle = join_all((0..3).map(|_| connect(&dsn, "idle"))).await;
+    sampler.sample().await.unwrap();
+    let snapshot = sampler.sample().await.unwrap();
+    assert_eq!(sampler.last_probe(), Some(Probe::Locks));
+    let mut waiting: Vec<i32> = snapshot
+        .sessions
+        .iter()
+        .filter(|s| s.blocked_by.as_ref().is_some_and(|b| !b.is_empty()))
+        .map(|s| s.pid)
+        .collect();
+    waiting.sort_unstable();
+    assert_eq!(waiting, queued);
+
+    // The queue gone, the lock-table probe says so.
+    reader.batch_execute("COMMIT").await.unwrap();
+    for read in reads {
+        read.await.unwrap().unwrap();
+    }
+    let calm = sampler.sample().await.unwrap();
+    assert_eq!(sampler.last_probe(), Some(Probe::Locks));
+    assert!(calm.sessions.is_empty(), "{:?}", calm.sessions);
+    env.stop().await;
+}
