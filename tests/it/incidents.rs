@@ -482,27 +482,14 @@ async fn queries_stuck_on_a_table_the_queue_head_altered() {
 /// it appears, and so is everything after `activity_interval`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_standing_queue_is_read_again_only_when_it_changes() {
-    use lockjam::config::{SamplerConfig, Target};
+    use lockjam::config::SamplerConfig;
     use lockjam::sampler::Sampler;
     use lockjam::snapshot::Snapshot;
 
     let env = TestEnv::start().await;
-    env.admin.batch_execute(&crate::scenes::orders()).await.unwrap();
-    let reader = env.session("analyst").await;
-    let reader_pid = backend_pid(&reader).await;
-    reader
-        .batch_execute("BEGIN; SELECT count(*) FROM orders")
-        .await
-        .unwrap();
-    let (migration_pid, _alter) = env
-        .spawn_statement("migrate", "ALTER TABLE orders ADD COLUMN note text")
-        .await;
-    env.wait_until_waiting(migration_pid).await;
-    let target = Target {
-        name: "it".into(),
-        dsn: lockjam::dsn::Dsn::parse(&env.cluster.dsn("postgres")).unwrap(),
-        default_user: None,
-    };
+    let (reader, reader_pid, _, _alter) =
+        crate::scenes::read_in_transaction(&env, "ALTER TABLE orders ADD COLUMN note text").await;
+    let target = env.target();
     let refresh = Duration::from_secs(3);
     let config = SamplerConfig {
         activity_interval: refresh,

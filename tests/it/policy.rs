@@ -904,11 +904,7 @@ async fn the_signalling_statement_refuses_a_waiting_session() {
         .await;
     env.wait_until_waiting(migration_pid).await;
 
-    let target = lockjam::config::Target {
-        name: "it".into(),
-        dsn: lockjam::dsn::Dsn::parse(&env.cluster.dsn("postgres")).unwrap(),
-        default_user: None,
-    };
+    let target = env.target();
     let mut sampler = lockjam::sampler::Sampler::new(&target, &crate::support::sampler_config()).unwrap();
     let graph = lockjam::analysis::analyze(&sampler.sample().await.unwrap());
     let waiter = graph.waiter(migration_pid).expect("the migration waits").clone();

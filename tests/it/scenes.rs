@@ -73,10 +73,10 @@ pub struct Staged {
     pub alter: Statement,
 }
 
-/// Incident 000 staged with the read in an open transaction (the reader's
-/// client stays in the test's hands), and one decision to cancel it.
-pub async fn staged(migration_sql: &str) -> Staged {
-    let env = TestEnv::start().await;
+/// Incident 000 with the read in an open transaction: `orders` created,
+/// the reader's session `analyst` (left in the test's hands) and its pid,
+/// then the migration's pid and statement, once it waits.
+pub async fn read_in_transaction(env: &TestEnv, migration_sql: &str) -> (tokio_postgres::Client, i32, i32, Statement) {
     env.admin.batch_execute(&orders()).await.unwrap();
     let reader = env.session("analyst").await;
     let reader_pid = backend_pid(&reader).await;
@@ -84,13 +84,17 @@ pub async fn staged(migration_sql: &str) -> Staged {
         .batch_execute("BEGIN; SELECT count(*) FROM orders")
         .await
         .unwrap();
-    let (migration_pid, alter) = env.spawn_statement("migrate", migration_sql).await;
+    let (migration_pid, migration) = env.spawn_statement("migrate", migration_sql).await;
     env.wait_until_waiting(migration_pid).await;
-    let target = lockjam::config::Target {
-        name: "it".into(),
-        dsn: lockjam::dsn::Dsn::parse(&env.cluster.dsn("postgres")).unwrap(),
-        default_user: None,
-    };
+    (reader, reader_pid, migration_pid, migration)
+}
+
+/// Incident 000 staged with the read in an open transaction (the reader's
+/// client stays in the test's hands), and one decision to cancel it.
+pub async fn staged(migration_sql: &str) -> Staged {
+    let env = TestEnv::start().await;
+    let (reader, reader_pid, _, alter) = read_in_transaction(&env, migration_sql).await;
+    let target = env.target();
     let mut sampler = Sampler::new(&target, &sampler_config()).unwrap();
     let graph = analyze(&sampler.sample().await.unwrap());
     let rule = Rule {

@@ -163,6 +163,15 @@ impl TestEnv {
         self.service.as_ref().expect("service running").local_addr()
     }
 
+    /// This cluster as lockjam's target `it`, through database `postgres`.
+    pub fn target(&self) -> lockjam::config::Target {
+        lockjam::config::Target {
+            name: "it".into(),
+            dsn: lockjam::dsn::Dsn::parse(&self.cluster.dsn("postgres")).unwrap(),
+            default_user: None,
+        }
+    }
+
     /// A new session to database `app` with this application name.
     pub async fn session(&self, application_name: &str) -> Client {
         connect(&self.cluster.dsn("app"), application_name).await

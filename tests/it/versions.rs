@@ -4,8 +4,6 @@
 
 use std::time::{Duration, SystemTime};
 
-use lockjam::config::Target;
-use lockjam::dsn::Dsn;
 use lockjam::sampler::Sampler;
 
 use lockjam::cluster::ClusterOptions;
@@ -30,11 +28,7 @@ async fn wait_start_is_waitstart_from_14_and_first_seen_before() {
     env.wait_until_waiting(waiter_pid).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
 
-    let target = Target {
-        name: "it".into(),
-        dsn: Dsn::parse(&env.cluster.dsn("postgres")).unwrap(),
-        default_user: None,
-    };
+    let target = env.target();
     let mut sampler = Sampler::new(&target, &sampler_config()).unwrap();
     let wait_start = |snapshot: &lockjam::snapshot::Snapshot| {
         snapshot
