@@ -197,10 +197,12 @@ async fn run(scale: Scale, wanted: &dyn Fn(&str) -> bool) -> Report {
              TABLE` waiting, reads queued behind it). Each cell: median (p10–p90) over the runs, and for\n\
              peers the ratio to lockjam's sample at that load (its calm path when no one waits, its\n\
              waiting path otherwise). lockjam runs a probe every tick (1 s): `probe.sql` (each\n\
-             backend's status) or `probe_locks.sql` (`pg_locks`' ungranted rows), whichever the\n\
-             \"probe candidate\" rows show cheaper for the sessions connected (the first grows with the\n\
-             sessions, the second with `max_connections` × `max_locks_per_transaction`; here\n\
-             `max_connections` is 1,100); `activity.sql` every `activity_interval` (5 s); only when the\n\
+             backend's status) or `probe_locks.sql` (`pg_locks`' ungranted rows), whichever costs less\n\
+             for the sessions connected (the first grows with the sessions, the second with\n\
+             `max_connections` × `max_locks_per_transaction`; here `max_connections` is 1,100). The\n\
+             \"probe candidate\" rows are run back to back, caches warm; lockjam runs its probe once a\n\
+             second, caches cold, where both cost more and the crossover comes later (see `Probe` in\n\
+             `src/sampler/mod.rs`). `activity.sql` runs every `activity_interval` (5 s); only when the\n\
              probe reports a waiter does it run `waiters.sql` and `locks.sql` (`src/sampler/`), and\n\
              while the same backends wait, only every `activity_interval`. Its database time per\n\
              second is the probe plus a fifth of the activity read while calm, and plus a fifth of\n\

@@ -197,11 +197,11 @@ async fn a_thousand_sessions_and_two_hundred_waiters_are_counted_exactly() {
 /// queue through either.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_probe_follows_the_sessions_and_both_see_the_same_waiters() {
-    use lockjam::config::{SamplerConfig, Target};
+    use lockjam::config::SamplerConfig;
     use lockjam::sampler::{Probe, Sampler};
 
     // 10 locks per transaction (the least PostgreSQL allows) × 100
-    // connections: 1,000 slots, so that 6 sessions tip the choice.
+    // connections: 1,000 slots, so that 12 sessions tip the choice.
     let env = TestEnv::start_with(ClusterOptions {
         settings: [("max_locks_per_transaction".to_string(), "10".to_string())]
             .into_iter()
@@ -209,12 +209,7 @@ async fn the_probe_follows_the_sessions_and_both_see_the_same_waiters() {
         ..Default::default()
     })
     .await;
-    env.admin.batch_execute(&orders()).await.unwrap();
-    let target = Target {
-        name: "it".into(),
-        dsn: lockjam::dsn::Dsn::parse(&env.cluster.dsn("postgres")).unwrap(),
-        default_user: None,
-    };
+    let target = env.target();
     let config = SamplerConfig {
         // Sessions are counted every tick, after its probe.
         activity_interval: std::time::Duration::ZERO,
@@ -230,21 +225,14 @@ async fn the_probe_follows_the_sessions_and_both_see_the_same_waiters() {
         .await
         .unwrap()
         .get(0);
-    assert!(clients * 170 < 1000, "the fixture alone has {clients} sessions");
+    assert!(clients * 90 < 1000, "the fixture alone has {clients} sessions");
     sampler.sample().await.unwrap();
     sampler.sample().await.unwrap();
     assert_eq!(sampler.last_probe(), Some(Probe::Status));
 
     // A queue: an ALTER behind a reader, and two reads behind the ALTER.
-    let reader = env.session("analyst").await;
-    reader
-        .batch_execute("BEGIN; SELECT count(*) FROM orders")
-        .await
-        .unwrap();
-    let (migration_pid, _alter) = env
-        .spawn_statement("migrate", "ALTER TABLE orders ADD COLUMN note text")
-        .await;
-    env.wait_until_waiting(migration_pid).await;
+    let (reader, _, migration_pid, _alter) =
+        crate::scenes::read_in_transaction(&env, "ALTER TABLE orders ADD COLUMN note text").await;
     let mut queued = vec![migration_pid];
     let mut reads = Vec::new();
     for _ in 0..2 {
@@ -266,10 +254,10 @@ async fn the_probe_follows_the_sessions_and_both_see_the_same_waiters() {
         );
     }
 
-    // Three idle sessions more: at least seven sessions now, so the
+    // Eight idle sessions more: at least twelve sessions now, so the
     // sessions counted on this tick choose the lock table for the next.
     let dsn = env.cluster.dsn("app");
-    let _idle = join_all((0..3).map(|_| connect(&dsn, "idle"))).await;
+    let _idle = join_all((0..8).map(|_| connect(&dsn, "idle"))).await;
     sampler.sample().await.unwrap();
     let snapshot = sampler.sample().await.unwrap();
     assert_eq!(sampler.last_probe(), Some(Probe::Locks));
