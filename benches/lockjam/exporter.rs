@@ -26,11 +26,19 @@ pub(crate) struct Served {
 impl Served {
     /// The release `lockjam run` binary with its default configuration.
     pub fn lockjam(dsn: &str) -> Served {
+        Served::lockjam_with(dsn, &[], &[])
+    }
+
+    /// `lockjam run` with these arguments and `LOCKJAM__…` settings
+    /// besides.
+    pub fn lockjam_with(dsn: &str, args: &[&str], settings: &[(&str, &str)]) -> Served {
         let port = lockjam::cluster::free_port().unwrap();
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let child = Command::new(env!("CARGO_BIN_EXE_lockjam"))
             .args(["run", "--dsn", dsn, "--listen", &addr.to_string()])
+            .args(args)
             .env("LOCKJAM__LOG__LEVEL", "warn")
+            .envs(settings.iter().copied())
             .stdout(Stdio::null())
             .spawn()
             .expect("the lockjam binary runs");

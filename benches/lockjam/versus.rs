@@ -3,6 +3,9 @@
 //! each under a role of its own with `pg_monitor`, so that
 //! `pg_stat_statements` counts each one's statements apart: database time
 //! per second in three scenes, resident memory, and `/metrics` under wrk.
+//! A second lockjam, with its policy on in dry run (it decides but never
+//! signals), shows what turning the policy on costs: every tick is read
+//! fresh, and rules' deadlines add samples.
 //!
 //! postgres_exporter reads the database at every scrape, so its cost is
 //! per scrape: the table gives it at a 15 s and a 5 s scrape interval.
@@ -14,7 +17,7 @@ use std::time::{Duration, Instant};
 use lockjam::cluster::ClusterOptions;
 use tokio_postgres::Client;
 
-use crate::common::{connect, spread, start_cluster, table, Scale, Stats};
+use crate::common::{connect, spread, start_cluster, table, wait_for_waiters, Scale, Stats};
 use crate::cost::Scene;
 use crate::exporter::{metrics, wrk, Served, POSTGRES_EXPORTER};
 
@@ -31,12 +34,16 @@ struct Window {
     /// lockjam's database milliseconds and statements per second.
     lockjam_ms: Vec<f64>,
     lockjam_calls: Vec<f64>,
+    /// The same for lockjam with its policy on (dry run).
+    policy_ms: Vec<f64>,
+    policy_calls: Vec<f64>,
     /// postgres_exporter's database milliseconds and statements per scrape.
     exporter_ms: Vec<f64>,
     exporter_calls: Vec<f64>,
 }
 
 const LOCKJAM_ROLE: &str = "lockjam_watch";
+const POLICY_ROLE: &str = "lockjam_policy";
 const EXPORTER_ROLE: &str = "exporter_watch";
 
 pub async fn all(scale: Scale) -> String {
@@ -61,14 +68,22 @@ pub async fn all(scale: Scale) -> String {
             "CREATE EXTENSION pg_stat_statements; \
              CREATE TABLE orders (id int PRIMARY KEY); \
              CREATE ROLE {LOCKJAM_ROLE} LOGIN IN ROLE pg_monitor; \
+             CREATE ROLE {POLICY_ROLE} LOGIN IN ROLE pg_monitor, pg_signal_backend; \
              CREATE ROLE {EXPORTER_ROLE} LOGIN IN ROLE pg_monitor;"
         ))
         .await
         .unwrap_or_else(|e| panic!("pg_stat_statements is needed beside the server binaries: {e}"));
     let role_dsn = |role: &str| dsn.replace("user=postgres", &format!("user={role}"));
     let lockjam = Served::lockjam(&role_dsn(LOCKJAM_ROLE));
+    // The one-rule policy of the README, kept a dry run.
+    let policy = Served::lockjam_with(
+        &role_dsn(POLICY_ROLE),
+        &["--cancel-blockers-after", "2s"],
+        &[("LOCKJAM__POLICY__DRY_RUN", "true")],
+    );
     let exporter = Served::postgres_exporter(&role_dsn(EXPORTER_ROLE));
     lockjam.wait_up("lockjam_up{").await;
+    policy.wait_up("lockjam_up{").await;
     exporter.wait_up("pg_up 1").await;
 
     let sessions = scale.pick(1000, 30);
@@ -98,10 +113,13 @@ pub async fn all(scale: Scale) -> String {
     let mut memory = (0, 0);
     for _ in 0..rounds {
         for (spec, result) in scenes.iter().zip(results.iter_mut()) {
-            // The bench's session and one of each exporter's.
-            scene.set(&admin, spec.sessions, spec.waiters, 3).await;
-            measure(&admin, &lockjam, &exporter, window, scrape_every, result).await;
+            // The bench's session and one of each watcher's.
+            scene.set(&admin, spec.sessions, spec.waiters, 4).await;
+            measure(&admin, [&lockjam, &policy, &exporter], window, scrape_every, result).await;
             if spec.waiters > 0 {
+                // The queue stood through the window: the dry run signalled
+                // no one.
+                wait_for_waiters(&admin, spec.waiters).await;
                 memory = (lockjam.status("VmRSS:"), exporter.status("VmRSS:"));
             }
         }
@@ -109,7 +127,7 @@ pub async fn all(scale: Scale) -> String {
     }
     // Short waits, as Prometheus sees them, then /metrics under load,
     // beside the idle sessions.
-    scene.set(&admin, sessions, 0, 3).await;
+    scene.set(&admin, sessions, 0, 4).await;
     let short = ShortWaits {
         count: scale.pick(20, 2),
         each: scale.pick(Duration::from_secs(3), Duration::from_millis(1500)),
@@ -122,7 +140,7 @@ pub async fn all(scale: Scale) -> String {
     let exporter_wrk = wrk(exporter.addr, connections, seconds);
     scene.clear_waiters(&admin).await;
     drop(scene);
-    drop((lockjam, exporter));
+    drop((lockjam, policy, exporter));
     tokio::task::spawn_blocking(move || drop(cluster)).await.unwrap();
 
     let rows: Vec<Vec<String>> = scenes
@@ -140,6 +158,11 @@ pub async fn all(scale: Scale) -> String {
                     spread(&r.lockjam_calls, 1, "")
                 ),
                 format!(
+                    "{} ({} statements/s)",
+                    spread(&r.policy_ms, 2, ""),
+                    spread(&r.policy_calls, 1, "")
+                ),
+                format!(
                     "{} ({} statements)",
                     spread(&r.exporter_ms, 2, ""),
                     spread(&r.exporter_calls, 0, "")
@@ -155,7 +178,9 @@ pub async fn all(scale: Scale) -> String {
         "Both at once on one cluster ({}), each under its own role with `pg_monitor`;\n\
          `pg_stat_statements` (with `track_planning`) counts each role's statements apart. lockjam is\n\
          `lockjam run` with its default configuration (probe every 1 s, sessions by state every\n\
-         5 s, waiters only while someone waits); postgres_exporter is {version} with every default\n\
+         5 s, the waiters only while someone waits, and while the same wait every 5 s); beside it,\n\
+         a second lockjam with its policy on in dry run (it decides but never signals; every tick\n\
+         reads afresh). postgres_exporter is {version} with every default\n\
          collector, scraped every {} s during each {} s window. Its database time is per scrape,\n\
          so the table also gives it per second at a 15 s and a 5 s scrape interval. {rounds} rounds,\n\
          scenes interleaved; median (min–max) over rounds.\n\n{}\n\
@@ -173,6 +198,7 @@ pub async fn all(scale: Scale) -> String {
             &[
                 "scene",
                 "lockjam DB ms per second",
+                "lockjam, policy on (dry run)",
                 "postgres_exporter DB ms per scrape",
                 "… per second, 15 s scrape",
                 "… per second, 5 s scrape",
@@ -205,13 +231,12 @@ fn wrk_row(name: &str, (rate, p50, p99): (f64, f64, f64)) -> Vec<String> {
     ]
 }
 
-/// One window: counters reset, both exporters scraped every
+/// One window: counters reset, every watcher scraped every
 /// `scrape_every` (Prometheus' part) for `window`, then each role's
 /// statements read.
 async fn measure(
     admin: &Client,
-    lockjam: &Served,
-    exporter: &Served,
+    [lockjam, policy, exporter]: [&Served; 3],
     window: Duration,
     scrape_every: Duration,
     result: &mut Window,
@@ -224,8 +249,11 @@ async fn measure(
     let started = Instant::now();
     let mut scrapes = 0u32;
     while started.elapsed() < window {
-        let (ours, theirs) = tokio::join!(metrics(lockjam.addr), metrics(exporter.addr));
-        assert!(ours.is_some() && theirs.is_some(), "an exporter stopped answering");
+        let (ours, policy, theirs) = tokio::join!(metrics(lockjam.addr), metrics(policy.addr), metrics(exporter.addr));
+        assert!(
+            ours.is_some() && policy.is_some() && theirs.is_some(),
+            "an exporter stopped answering"
+        );
         scrapes += 1;
         let next = scrape_every * scrapes;
         tokio::time::sleep(next.saturating_sub(started.elapsed())).await;
@@ -235,8 +263,8 @@ async fn measure(
         .query(
             "SELECT r.rolname::text, sum(s.total_exec_time + s.total_plan_time)::float8, sum(s.calls)::float8 \
              FROM pg_stat_statements AS s JOIN pg_roles AS r ON r.oid = s.userid \
-             WHERE r.rolname IN ($1, $2) GROUP BY 1",
-            &[&LOCKJAM_ROLE, &EXPORTER_ROLE],
+             WHERE r.rolname IN ($1, $2, $3) GROUP BY 1",
+            &[&LOCKJAM_ROLE, &POLICY_ROLE, &EXPORTER_ROLE],
         )
         .await
         .unwrap();
@@ -248,6 +276,9 @@ async fn measure(
     let (ms, calls) = of(LOCKJAM_ROLE);
     result.lockjam_ms.push(ms / seconds);
     result.lockjam_calls.push(calls / seconds);
+    let (ms, calls) = of(POLICY_ROLE);
+    result.policy_ms.push(ms / seconds);
+    result.policy_calls.push(calls / seconds);
     let (ms, calls) = of(EXPORTER_ROLE);
     assert!(calls > 0.0, "postgres_exporter ran no statement in the window");
     result.exporter_ms.push(ms / f64::from(scrapes));
