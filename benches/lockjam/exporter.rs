@@ -250,6 +250,12 @@ pub async fn all(dsn: &str, admin: &Client, scale: Scale) -> String {
             scrapes += 1;
         }
         if Instant::now() >= next_detection && detections.len() < detections_wanted {
+            // This loop and lockjam's ticks both keep a one-second beat, so
+            // a wait started at once would start at the same point of
+            // lockjam's interval each time (and measure that point only).
+            // A golden-ratio step spreads the starts evenly over it.
+            let phase = (detections.len() as f64 * 0.618_034).fract();
+            tokio::time::sleep(Duration::from_secs_f64(phase)).await;
             detections.push(detection(dsn, admin, run.addr, detections.len()).await);
             next_detection += gap;
         }
@@ -282,7 +288,7 @@ pub async fn all(dsn: &str, admin: &Client, scale: Scale) -> String {
             ],
             vec![
                 format!(
-                    "detection: `pg_locks.waitstart` to the first `/metrics` showing the waiter ({} runs, interval 1s)",
+                    "detection: `pg_locks.waitstart` to the first `/metrics` showing the waiter ({} runs spread over the 1 s interval)",
                     detections.len()
                 ),
                 format!(
