@@ -146,21 +146,10 @@ struct Lockjam {
 
 impl Lockjam {
     async fn new(client: &Client) -> Lockjam {
-        let version: i32 = client
-            .query_one("SELECT current_setting('server_version_num')::int", &[])
-            .await
-            .unwrap()
-            .get(0);
-        let lock_slots: i64 = client
-            .query_one(
-                "SELECT current_setting('max_locks_per_transaction')::int8 \
-                 * (current_setting('max_connections')::int8 + current_setting('max_prepared_transactions')::int8)",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        let [_, activity, waiters, locks] = lockjam::sampler::sample_statements(version);
+        let session = client.query_one(lockjam::sampler::SESSION_SQL, &[]).await.unwrap();
+        let version: i32 = session.get("server_version");
+        let lock_slots: i64 = session.get("lock_slots");
+        let [activity, waiters, locks] = lockjam::sampler::sample_statements(version);
         Lockjam {
             lock_slots,
             activity,

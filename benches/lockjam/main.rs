@@ -13,7 +13,7 @@
 //! `cargo bench --bench lockjam -- reaction` runs only the reaction times
 //! of part 1 and prints them.
 //!
-//! `cargo bench --bench lockjam` runs all four at full scale (about 50
+//! `cargo bench --bench lockjam` runs all four at full scale (about 40
 //! minutes on 2 cores) and rewrites BENCHMARKS.md and
 //! docs/benchmarks/*.svg; `cargo bench --bench lockjam -- outage` (or
 //! `cost`, `exporter`, `versus`) runs one part and only prints it. Without `--bench`

@@ -29,7 +29,9 @@ const ACTIVITY_SQL: &str = include_str!("activity.sql");
 const WAITERS_SQL: &str = include_str!("waiters.sql");
 const LOCKS_SQL: &str = include_str!("locks.sql");
 const RELATIONS_SQL: &str = include_str!("relations.sql");
-const SESSION_SQL: &str = include_str!("session.sql");
+/// Once per session: its pid, database, server version, role, and the
+/// size of the lock table (`lock_slots`).
+pub const SESSION_SQL: &str = include_str!("session.sql");
 /// WAL replay's blockers on a hot standby, for `waiters.sql` and the
 /// enforcer's `signal.sql`; `{in_recovery}` names their boolean parameter.
 pub(crate) const REPLAY_SQL: &str = include_str!("replay.sql");
@@ -88,17 +90,17 @@ struct DatabaseSession {
 type WaitKey = (i32, Option<SystemTime>, String, String);
 
 /// The statements of a sample on a server of `server_version`
-/// (`server_version_num`): the probe of every tick, the sessions by state
-/// (every `activity_interval`), then the waiters and their `pg_locks`
-/// rows, read only while someone waits.
-pub fn sample_statements(server_version: i32) -> [String; 4] {
+/// (`server_version_num`) besides the probe of every tick
+/// ([`Probe::sql`]): the sessions by state (every `activity_interval`),
+/// then the waiters and their `pg_locks` rows, read only while someone
+/// waits.
+pub fn sample_statements(server_version: i32) -> [String; 3] {
     let waitstart = if server_version >= 140_000 {
         "l.waitstart"
     } else {
         "NULL::pg_catalog.timestamptz"
     };
     [
-        PROBE_SQL.into(),
         ACTIVITY_SQL.into(),
         WAITERS_SQL.replace("{replay}", &REPLAY_SQL.replace("{in_recovery}", "$3::pg_catalog.bool")),
         LOCKS_SQL.replace("{waitstart}", waitstart),
@@ -182,8 +184,6 @@ pub struct Sampler {
     /// [`Sampler::reuse_waiting_reads`]).
     waiting: Option<WaitingRead>,
     reuse_waiting: bool,
-    /// The probe the last tick ran.
-    last_probe: Option<Probe>,
     /// Databases with client sessions in the last sample.
     databases_with_sessions: HashSet<String>,
     /// When the server's list of databases was last read.
@@ -208,7 +208,6 @@ impl Sampler {
             activity_interval: config.activity_interval,
             waiting: None,
             reuse_waiting: false,
-            last_probe: None,
             databases_with_sessions: HashSet::new(),
             databases_read_at: None,
             warnings: Vec::new(),
@@ -255,9 +254,16 @@ impl Sampler {
         self.waiting = None;
     }
 
-    /// The probe the last tick ran, if any ran.
-    pub fn last_probe(&self) -> Option<Probe> {
-        self.last_probe
+    /// The probe the next tick runs, the cheaper of two for the sessions
+    /// last counted (see [`Probe`]); `None` until connected.
+    pub fn next_probe(&self) -> Option<Probe> {
+        let main = self.main.as_ref()?;
+        let sessions: u64 = self.activity.iter().map(|group| group.sessions).sum();
+        Some(Probe::choose(
+            i64::try_from(sessions).unwrap_or(i64::MAX),
+            main.lock_slots,
+            main.reads_all_stats,
+        ))
     }
 
     /// Takes one sample. On error every session is dropped and the next
@@ -331,17 +337,11 @@ impl Sampler {
         })
     }
 
-    /// The probe of every tick, the cheaper of two for the sessions last
-    /// counted (see [`Probe`]); it also re-checks the role's grant.
+    /// The probe of every tick ([`Sampler::next_probe`]); it also
+    /// re-checks the role's grant.
     async fn probe(&mut self, own_pids: &[i32]) -> Result<Tick, SampleError> {
+        let probe = self.next_probe().expect("opened");
         let main = self.main.as_ref().expect("opened");
-        let sessions: u64 = self.activity.iter().map(|group| group.sessions).sum();
-        let probe = Probe::choose(
-            i64::try_from(sessions).unwrap_or(i64::MAX),
-            main.lock_slots,
-            main.reads_all_stats,
-        );
-        self.last_probe = Some(probe);
         let statement = match probe {
             Probe::Status => &main.probe,
             Probe::Locks => &main.probe_locks,
@@ -470,9 +470,9 @@ impl Sampler {
             let client = &client;
             async move { client.prepare(&sql).await.map_err(|e| self.query_error(what, &e)) }
         };
-        let [probe, activity, waiters, locks] = sample_statements(server_version);
-        let probe = prepare(probe, "preparing the probe").await?;
-        let probe_locks = prepare(PROBE_LOCKS_SQL.into(), "preparing the pg_locks probe").await?;
+        let [activity, waiters, locks] = sample_statements(server_version);
+        let probe = prepare(Probe::Status.sql().into(), "preparing the probe").await?;
+        let probe_locks = prepare(Probe::Locks.sql().into(), "preparing the pg_locks probe").await?;
         let activity = prepare(activity, "preparing the activity query").await?;
         let waiters = prepare(waiters, "preparing the waiters query").await?;
         let locks = prepare(locks, "preparing the pg_locks query").await?;

@@ -226,9 +226,9 @@ async fn the_probe_follows_the_sessions_and_both_see_the_same_waiters() {
         .unwrap()
         .get(0);
     assert!(clients * 90 < 1000, "the fixture alone has {clients} sessions");
+    assert_eq!(sampler.next_probe(), None, "not connected yet");
     sampler.sample().await.unwrap();
-    sampler.sample().await.unwrap();
-    assert_eq!(sampler.last_probe(), Some(Probe::Status));
+    assert_eq!(sampler.next_probe(), Some(Probe::Status));
 
     // A queue: an ALTER behind a reader, and two reads behind the ALTER.
     let (reader, _, migration_pid, _alter) =
@@ -259,8 +259,8 @@ async fn the_probe_follows_the_sessions_and_both_see_the_same_waiters() {
     let dsn = env.cluster.dsn("app");
     let _idle = join_all((0..8).map(|_| connect(&dsn, "idle"))).await;
     sampler.sample().await.unwrap();
+    assert_eq!(sampler.next_probe(), Some(Probe::Locks));
     let snapshot = sampler.sample().await.unwrap();
-    assert_eq!(sampler.last_probe(), Some(Probe::Locks));
     let mut waiting: Vec<i32> = snapshot
         .sessions
         .iter()
@@ -275,8 +275,8 @@ async fn the_probe_follows_the_sessions_and_both_see_the_same_waiters() {
     for read in reads {
         read.await.unwrap().unwrap();
     }
+    assert_eq!(sampler.next_probe(), Some(Probe::Locks));
     let calm = sampler.sample().await.unwrap();
-    assert_eq!(sampler.last_probe(), Some(Probe::Locks));
     assert!(calm.sessions.is_empty(), "{:?}", calm.sessions);
     env.stop().await;
 }
