@@ -2,16 +2,17 @@
 //! one connection per target (plus, lazily, one per other database whose
 //! relation names it must resolve), producing a [`Snapshot`] per tick.
 //!
-//! Every tick probes which backends wait for a lock: through one field of
-//! each backend's status (`probe.sql`), or with many sessions connected
-//! through `pg_locks`' ungranted rows (`probe_locks.sql`), whichever costs
-//! less (see [`Probe`]). Sessions by database and state
-//! (`activity.sql`, one scan of `pg_stat_get_activity`) are read every
-//! `activity_interval`. When some backend waits, the tick also reads the
+//! Every tick learns which backends wait for a lock. Every
+//! `activity_interval` it reads sessions by database and state
+//! (`activity.sql`, one scan of `pg_stat_get_activity`), and the same scan
+//! says who waits; every other tick runs only a probe: one field of each
+//! backend's status (`probe.sql`), or with many sessions connected
+//! `pg_locks`' ungranted rows (`probe_locks.sql`), whichever costs less
+//! (see [`Probe`]). When some backend waits, the tick also reads the
 //! waiters' `pg_blocking_pids` and the sessions involved (`waiters.sql`),
 //! their `pg_locks` rows (`locks.sql`), and resolves relation names in the
 //! database that owns them; when only watching, a tick that finds the same
-//! backends waiting reuses that read for up to `activity_interval`.
+//! backends waiting reuses that read until the next `activity.sql`.
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant, SystemTime};
@@ -90,10 +91,9 @@ struct DatabaseSession {
 type WaitKey = (i32, Option<SystemTime>, String, String);
 
 /// The statements of a sample on a server of `server_version`
-/// (`server_version_num`) besides the probe of every tick
-/// ([`Probe::sql`]): the sessions by state (every `activity_interval`),
-/// then the waiters and their `pg_locks` rows, read only while someone
-/// waits.
+/// (`server_version_num`) besides the probe ([`Probe::sql`]): the sessions
+/// by state (every `activity_interval`, in place of the probe), then the
+/// waiters and their `pg_locks` rows, read only while someone waits.
 pub fn sample_statements(server_version: i32) -> [String; 3] {
     let waitstart = if server_version >= 140_000 {
         "l.waitstart"
@@ -163,7 +163,6 @@ struct Tick {
 struct WaitingRead {
     /// The probe's waiting pids when it was made.
     waiting_pids: Vec<i32>,
-    read_at: Instant,
     sessions: Vec<Session>,
     locks: Vec<LockRow>,
 }
@@ -240,8 +239,9 @@ impl Sampler {
     }
 
     /// Lets a tick whose probe finds the same backends waiting as at the
-    /// last read of the waiters reuse that read, for up to
-    /// `activity_interval`: the waiters' read scans every backend's status
+    /// last read of the waiters reuse that read, until the next read of
+    /// the sessions by state (every `activity_interval`, on whose tick the
+    /// waiters are read again): the waiters' read scans every backend's status
     /// (the costliest statement of a sample), and while a queue stands
     /// still it would read the same thing every tick. A new or departed
     /// waiter is still seen on the tick it happens; what may lag, by up to
@@ -282,14 +282,16 @@ impl Sampler {
             self.main = Some(main);
         }
         let own_pids = self.own_pids();
-        let tick = self.probe(&own_pids).await?;
-        let existing_databases = match self.activity_read_at {
-            Some(at) if at.elapsed() < self.activity_interval => None,
-            _ => {
-                self.activity = self.read_activity(&own_pids).await?;
-                self.activity_read_at = Some(Instant::now());
-                self.databases_if_one_vanished().await?
-            }
+        // A tick that reads the sessions by state learns from the same scan
+        // what the probe would say, and runs no probe.
+        let activity_due = !matches!(self.activity_read_at, Some(at) if at.elapsed() < self.activity_interval);
+        let (tick, existing_databases) = if activity_due {
+            let (tick, activity) = self.read_activity(&own_pids).await?;
+            self.activity = activity;
+            self.activity_read_at = Some(Instant::now());
+            (tick, self.databases_if_one_vanished().await?)
+        } else {
+            (self.probe(&own_pids).await?, None)
         };
         if tick.lock_waiting_pids.is_empty() {
             self.waiting = None;
@@ -301,11 +303,12 @@ impl Sampler {
                 ..Snapshot::calm(tick.taken_at, self.activity.clone())
             });
         }
-        let reusable = self.waiting.as_ref().filter(|read| {
-            self.reuse_waiting
-                && read.waiting_pids == tick.lock_waiting_pids
-                && read.read_at.elapsed() < self.activity_interval
-        });
+        // Refreshed with the sessions by state, so that one tick in
+        // `activity_interval` reads everything and the others only probe.
+        let reusable = self
+            .waiting
+            .as_ref()
+            .filter(|read| self.reuse_waiting && !activity_due && read.waiting_pids == tick.lock_waiting_pids);
         let (sessions, locks) = match reusable {
             Some(read) => (read.sessions.clone(), read.locks.clone()),
             None => {
@@ -318,7 +321,6 @@ impl Sampler {
                 if self.reuse_waiting {
                     self.waiting = Some(WaitingRead {
                         waiting_pids: tick.lock_waiting_pids,
-                        read_at: Instant::now(),
                         sessions: sessions.clone(),
                         locks: locks.clone(),
                     });
@@ -337,8 +339,8 @@ impl Sampler {
         })
     }
 
-    /// The probe of every tick ([`Sampler::next_probe`]); it also
-    /// re-checks the role's grant.
+    /// The probe of a tick that does not read the sessions by state
+    /// ([`Sampler::next_probe`]).
     async fn probe(&mut self, own_pids: &[i32]) -> Result<Tick, SampleError> {
         let probe = self.next_probe().expect("opened");
         let main = self.main.as_ref().expect("opened");
@@ -351,25 +353,28 @@ impl Sampler {
             .query_one(statement, &[&own_pids])
             .await
             .map_err(|e| self.query_error("probing for lock waits", &e))?;
-        let reads_all_stats = row.get("reads_all_stats");
-        self.main.as_mut().expect("opened").reads_all_stats = reads_all_stats;
-        self.note_privilege(reads_all_stats);
-        Ok(Tick {
-            taken_at: row.get("taken_at"),
-            lock_waiting_pids: row.get("lock_waiting_pids"),
-            in_recovery: row.get("in_recovery"),
-        })
+        Ok(self.tick_from(&row))
     }
 
-    /// Sessions by database and state (`activity.sql`).
-    async fn read_activity(&self, own_pids: &[i32]) -> Result<Vec<ActivityGroup>, SampleError> {
+    /// Sessions by database and state (`activity.sql`), and the tick its
+    /// scan answers.
+    async fn read_activity(&mut self, own_pids: &[i32]) -> Result<(Tick, Vec<ActivityGroup>), SampleError> {
         let main = self.main.as_ref().expect("opened");
         let rows = main
             .client
             .query(&main.activity, &[&own_pids])
             .await
             .map_err(|e| self.query_error("reading pg_stat_activity", &e))?;
-        Ok(rows
+        // The outer join in activity.sql returns at least one row.
+        let Some(first) = rows.first() else {
+            return Err(SampleError::Query {
+                target: self.target.name.clone(),
+                what: "reading pg_stat_activity",
+                message: "no row returned".into(),
+            });
+        };
+        let tick = self.tick_from(first);
+        let groups = rows
             .iter()
             .filter_map(|row| {
                 Some(ActivityGroup {
@@ -379,7 +384,20 @@ impl Sampler {
                     oldest_xact_start: row.get("oldest_xact_start"),
                 })
             })
-            .collect())
+            .collect();
+        Ok((tick, groups))
+    }
+
+    /// What a probe's columns say; it also re-checks the role's grant.
+    fn tick_from(&mut self, row: &tokio_postgres::Row) -> Tick {
+        let reads_all_stats = row.get("reads_all_stats");
+        self.main.as_mut().expect("opened").reads_all_stats = reads_all_stats;
+        self.note_privilege(reads_all_stats);
+        Tick {
+            taken_at: row.get("taken_at"),
+            lock_waiting_pids: row.get("lock_waiting_pids"),
+            in_recovery: row.get("in_recovery"),
+        }
     }
 
     /// The waiters and their blockers (`waiters.sql`).

@@ -1,5 +1,6 @@
--- The read of every tick while few sessions are connected (with many,
--- probe_locks.sql costs less; the sampler chooses, see Probe in mod.rs), as
+-- The read of a tick while few sessions are connected (with many,
+-- probe_locks.sql costs less; the sampler chooses, see Probe in mod.rs;
+-- a tick that runs activity.sql learns the same from it and skips both), as
 -- cheap as a read of all backends can be: one field of each backend's
 -- status through the per-backend functions, with no row of
 -- pg_stat_activity formed (half the cost of pg_stat_get_activity(NULL),

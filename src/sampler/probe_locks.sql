@@ -1,5 +1,6 @@
--- The probe of every tick where many sessions are connected (the sampler
--- chooses, see Probe in mod.rs): the waiting pids as waiters.sql finds
+-- The probe of a tick where many sessions are connected (the sampler
+-- chooses, see Probe in mod.rs; not on a tick that runs activity.sql):
+-- the waiting pids as waiters.sql finds
 -- them, from pg_locks' ungranted rows. probe.sql copies every backend's
 -- status, so its cost grows with the sessions; this one walks the lock
 -- table, so its cost grows with the table's size

@@ -211,8 +211,9 @@ async fn the_probe_follows_the_sessions_and_both_see_the_same_waiters() {
     .await;
     let target = env.target();
     let config = SamplerConfig {
-        // Sessions are counted every tick, after its probe.
-        activity_interval: std::time::Duration::ZERO,
+        // Sessions are counted on connecting (and below, on reconnecting),
+        // so that every other tick probes.
+        activity_interval: std::time::Duration::from_secs(3600),
         ..crate::support::sampler_config()
     };
     let mut sampler = Sampler::new(&target, &config).unwrap();
@@ -258,6 +259,7 @@ async fn the_probe_follows_the_sessions_and_both_see_the_same_waiters() {
     // sessions counted on this tick choose the lock table for the next.
     let dsn = env.cluster.dsn("app");
     let _idle = join_all((0..8).map(|_| connect(&dsn, "idle"))).await;
+    sampler.reset();
     sampler.sample().await.unwrap();
     assert_eq!(sampler.next_probe(), Some(Probe::Locks));
     let snapshot = sampler.sample().await.unwrap();
@@ -278,5 +280,81 @@ async fn the_probe_follows_the_sessions_and_both_see_the_same_waiters() {
     assert_eq!(sampler.next_probe(), Some(Probe::Locks));
     let calm = sampler.sample().await.unwrap();
     assert!(calm.sessions.is_empty(), "{:?}", calm.sessions);
+    env.stop().await;
+}
+
+/// Calls of lockjam's statements by `role`, from pg_stat_statements:
+/// (activity.sql, probe.sql, probe_locks.sql, waiters.sql, locks.sql).
+async fn calls_by(env: &TestEnv, role: &str) -> [i64; 5] {
+    let row = env
+        .admin
+        .query_one(
+            "SELECT COALESCE(sum(calls) FILTER (WHERE query LIKE '%AS oldest_xact_start%'), 0)::int8,
+                    COALESCE(sum(calls) FILTER (WHERE query LIKE '%pg_stat_get_backend_idset%'), 0)::int8,
+                    COALESCE(sum(calls) FILTER (WHERE query LIKE '%array_agg(DISTINCT l.pid%'), 0)::int8,
+                    COALESCE(sum(calls) FILTER (WHERE query LIKE '%replay_edges%'), 0)::int8,
+                    COALESCE(sum(calls) FILTER (WHERE query LIKE '%concat_ws%'), 0)::int8
+             FROM pg_stat_statements
+             WHERE userid = (SELECT oid FROM pg_roles WHERE rolname = $1)",
+            &[&role],
+        )
+        .await
+        .unwrap();
+    [0, 1, 2, 3, 4].map(|i| row.get(i))
+}
+
+#[tokio::test]
+async fn a_sample_scans_the_backends_status_once() {
+    use lockjam::config::SamplerConfig;
+    use lockjam::sampler::Sampler;
+
+    let env = TestEnv::start_with(ClusterOptions {
+        settings: [("shared_preload_libraries".to_string(), "pg_stat_statements".to_string())]
+            .into_iter()
+            .collect(),
+        ..Default::default()
+    })
+    .await;
+    env.admin
+        .batch_execute("CREATE EXTENSION pg_stat_statements; CREATE ROLE counted LOGIN IN ROLE pg_monitor")
+        .await
+        .unwrap();
+    let (_reader, _, migration_pid, _alter) =
+        crate::scenes::read_in_transaction(&env, "ALTER TABLE orders ADD COLUMN note text").await;
+    let mut target = env.target();
+    target.dsn =
+        lockjam::dsn::Dsn::parse(&env.cluster.dsn("postgres").replace("user=postgres", "user=counted")).unwrap();
+    let config = SamplerConfig {
+        // No second read of the sessions by state within the test.
+        activity_interval: std::time::Duration::from_secs(3600),
+        ..crate::support::sampler_config()
+    };
+    let mut sampler = Sampler::new(&target, &config).unwrap();
+    sampler.reuse_waiting_reads(true);
+    let waiting = |snapshot: &lockjam::snapshot::Snapshot| {
+        snapshot
+            .sessions
+            .iter()
+            .filter(|s| s.blocked_by.as_ref().is_some_and(|b| !b.is_empty()))
+            .map(|s| s.pid)
+            .collect::<Vec<_>>()
+    };
+
+    // The first tick reads the sessions by state, and from the same scan
+    // who waits: no probe. Then the waiters and their locks.
+    let first = sampler.sample().await.unwrap();
+    assert_eq!(waiting(&first), vec![migration_pid]);
+    assert_eq!(calls_by(&env, "counted").await, [1, 0, 0, 1, 1]);
+
+    // Later ticks probe; the same waiter, so its read is reused.
+    for _ in 0..2 {
+        assert_eq!(waiting(&sampler.sample().await.unwrap()), vec![migration_pid]);
+    }
+    assert_eq!(calls_by(&env, "counted").await, [1, 2, 0, 1, 1]);
+
+    // A policy reads afresh every tick, after the probe.
+    sampler.reuse_waiting_reads(false);
+    assert_eq!(waiting(&sampler.sample().await.unwrap()), vec![migration_pid]);
+    assert_eq!(calls_by(&env, "counted").await, [1, 3, 0, 2, 2]);
     env.stop().await;
 }
