@@ -114,3 +114,19 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     }
     text
 }
+
+/// The mean of `values` and the half-width of its 95 % confidence
+/// interval (Student's t, n − 1 degrees of freedom).
+pub fn mean_ci95(values: &[f64]) -> (f64, f64) {
+    // t(0.975, df) for df = 1..=30; beyond, the normal 1.96.
+    const T: [f64; 30] = [
+        12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
+    ];
+    let n = values.len();
+    assert!(n >= 2, "a confidence interval needs two values");
+    let mean = values.iter().sum::<f64>() / n as f64;
+    let variance = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1) as f64;
+    let t = T.get(n - 2).copied().unwrap_or(1.96);
+    (mean, t * (variance / n as f64).sqrt())
+}

@@ -12,7 +12,7 @@ use lockjam::policy::Policy;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::Client;
 
-use crate::common::{backend_pid, connect, spread, table, wait_for_waiters, Scale, Stats};
+use crate::common::{backend_pid, connect, mean_ci95, spread, table, wait_for_waiters, Scale, Stats};
 use crate::peers::PEERS;
 
 /// Sessions and waiters on the server while measuring.
@@ -222,7 +222,7 @@ pub const PROBE_CANDIDATES: [(&str, &str); 4] = [
 ];
 
 /// Not a query: lockjam's database time per second at the default cadence.
-pub const LOCKJAM_PER_SECOND: &str = "lockjam, database ms per second (a probe a second; sessions by state, and the waiters while the same wait, every 5 s)";
+pub const LOCKJAM_PER_SECOND: &str = "lockjam, database ms per second (a tick a second: one in five reads the sessions by state, and the waiters while the same wait, instead of probing)";
 
 pub async fn sample_costs(dsn: &str, admin: &Client, scale: Scale) -> Vec<LoadResult> {
     let loads = scale.pick(vec![100, 500, 1000], vec![20, 40]);
@@ -246,10 +246,11 @@ pub async fn sample_costs(dsn: &str, admin: &Client, scale: Scale) -> Vec<LoadRe
                 let (calm, activity, waiting) = lockjam.sample(&client, &own, sessions).await;
                 record(LOCKJAM_CALM, calm);
                 record(LOCKJAM_ACTIVITY, activity);
-                // While the same backends wait, the waiters' read is reused
-                // for an activity_interval.
+                // Of five ticks, four probe and one reads the sessions by
+                // state instead; while the same backends wait, the
+                // waiters' read is refreshed on that tick.
                 let waiters_read = waiting.map_or(0.0, |w| w - calm);
-                record(LOCKJAM_PER_SECOND, calm + (waiters_read + activity) / 5.0);
+                record(LOCKJAM_PER_SECOND, (4.0 * calm + activity + waiters_read) / 5.0);
                 if let Some(waiting) = waiting {
                     record(LOCKJAM_WAITING, waiting);
                 }
@@ -359,7 +360,11 @@ pub async fn pgbench_tps(dsn: &str, port: u16, admin: &Client, scale: Scale, pgb
     let sessions = scale.pick(1000, 40);
     let waiters = scale.pick(100, 5);
     let seconds = scale.pick(15, 2);
-    let rounds = scale.pick(3, 1);
+    // lockjam's effect is the figure wanted with a confidence interval:
+    // every round measures it against no watcher; the peers, for scale,
+    // only the first rounds.
+    let rounds = scale.pick(10, 2);
+    let peer_rounds = scale.pick(3, 1);
     admin.batch_execute("CREATE DATABASE pgbench").await.unwrap();
     pgbench_run(pgbench, port, &["-i", "-q", "-s", "10"]).await;
     let mut scene = Scene::new(dsn);
@@ -371,8 +376,11 @@ pub async fn pgbench_tps(dsn: &str, port: u16, admin: &Client, scale: Scale, pgb
     let select_only = ["-n", "-S", "-c", "4", "-j", "2", "-T", &seconds.to_string()];
     // A first run, not counted, warms the caches for every later one.
     pgbench_run(pgbench, port, &select_only).await;
-    for _ in 0..rounds {
+    for round in 0..rounds {
         for (i, watcher) in watchers.iter().enumerate() {
+            if matches!(watcher, Watcher::Peer(_)) && round >= peer_rounds {
+                continue;
+            }
             let running = start_watcher(*watcher, dsn).await;
             tokio::time::sleep(Duration::from_secs(1)).await;
             let stdout = pgbench_run(pgbench, port, &select_only).await;
@@ -387,6 +395,14 @@ pub async fn pgbench_tps(dsn: &str, port: u16, admin: &Client, scale: Scale, pgb
         }
     }
     scene.clear_waiters(admin).await;
+    // Each round's lockjam TPS against the same round's no-watcher TPS,
+    // run just before it: drift between rounds cancels.
+    let paired: Vec<f64> = tps[1]
+        .iter()
+        .zip(&tps[0])
+        .map(|(with, without)| (with / without - 1.0) * 100.0)
+        .collect();
+    let (effect, half_width) = mean_ci95(&paired);
     let baseline = Stats::of(&tps[0]).median;
     let rows: Vec<Vec<String>> = watchers
         .iter()
@@ -402,8 +418,11 @@ pub async fn pgbench_tps(dsn: &str, port: u16, admin: &Client, scale: Scale, pgb
     format!(
         "pgbench -S (select-only), 4 clients, 2 threads, {seconds} s, scale 10, beside {sessions} sessions \
          of which {waiters} wait for a lock (lockjam samples every second; each peer's query runs as often); \
-         {rounds} rounds, watchers \
-         interleaved, after one uncounted warm-up run; median (min–max).\n\n{}",
+         {rounds} rounds with no watcher and lockjam, the peers in the first {peer_rounds}; watchers \
+         interleaved, after one uncounted warm-up run; median (min–max), and against the median with no \
+         watcher.\n\n{}\n\
+         lockjam's effect, each round's TPS against the same round's with no watcher: \
+         {effect:+.1} % ± {half_width:.1} % (mean, 95 % confidence interval over {rounds} rounds).\n",
         table(&["watcher", "TPS", "vs no watcher"], &rows)
     )
 }
