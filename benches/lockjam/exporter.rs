@@ -32,16 +32,21 @@ impl Served {
     /// `lockjam run` with these arguments and `LOCKJAM__…` settings
     /// besides.
     pub fn lockjam_with(dsn: &str, args: &[&str], settings: &[(&str, &str)]) -> Served {
+        Served::lockjam_binary(std::path::Path::new(env!("CARGO_BIN_EXE_lockjam")), dsn, args, settings)
+    }
+
+    /// `lockjam run` from `binary` (another build, for a before-and-after).
+    pub fn lockjam_binary(binary: &std::path::Path, dsn: &str, args: &[&str], settings: &[(&str, &str)]) -> Served {
         let port = lockjam::cluster::free_port().unwrap();
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        let child = Command::new(env!("CARGO_BIN_EXE_lockjam"))
+        let child = Command::new(binary)
             .args(["run", "--dsn", dsn, "--listen", &addr.to_string()])
             .args(args)
             .env("LOCKJAM__LOG__LEVEL", "warn")
             .envs(settings.iter().copied())
             .stdout(Stdio::null())
             .spawn()
-            .expect("the lockjam binary runs");
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", binary.display()));
         Served { child, addr }
     }
 

@@ -13,7 +13,7 @@
 //! `cargo bench --bench lockjam -- reaction` runs only the reaction times
 //! of part 1 and prints them.
 //!
-//! `cargo bench --bench lockjam` runs all four at full scale (about 40
+//! `cargo bench --bench lockjam` runs all four at full scale (about 50
 //! minutes on 2 cores) and rewrites BENCHMARKS.md and
 //! docs/benchmarks/*.svg; `cargo bench --bench lockjam -- outage` (or
 //! `cost`, `exporter`, `versus`) runs one part and only prints it. Without `--bench`
@@ -131,11 +131,13 @@ async fn run(scale: Scale, wanted: &dyn Fn(&str) -> bool) -> Report {
     let mut text = format!(
         "# Benchmarks\n\n\
          Every figure and plot here was written by one run of\n\n\
-         ```sh\ncargo bench --bench lockjam\n```\n\n\
+         ```sh\n{}cargo bench --bench lockjam\n```\n\n\
          (`benches/lockjam/`), which starts a throwaway PostgreSQL cluster and rewrites this file.\n\
+         `LOCKJAM_BENCH_BEFORE`, a git revision, adds lockjam as built from it to part 4.\n\
          `cargo test --benches` (part of `scripts/test.sh`) runs the same code at smoke scale so that it\n\
          cannot rot; it writes nothing here.\n\n\
          - Machine: {}\n- PostgreSQL: {}\n- Scale: {}\n\n",
+        std::env::var("LOCKJAM_BENCH_BEFORE").map_or(String::new(), |rev| format!("LOCKJAM_BENCH_BEFORE={rev} ")),
         machine(),
         cluster.version(),
         match scale {
@@ -202,11 +204,12 @@ async fn run(scale: Scale, wanted: &dyn Fn(&str) -> bool) -> Report {
              `max_connections` × `max_locks_per_transaction`; here `max_connections` is 1,100). The\n\
              \"probe candidate\" rows are run back to back, caches warm; lockjam runs its probe once a\n\
              second, caches cold, where both cost more and the crossover comes later (see `Probe` in\n\
-             `src/sampler/mod.rs`). `activity.sql` runs every `activity_interval` (5 s); only when the\n\
-             probe reports a waiter does it run `waiters.sql` and `locks.sql` (`src/sampler/`), and\n\
-             while the same backends wait, only every `activity_interval`. Its database time per\n\
-             second is the probe plus a fifth of the activity read while calm, and plus a fifth of\n\
-             the waiters' read while someone waits.\n\n\
+             `src/sampler/mod.rs`). Every `activity_interval` (5 s) `activity.sql` runs in place of\n\
+             the probe (its scan also says who waits); only when a waiter is reported does lockjam run\n\
+             `waiters.sql` and `locks.sql` (`src/sampler/`), and while the same backends wait, only\n\
+             with `activity.sql`. Its database time per second is four fifths of the probe and a\n\
+             fifth of the activity read while calm, plus a fifth of the waiters' read while someone\n\
+             waits.\n\n\
              The peers' queries are written by us from each project's documented shape:\n\n{sources}\n\
              {}\n\
              ![Server time per sample against sessions](docs/benchmarks/cost.svg)\n\n\

@@ -17,6 +17,8 @@ use std::time::{Duration, Instant};
 use lockjam::cluster::ClusterOptions;
 use tokio_postgres::Client;
 
+use futures_util::future::join_all;
+
 use crate::common::{connect, spread, start_cluster, table, wait_for_waiters, Scale, Stats};
 use crate::cost::Scene;
 use crate::exporter::{metrics, wrk, Served, POSTGRES_EXPORTER};
@@ -28,15 +30,21 @@ struct SceneSpec {
     waiters: usize,
 }
 
-/// What one window of one scene measured.
+/// A lockjam process beside postgres_exporter: its column in the table,
+/// and the role whose statements are its own.
+struct Lockjam {
+    column: String,
+    role: &'static str,
+    served: Served,
+}
+
+/// What the windows of one scene measured.
 #[derive(Default, Clone)]
 struct Window {
-    /// lockjam's database milliseconds and statements per second.
-    lockjam_ms: Vec<f64>,
-    lockjam_calls: Vec<f64>,
-    /// The same for lockjam with its policy on (dry run).
-    policy_ms: Vec<f64>,
-    policy_calls: Vec<f64>,
+    /// Each lockjam's (in order) database milliseconds and statements per
+    /// second, one value a window.
+    lockjam_ms: Vec<Vec<f64>>,
+    lockjam_calls: Vec<Vec<f64>>,
     /// postgres_exporter's database milliseconds and statements per scrape.
     exporter_ms: Vec<f64>,
     exporter_calls: Vec<f64>,
@@ -44,9 +52,47 @@ struct Window {
 
 const LOCKJAM_ROLE: &str = "lockjam_watch";
 const POLICY_ROLE: &str = "lockjam_policy";
+const BEFORE_ROLE: &str = "lockjam_before";
 const EXPORTER_ROLE: &str = "exporter_watch";
 
+/// `LOCKJAM_BENCH_BEFORE=<git revision>`: lockjam as built from that
+/// revision runs beside the others with its default configuration, for a
+/// before-and-after in one run. Built once into `target/before/` from a
+/// `git archive` of the revision, not a worktree.
+fn before_binary() -> Option<(String, std::path::PathBuf)> {
+    let rev = std::env::var("LOCKJAM_BENCH_BEFORE").ok().filter(|r| !r.is_empty())?;
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let run = |command: &mut std::process::Command| {
+        let status = command.status().expect("git, tar and cargo run");
+        assert!(status.success(), "{command:?} failed");
+    };
+    let source = std::env::temp_dir().join(format!("lockjam-before-{rev}"));
+    if !source.join("Cargo.toml").is_file() {
+        std::fs::create_dir_all(&source).unwrap();
+        let archive = source.with_extension("tar");
+        run(std::process::Command::new("git")
+            .arg("-C")
+            .arg(root)
+            .args(["archive", "--format=tar", "-o"])
+            .arg(&archive)
+            .arg(&rev));
+        run(std::process::Command::new("tar")
+            .arg("-xf")
+            .arg(&archive)
+            .arg("-C")
+            .arg(&source));
+    }
+    let target = root.join("target/before");
+    eprintln!("versus: building lockjam at {rev} (LOCKJAM_BENCH_BEFORE)");
+    run(std::process::Command::new(env!("CARGO"))
+        .args(["build", "--release", "--quiet", "--bin", "lockjam", "--manifest-path"])
+        .arg(source.join("Cargo.toml"))
+        .env("CARGO_TARGET_DIR", &target));
+    Some((rev, target.join("release/lockjam")))
+}
+
 pub async fn all(scale: Scale) -> String {
+    let before = before_binary();
     let cluster = start_cluster(ClusterOptions {
         max_connections: 1100,
         settings: [
@@ -69,21 +115,40 @@ pub async fn all(scale: Scale) -> String {
              CREATE TABLE orders (id int PRIMARY KEY); \
              CREATE ROLE {LOCKJAM_ROLE} LOGIN IN ROLE pg_monitor; \
              CREATE ROLE {POLICY_ROLE} LOGIN IN ROLE pg_monitor, pg_signal_backend; \
+             CREATE ROLE {BEFORE_ROLE} LOGIN IN ROLE pg_monitor; \
              CREATE ROLE {EXPORTER_ROLE} LOGIN IN ROLE pg_monitor;"
         ))
         .await
         .unwrap_or_else(|e| panic!("pg_stat_statements is needed beside the server binaries: {e}"));
     let role_dsn = |role: &str| dsn.replace("user=postgres", &format!("user={role}"));
-    let lockjam = Served::lockjam(&role_dsn(LOCKJAM_ROLE));
-    // The one-rule policy of the README, kept a dry run.
-    let policy = Served::lockjam_with(
-        &role_dsn(POLICY_ROLE),
-        &["--cancel-blockers-after", "2s"],
-        &[("LOCKJAM__POLICY__DRY_RUN", "true")],
-    );
+    let mut lockjams = vec![
+        Lockjam {
+            column: "lockjam DB ms per second".into(),
+            role: LOCKJAM_ROLE,
+            served: Served::lockjam(&role_dsn(LOCKJAM_ROLE)),
+        },
+        // The one-rule policy of the README, kept a dry run.
+        Lockjam {
+            column: "lockjam, policy on (dry run)".into(),
+            role: POLICY_ROLE,
+            served: Served::lockjam_with(
+                &role_dsn(POLICY_ROLE),
+                &["--cancel-blockers-after", "2s"],
+                &[("LOCKJAM__POLICY__DRY_RUN", "true")],
+            ),
+        },
+    ];
+    if let Some((rev, binary)) = &before {
+        lockjams.push(Lockjam {
+            column: format!("lockjam at {rev} (before)"),
+            role: BEFORE_ROLE,
+            served: Served::lockjam_binary(binary, &role_dsn(BEFORE_ROLE), &[], &[]),
+        });
+    }
     let exporter = Served::postgres_exporter(&role_dsn(EXPORTER_ROLE));
-    lockjam.wait_up("lockjam_up{").await;
-    policy.wait_up("lockjam_up{").await;
+    for lockjam in &lockjams {
+        lockjam.served.wait_up("lockjam_up{").await;
+    }
     exporter.wait_up("pg_up 1").await;
 
     let sessions = scale.pick(1000, 30);
@@ -115,12 +180,12 @@ pub async fn all(scale: Scale) -> String {
         for (spec, result) in scenes.iter().zip(results.iter_mut()) {
             // The bench's session and one of each watcher's.
             scene.set(&admin, spec.sessions, spec.waiters, 4).await;
-            measure(&admin, [&lockjam, &policy, &exporter], window, scrape_every, result).await;
+            measure(&admin, &lockjams, &exporter, window, scrape_every, result).await;
             if spec.waiters > 0 {
                 // The queue stood through the window: the dry run signalled
                 // no one.
                 wait_for_waiters(&admin, spec.waiters).await;
-                memory = (lockjam.status("VmRSS:"), exporter.status("VmRSS:"));
+                memory = (lockjams[0].served.status("VmRSS:"), exporter.status("VmRSS:"));
             }
         }
         eprintln!("versus: a round of {} scenes done", scenes.len());
@@ -134,34 +199,31 @@ pub async fn all(scale: Scale) -> String {
         spacing: scale.pick(Duration::from_millis(7300), Duration::from_millis(2300)),
         scrape_every: scale.pick(Duration::from_secs(15), Duration::from_secs(1)),
     };
-    let (seen_by_lockjam, seen_by_exporter) = short.run(&dsn, &admin, &lockjam, &exporter).await;
+    let (seen_by_lockjam, seen_by_exporter) = short.run(&dsn, &admin, &lockjams[0].served, &exporter).await;
     let (connections, seconds) = scale.pick((10, 10), (2, 1));
-    let lockjam_wrk = wrk(lockjam.addr, connections, seconds);
+    let lockjam_wrk = wrk(lockjams[0].served.addr, connections, seconds);
     let exporter_wrk = wrk(exporter.addr, connections, seconds);
     scene.clear_waiters(&admin).await;
     drop(scene);
-    drop((lockjam, policy, exporter));
+    let columns: Vec<String> = lockjams.iter().map(|l| l.column.clone()).collect();
+    drop((lockjams, exporter));
     tokio::task::spawn_blocking(move || drop(cluster)).await.unwrap();
 
     let rows: Vec<Vec<String>> = scenes
         .iter()
         .zip(&results)
         .map(|(spec, r)| {
-            let lockjam = Stats::of(&r.lockjam_ms).median;
+            let lockjam = Stats::of(&r.lockjam_ms[0]).median;
             let per_scrape = Stats::of(&r.exporter_ms).median;
             let at = |seconds: f64| per_scrape / seconds;
-            vec![
-                spec.label.clone(),
-                format!(
-                    "{} ({} statements/s)",
-                    spread(&r.lockjam_ms, 2, ""),
-                    spread(&r.lockjam_calls, 1, "")
-                ),
-                format!(
-                    "{} ({} statements/s)",
-                    spread(&r.policy_ms, 2, ""),
-                    spread(&r.policy_calls, 1, "")
-                ),
+            let mut row = vec![spec.label.clone()];
+            row.extend(
+                r.lockjam_ms
+                    .iter()
+                    .zip(&r.lockjam_calls)
+                    .map(|(ms, calls)| format!("{} ({} statements/s)", spread(ms, 2, ""), spread(calls, 1, ""))),
+            );
+            row.extend([
                 format!(
                     "{} ({} statements)",
                     spread(&r.exporter_ms, 2, ""),
@@ -170,17 +232,24 @@ pub async fn all(scale: Scale) -> String {
                 format!("{:.2}", at(15.0)),
                 format!("{:.2}", at(5.0)),
                 format!("{:.2}× / {:.2}×", lockjam / at(15.0), lockjam / at(5.0)),
-            ]
+            ]);
+            row
         })
         .collect();
     let version = exporter_version();
+    let before = before.map_or(String::new(), |(rev, _)| {
+        format!(
+            " With them, lockjam as it was at {rev}, before its cadence was\n\
+             reworked, with that version's defaults (`LOCKJAM_BENCH_BEFORE={rev}`)."
+        )
+    });
     format!(
         "Both at once on one cluster ({}), each under its own role with `pg_monitor`;\n\
          `pg_stat_statements` (with `track_planning`) counts each role's statements apart. lockjam is\n\
          `lockjam run` with its default configuration (probe every 1 s, sessions by state every\n\
          5 s, the waiters only while someone waits, and while the same wait every 5 s); beside it,\n\
          a second lockjam with its policy on in dry run (it decides but never signals; every tick\n\
-         reads afresh). postgres_exporter is {version} with every default\n\
+         reads afresh).{before} postgres_exporter is {version} with every default\n\
          collector, scraped every {} s during each {} s window. Its database time is per scrape,\n\
          so the table also gives it per second at a 15 s and a 5 s scrape interval. {rounds} rounds,\n\
          scenes interleaved; median (min–max) over rounds.\n\n{}\n\
@@ -195,15 +264,15 @@ pub async fn all(scale: Scale) -> String {
         scrape_every.as_secs(),
         window.as_secs(),
         table(
-            &[
-                "scene",
-                "lockjam DB ms per second",
-                "lockjam, policy on (dry run)",
-                "postgres_exporter DB ms per scrape",
-                "… per second, 15 s scrape",
-                "… per second, 5 s scrape",
-                "lockjam ÷ exporter (15 s / 5 s)",
-            ],
+            &std::iter::once("scene")
+                .chain(columns.iter().map(String::as_str))
+                .chain([
+                    "postgres_exporter DB ms per scrape",
+                    "… per second, 15 s scrape",
+                    "… per second, 5 s scrape",
+                    "lockjam ÷ exporter (15 s / 5 s)",
+                ])
+                .collect::<Vec<_>>(),
             &rows
         ),
         short.count,
@@ -236,7 +305,8 @@ fn wrk_row(name: &str, (rate, p50, p99): (f64, f64, f64)) -> Vec<String> {
 /// statements read.
 async fn measure(
     admin: &Client,
-    [lockjam, policy, exporter]: [&Served; 3],
+    lockjams: &[Lockjam],
+    exporter: &Served,
     window: Duration,
     scrape_every: Duration,
     result: &mut Window,
@@ -249,11 +319,15 @@ async fn measure(
     let started = Instant::now();
     let mut scrapes = 0u32;
     while started.elapsed() < window {
-        let (ours, policy, theirs) = tokio::join!(metrics(lockjam.addr), metrics(policy.addr), metrics(exporter.addr));
-        assert!(
-            ours.is_some() && policy.is_some() && theirs.is_some(),
-            "an exporter stopped answering"
-        );
+        let scraped = join_all(
+            lockjams
+                .iter()
+                .map(|l| l.served.addr)
+                .chain([exporter.addr])
+                .map(metrics),
+        )
+        .await;
+        assert!(scraped.iter().all(Option::is_some), "an exporter stopped answering");
         scrapes += 1;
         let next = scrape_every * scrapes;
         tokio::time::sleep(next.saturating_sub(started.elapsed())).await;
@@ -262,9 +336,8 @@ async fn measure(
     let rows = admin
         .query(
             "SELECT r.rolname::text, sum(s.total_exec_time + s.total_plan_time)::float8, sum(s.calls)::float8 \
-             FROM pg_stat_statements AS s JOIN pg_roles AS r ON r.oid = s.userid \
-             WHERE r.rolname IN ($1, $2, $3) GROUP BY 1",
-            &[&LOCKJAM_ROLE, &POLICY_ROLE, &EXPORTER_ROLE],
+             FROM pg_stat_statements AS s JOIN pg_roles AS r ON r.oid = s.userid GROUP BY 1",
+            &[],
         )
         .await
         .unwrap();
@@ -273,12 +346,13 @@ async fn measure(
             .find(|row| row.get::<_, String>(0) == role)
             .map_or((0.0, 0.0), |row| (row.get::<_, f64>(1), row.get::<_, f64>(2)))
     };
-    let (ms, calls) = of(LOCKJAM_ROLE);
-    result.lockjam_ms.push(ms / seconds);
-    result.lockjam_calls.push(calls / seconds);
-    let (ms, calls) = of(POLICY_ROLE);
-    result.policy_ms.push(ms / seconds);
-    result.policy_calls.push(calls / seconds);
+    result.lockjam_ms.resize(lockjams.len(), Vec::new());
+    result.lockjam_calls.resize(lockjams.len(), Vec::new());
+    for (i, lockjam) in lockjams.iter().enumerate() {
+        let (ms, calls) = of(lockjam.role);
+        result.lockjam_ms[i].push(ms / seconds);
+        result.lockjam_calls[i].push(calls / seconds);
+    }
     let (ms, calls) = of(EXPORTER_ROLE);
     assert!(calls > 0.0, "postgres_exporter ran no statement in the window");
     result.exporter_ms.push(ms / f64::from(scrapes));
