@@ -6,7 +6,12 @@
 -- server.
 -- The same scan answers what the probe of the tick would (probe.sql's
 -- columns, repeated on every row), so a tick that reads the sessions runs
--- no probe: one scan of the backends' status per sample.
+-- no probe: one scan of the backends' status per sample. (Reading the
+-- waiters' sessions from this scan too, through a MATERIALIZED CTE of
+-- every backend's columns, was measured on PostgreSQL 15 beside 1,000
+-- sessions, once a second: 6.8-7.2 ms against 2.6 + 5.3 ms for the two
+-- statements while 100 wait, but 4.1-4.8 ms against 2.6-2.9 ms while
+-- calm. Calm is the common case, so waiters.sql keeps its own scan.)
 -- $1: lockjam's own pids, left out of every figure.
 -- A group's datname is '' when its database is gone or unknown; the row
 -- with no group has none.
