@@ -353,7 +353,7 @@ impl Sampler {
             .query_one(statement, &[&own_pids])
             .await
             .map_err(|e| self.query_error("probing for lock waits", &e))?;
-        Ok(self.tick_from(&row))
+        Ok(self.tick_from(&row, row.get("lock_waiting_pids")))
     }
 
     /// Sessions by database and state (`activity.sql`), and the tick its
@@ -373,29 +373,38 @@ impl Sampler {
                 message: "no row returned".into(),
             });
         };
-        let tick = self.tick_from(first);
-        let groups = rows
-            .iter()
-            .filter_map(|row| {
-                Some(ActivityGroup {
-                    datname: row.get::<_, Option<String>>("datname")?,
+        let mut waiting = Vec::new();
+        let mut groups = Vec::new();
+        for row in &rows {
+            if let Some(pids) = row.get::<_, Option<Vec<i32>>>("lock_waiting_pids") {
+                waiting.extend(pids);
+            }
+            let Some(datname) = row.get::<_, Option<String>>("datname") else {
+                continue;
+            };
+            if row.get::<_, bool>("client") {
+                groups.push(ActivityGroup {
+                    datname,
                     state: row.get("state"),
                     sessions: row.get::<_, i64>("sessions") as u64,
                     oldest_xact_start: row.get("oldest_xact_start"),
-                })
-            })
-            .collect();
+                });
+            }
+        }
+        waiting.sort_unstable();
+        let tick = self.tick_from(first, waiting);
         Ok((tick, groups))
     }
 
-    /// What a probe's columns say; it also re-checks the role's grant.
-    fn tick_from(&mut self, row: &tokio_postgres::Row) -> Tick {
+    /// What a probe's columns say, with these waiting pids; it also
+    /// re-checks the role's grant.
+    fn tick_from(&mut self, row: &tokio_postgres::Row, lock_waiting_pids: Vec<i32>) -> Tick {
         let reads_all_stats = row.get("reads_all_stats");
         self.main.as_mut().expect("opened").reads_all_stats = reads_all_stats;
         self.note_privilege(reads_all_stats);
         Tick {
             taken_at: row.get("taken_at"),
-            lock_waiting_pids: row.get("lock_waiting_pids"),
+            lock_waiting_pids,
             in_recovery: row.get("in_recovery"),
         }
     }
