@@ -66,7 +66,21 @@ fn before_binary() -> Option<(String, std::path::PathBuf)> {
         let status = command.status().expect("git, tar and cargo run");
         assert!(status.success(), "{command:?} failed");
     };
-    let source = std::env::temp_dir().join(format!("lockjam-before-{rev}"));
+    // Named by its commit, so that a branch name that moves, or a value
+    // that is no revision at all, never reuses or escapes the directory.
+    let commit = std::process::Command::new("git")
+        .arg("-C")
+        .arg(root)
+        .args(["rev-parse", "--verify", "--end-of-options"])
+        .arg(format!("{rev}^{{commit}}"))
+        .output()
+        .expect("git runs");
+    assert!(
+        commit.status.success(),
+        "LOCKJAM_BENCH_BEFORE={rev:?} names no commit of this repository"
+    );
+    let commit = String::from_utf8_lossy(&commit.stdout).trim().to_string();
+    let source = std::env::temp_dir().join(format!("lockjam-before-{commit}"));
     if !source.join("Cargo.toml").is_file() {
         std::fs::create_dir_all(&source).unwrap();
         let archive = source.with_extension("tar");
@@ -75,7 +89,7 @@ fn before_binary() -> Option<(String, std::path::PathBuf)> {
             .arg(root)
             .args(["archive", "--format=tar", "-o"])
             .arg(&archive)
-            .arg(&rev));
+            .arg(&commit));
         run(std::process::Command::new("tar")
             .arg("-xf")
             .arg(&archive)

@@ -240,7 +240,8 @@ pub struct SamplerConfig {
     #[serde(with = "crate::duration::positive")]
     pub connect_timeout: Duration,
     /// Time between reads of sessions by database and state (one scan of
-    /// every backend's status); the probe for lock waits runs every tick.
+    /// every backend's status, which also says who waits, in place of that
+    /// tick's probe); the probe for lock waits runs on every other tick.
     #[serde(with = "crate::duration::positive")]
     pub activity_interval: Duration,
     /// Relation series per target, at most.
