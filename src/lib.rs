@@ -21,6 +21,8 @@ pub mod duration;
 pub mod enforcer;
 /// The only module that knows axum and hyper.
 pub mod http;
+/// Incident history: the tracker and the SQLite store.
+pub mod incidents;
 /// The metrics contract; the only module that knows prometheus.
 pub mod metrics;
 /// Pure: which sessions to signal, under the safety rules.

@@ -1,4 +1,4 @@
-//! The `lockjam` command: `run`, `check-config`, `demo`.
+//! The `lockjam` command: `run`, `check-config`, `incidents`, `demo`.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -26,8 +26,33 @@ enum Command {
     Run(ConfigArgs),
     /// Validate the configuration and print it with secrets redacted.
     CheckConfig(ConfigArgs),
+    /// Print the incident history `run` kept ([incidents] path), newest first.
+    Incidents(IncidentsArgs),
     /// Replay incident 000 on a throwaway local cluster, with lockjam watching.
     Demo(DemoArgs),
+}
+
+#[derive(Args)]
+struct IncidentsArgs {
+    /// TOML configuration file, for its [incidents] path.
+    #[arg(long, env = "LOCKJAM_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// The store to read, instead of the configuration's [incidents] path.
+    #[arg(long, value_name = "FILE")]
+    store: Option<PathBuf>,
+    /// Only incidents closed this long ago or since (24h, 90m), or since an
+    /// RFC 3339 instant.
+    #[arg(long, value_name = "WHEN")]
+    since: Option<String>,
+    /// Only this target's incidents.
+    #[arg(long, value_name = "NAME")]
+    target: Option<String>,
+    /// At most this many, the newest.
+    #[arg(long, default_value_t = 100)]
+    limit: usize,
+    /// Print JSON (as /api/v1/incidents) instead of a table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -109,6 +134,7 @@ fn main() -> ExitCode {
                 }
             })
         }
+        Command::Incidents(args) => incidents(&args),
         Command::Demo(args) => {
             let options = DemoOptions {
                 listen: args.listen,
@@ -123,6 +149,61 @@ fn main() -> ExitCode {
                 }
             })
         }
+    }
+}
+
+/// `lockjam incidents`: exit 0 with the table (or JSON), 2 for a bad
+/// argument or configuration, 1 when the store cannot be read.
+fn incidents(args: &IncidentsArgs) -> ExitCode {
+    let path = match &args.store {
+        Some(path) => path.clone(),
+        None => {
+            let sources = Sources {
+                file: args.config.clone(),
+                dsn: None,
+                listen: None,
+                cancel_blockers_after: None,
+                env: std::env::vars().collect::<HashMap<_, _>>(),
+            };
+            match config::load_incidents(&sources) {
+                Ok(incidents) => match incidents.path {
+                    Some(path) => path,
+                    None => {
+                        eprintln!(
+                            "lockjam: error: [incidents] path is \"\": lockjam keeps incidents in memory only; ask a \
+                             running lockjam (GET /api/v1/incidents) or give --store FILE"
+                        );
+                        return ExitCode::from(EXIT_CONFIG);
+                    }
+                },
+                Err(e) => return fail(&e, EXIT_CONFIG),
+            }
+        }
+    };
+    let since = match args
+        .since
+        .as_deref()
+        .map(|s| lockjam::http::parse_since(s, std::time::SystemTime::now()))
+    {
+        None => None,
+        Some(Ok(since)) => Some(since),
+        Some(Err(message)) => {
+            eprintln!("lockjam: error: --{message}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let found = lockjam::incidents::store::read_only(&path)
+        .and_then(|store| store.list(args.target.as_deref(), since, args.limit.max(1)));
+    match found {
+        Ok(found) if args.json => {
+            println!("{}", serde_json::json!({ "incidents": found }));
+            ExitCode::SUCCESS
+        }
+        Ok(found) => {
+            print!("{}", lockjam::incidents::table(&found));
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&e, 1),
     }
 }
 

@@ -20,6 +20,8 @@ const SAMPLE_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0
 /// Buckets of `lockjam_lock_wait_seconds`: waits are seen at the sampling
 /// cadence (1 s by default; a `fast_interval` as short as 250 ms is still
 /// resolved) and matter from seconds to many minutes.
+/// Incident lengths: a second (`min_wait`) to hours.
+const INCIDENT_BUCKETS: &[f64] = &[1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0];
 const WAIT_BUCKETS: &[f64] = &[0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0, 1800.0];
 
 /// One labelled gauge family and, per target, the label sets it holds.
@@ -76,6 +78,10 @@ struct Families {
     relation_waiters: Family,
     policy_signals: IntCounterVec,
     policy_leader: GaugeVec,
+    incidents: IntCounterVec,
+    incident_duration: HistogramVec,
+    /// Per target, the databases of its incident series.
+    incident_databases: HashMap<String, HashSet<String>>,
     /// Per target, the databases of its wait histograms and the rules of
     /// its policy counters: what [`Metrics::forget_target`] removes.
     wait_databases: HashMap<String, HashSet<String>>,
@@ -407,6 +413,15 @@ impl Metrics {
         )
         .expect("valid");
         registry.register(Box::new(policy_signals.clone())).expect("unique");
+        let incidents = IntCounterVec::new(
+            Opts::new(
+                "lockjam_incidents_total",
+                "Incidents (lock queues past [incidents] min_wait) that closed, by how they ended.",
+            ),
+            &["target", "datname", "outcome"],
+        )
+        .expect("valid");
+        registry.register(Box::new(incidents.clone())).expect("unique");
         let [sessions, transaction_max_age, lock_waiters, lock_wait_max, blocked_sessions, root_blockers, root_blocker_max_age, chain_max_depth, queue_depth, queue_head_wait, relation_waiters] =
             register_database_families(&registry);
         let families = Families {
@@ -446,6 +461,14 @@ impl Metrics {
                 "lockjam_policy_leader",
                 "1 where this instance holds the target's leader lock and may enforce the policy.",
             ),
+            incidents,
+            incident_duration: histogram(
+                "lockjam_incident_duration_seconds",
+                "Lengths of closed incidents, from the first waiter's wait start to the sample that saw the queue gone.",
+                &["target", "datname"],
+                INCIDENT_BUCKETS,
+            ),
+            incident_databases: HashMap::new(),
             wait_databases: HashMap::new(),
             policy_rules: HashMap::new(),
         };
@@ -554,6 +577,12 @@ impl Metrics {
         for datname in f.wait_databases.remove(target).unwrap_or_default() {
             let _ = f.lock_wait.remove_label_values(&[target, &datname]);
         }
+        for datname in f.incident_databases.remove(target).unwrap_or_default() {
+            for outcome in crate::incidents::Outcome::ALL {
+                let _ = f.incidents.remove_label_values(&[target, &datname, outcome.as_str()]);
+            }
+            let _ = f.incident_duration.remove_label_values(&[target, &datname]);
+        }
         for rule in f.policy_rules.remove(target).unwrap_or_default() {
             for signal in Signal::ALL {
                 for outcome in Outcome::ALL {
@@ -563,6 +592,33 @@ impl Metrics {
                 }
             }
         }
+    }
+
+    /// Declares a database's incident series at 0 when its first incident
+    /// opens, so that `increase()` counts the close.
+    pub(crate) fn register_incidents(&self, target: &str, datname: &str) {
+        let mut families = self.families();
+        let known = families.incident_databases.entry(target.to_string()).or_default();
+        if !known.insert(datname.to_string()) {
+            return;
+        }
+        for outcome in crate::incidents::Outcome::ALL {
+            families
+                .incidents
+                .with_label_values(&[target, datname, outcome.as_str()]);
+        }
+        families.incident_duration.with_label_values(&[target, datname]);
+    }
+
+    /// Counts a closed incident.
+    pub(crate) fn record_incident(&self, target: &str, datname: &str, outcome: &str, duration: Duration) {
+        self.register_incidents(target, datname);
+        let families = self.families();
+        families.incidents.with_label_values(&[target, datname, outcome]).inc();
+        families
+            .incident_duration
+            .with_label_values(&[target, datname])
+            .observe(duration.as_secs_f64());
     }
 
     /// The Prometheus text exposition of the last samples.

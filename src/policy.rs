@@ -30,7 +30,7 @@ pub(crate) const MAX_SNAPSHOT_AGE: Duration = Duration::from_secs(1);
 /// it runs once it has its lock, so clearing its way moves the outage
 /// rather than ending it; and applications take SHARE themselves
 /// (`LOCK TABLE ... IN SHARE MODE`) to freeze writes.
-pub(crate) const DEFAULT_WAITER_MODES: [&str; 3] = ["ShareRowExclusiveLock", "ExclusiveLock", "AccessExclusiveLock"];
+pub const DEFAULT_WAITER_MODES: [&str; 3] = ["ShareRowExclusiveLock", "ExclusiveLock", "AccessExclusiveLock"];
 /// Rules match waits for a lock on a relation by default. Row-lock waits
 /// (`transactionid`, and `tuple`, whose mode reads AccessExclusiveLock for
 /// a plain `SELECT ... FOR UPDATE`) are an application's own business.

@@ -12,10 +12,12 @@ use tokio::time::Instant;
 
 use crate::analysis::{analyze, ended_waits, LockGraph};
 use crate::audit;
-use crate::config::{Config, LogConfig, SamplerConfig};
+use crate::config::{Config, IncidentsConfig, LogConfig, SamplerConfig};
 use crate::connect::ConnectError;
 use crate::enforcer::{Enforcer, Sent};
 use crate::http::{ConnectionLimits, HttpError, TlsReloader};
+use crate::incidents::store::{Retention, Store};
+use crate::incidents::{Criteria, Ending, Tracker};
 use crate::policy::{decide, next_deadline, Memory, Policy, Verdict, MAX_SNAPSHOT_AGE};
 use crate::sampler::{SampleError, Sampler};
 use crate::snapshot::Snapshot;
@@ -45,6 +47,7 @@ pub struct Service {
     listen: SocketAddr,
     limits: ConnectionLimits,
     log: LogConfig,
+    incidents: IncidentsConfig,
     shared: Arc<SharedState>,
     tls: Option<TlsReloader>,
     targets: TargetTasks,
@@ -116,6 +119,7 @@ impl Prepared {
                 config.sampler.clone(),
                 sampler,
                 enforcer.map(|enforcer| (enforcer, config.policy.clone())),
+                criteria(&config.incidents),
                 shared.clone(),
             );
             tasks.spawn(watch.run(shutdown.subscribe()));
@@ -162,7 +166,8 @@ impl Service {
             addr: config.server.listen,
             source,
         })?;
-        let shared = Arc::new(SharedState::new(Vec::new(), config.server.auth.clone()));
+        let store = Store::open(config.incidents.path.as_deref(), retention(&config.incidents));
+        let shared = Arc::new(SharedState::new(Vec::new(), config.server.auth.clone(), store));
         let targets = prepared.start(config, &shared);
         let (server_shutdown, mut stop) = watch::channel(false);
         let server = tokio::spawn(crate::http::serve(
@@ -190,6 +195,7 @@ impl Service {
             listen: config.server.listen,
             limits: config.server.limits(),
             log: config.log.clone(),
+            incidents: config.incidents.clone(),
             shared,
             tls,
             targets,
@@ -227,6 +233,9 @@ impl Service {
         }
         if config.server.limits() != self.limits {
             tracing::warn!("server.header_timeout and server.max_connections take a restart; serving as before");
+        }
+        if config.incidents.path != self.incidents.path || retention(&config.incidents) != retention(&self.incidents) {
+            tracing::warn!("incidents.path, keep_days and keep_count take a restart; the store stays as it was");
         }
         if config.log != self.log {
             tracing::warn!("log settings changed: they take effect at the next restart");
@@ -297,6 +306,20 @@ fn hangup_signals() -> tokio::sync::mpsc::Receiver<()> {
     receiver
 }
 
+fn retention(config: &IncidentsConfig) -> Retention {
+    Retention {
+        keep_days: config.keep_days,
+        keep_count: config.keep_count,
+    }
+}
+
+fn criteria(config: &IncidentsConfig) -> Criteria {
+    Criteria {
+        min_wait: config.min_wait,
+        modes: config.modes.clone(),
+    }
+}
+
 /// The next delay after `failures` consecutive failed samples: the calm
 /// interval, doubling, at most [`MAX_BACKOFF`].
 pub fn backoff(failures: u32, interval: Duration) -> Duration {
@@ -312,6 +335,9 @@ struct Watch {
     sampler: Sampler,
     policy: Option<(Enforcer, Policy)>,
     memory: Memory,
+    tracker: Tracker,
+    /// Closed incidents on their way to the store.
+    closing: JoinSet<()>,
     shared: Arc<SharedState>,
     record: Arc<TargetRecord>,
     previous: Option<Arc<LockGraph>>,
@@ -326,6 +352,7 @@ impl Watch {
         settings: SamplerConfig,
         mut sampler: Sampler,
         policy: Option<(Enforcer, Policy)>,
+        criteria: Criteria,
         shared: Arc<SharedState>,
     ) -> Watch {
         let watching_only = !policy.as_ref().is_some_and(|(_, p)| p.enabled);
@@ -333,12 +360,21 @@ impl Watch {
         let record = shared
             .target(name)
             .expect("a target's state is declared before its task starts");
+        let tracker = match shared.take_tracker(name) {
+            Some(mut tracker) => {
+                tracker.set_criteria(criteria);
+                tracker
+            }
+            None => Tracker::new(name, criteria),
+        };
         Watch {
             name: name.to_string(),
             settings,
             sampler,
             policy,
             memory: Memory::default(),
+            tracker,
+            closing: JoinSet::new(),
             shared,
             record,
             previous: None,
@@ -374,7 +410,10 @@ impl Watch {
                 _ = tokio::time::sleep_until(wake) => {}
                 _ = shutdown.wait_for(|stopped| *stopped) => break,
             }
+            while self.closing.try_join_next().is_some() {}
         }
+        while self.closing.join_next().await.is_some() {}
+        self.shared.keep_tracker(&self.name, self.tracker);
     }
 
     /// Publishes a good sample and runs the policy on it; returns when to
@@ -401,12 +440,22 @@ impl Watch {
             self.sampler.warnings(),
             started.into_std(),
         );
-        let leader = match self.policy.as_mut() {
+        let (leader, events) = match self.policy.as_mut() {
             Some((enforcer, policy)) => {
-                Some(enforce(name, policy, enforcer, &mut self.memory, &graph, started, &self.shared).await)
+                let (leads, events) =
+                    enforce(name, policy, enforcer, &mut self.memory, &graph, started, &self.shared).await;
+                (Some(leads), events)
             }
-            None => None,
+            None => (None, Vec::new()),
         };
+        let (opened, ended) = self.tracker.observe(&graph, &events);
+        for datname in opened {
+            self.shared.metrics.register_incidents(name, &datname);
+        }
+        for ending in ended {
+            self.close(ending).await;
+        }
+        let name = self.name.as_str();
         if !self.announced {
             announce_policy(
                 name,
@@ -458,7 +507,56 @@ impl Watch {
         );
         self.shared.metrics.record_failure(&self.name, took);
         self.record.record_failure(error.to_string());
+        if let Some(last_seen) = self.previous.as_ref().map(|graph| graph.taken_at) {
+            for ending in self.tracker.target_down(last_seen) {
+                self.store(ending, None);
+            }
+        }
         Instant::now() + delay
+    }
+
+    /// An incident's waits ended: one look at its sessions tells how (a
+    /// failed look leaves the outcome to what lockjam itself did), then it
+    /// is stored, counted and logged off the sampling path.
+    async fn close(&mut self, ending: Ending) {
+        let now = if ending.needs_a_look() {
+            let pids = ending.pids();
+            let look = self.sampler.look_at_ended(&pids, ending.waited_for());
+            match tokio::time::timeout(self.sampler.deadline(), look).await {
+                Ok(Ok(rows)) => Some(rows),
+                Ok(Err(e)) => {
+                    tracing::warn!(target = self.name.as_str(), "cannot tell how an incident ended: {e}");
+                    None
+                }
+                Err(_) => {
+                    tracing::warn!(
+                        target = self.name.as_str(),
+                        "cannot tell how an incident ended: the look took longer than {:?}",
+                        self.sampler.deadline()
+                    );
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        self.store(ending, now);
+    }
+
+    fn store(&mut self, ending: Ending, now: Option<Vec<crate::incidents::SessionNow>>) {
+        let closed_at = ending.closed_at();
+        let incident = ending.finish(now.as_deref());
+        let shared = self.shared.clone();
+        self.closing.spawn_blocking(move || {
+            let incident = shared.incidents.record(incident, closed_at);
+            shared.metrics.record_incident(
+                &incident.target,
+                &incident.datname,
+                incident.outcome.as_str(),
+                incident.duration(),
+            );
+            crate::incidents::log_closed(&incident);
+        });
     }
 }
 
@@ -477,7 +575,7 @@ fn on_local_clock(at: std::time::SystemTime, graph: &LockGraph, started: Instant
 
 /// Runs the policy on a fresh graph: only the leader decides and signals,
 /// and every decision becomes a counter increment and an audit event.
-/// Returns whether this instance leads.
+/// Returns whether this instance leads, and the events of its decisions.
 async fn enforce(
     name: &str,
     policy: &Policy,
@@ -486,12 +584,13 @@ async fn enforce(
     graph: &LockGraph,
     sampled: Instant,
     shared: &SharedState,
-) -> bool {
+) -> (bool, Vec<audit::AuditEvent>) {
     let leader = enforcer.lead().await;
     shared.metrics.set_policy_leader(name, leader);
     if !leader {
-        return false;
+        return (false, Vec::new());
     }
+    let mut events = Vec::new();
     // Times in events and the memory are on the server's clock.
     let server_now = || graph.taken_at + sampled.elapsed();
     let plan = decide(graph, policy, memory, server_now());
@@ -536,9 +635,10 @@ async fn enforce(
             .record_policy_signal(name, &decision.rule, decision.signal.as_str(), sent.outcome.as_str());
         let event = audit::event(name, &decision, sent.outcome, sent.detail, now);
         audit::log(&event);
-        shared.events.push(event);
+        shared.events.push(event.clone());
+        events.push(event);
     }
-    true
+    (true, events)
 }
 
 /// The start-up INFO lines of a target's policy: its mode, whether this

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 
 use tokio_postgres::{Client, NoTls};
 
-use crate::config::{Config, LogConfig, LogFormat, SamplerConfig, ServerConfig, Target};
+use crate::config::{Config, IncidentsConfig, LogConfig, LogFormat, SamplerConfig, ServerConfig, Target};
 use crate::dsn::{Dsn, DsnError};
 use crate::policy::Policy;
 
@@ -49,7 +49,9 @@ pub async fn connect(dsn: &str, application_name: &str) -> Result<Client, tokio_
 }
 
 /// lockjam's configuration for these (name, DSN) targets, with the
-/// default cadence, plain HTTP on `listen` and warnings only in the log.
+/// default cadence, plain HTTP on `listen`, warnings only in the log and
+/// incident history in memory (a throwaway cluster's history is thrown
+/// away with it).
 pub fn config(targets: &[(&str, &str)], listen: SocketAddr, policy: Policy) -> Result<Config, DsnError> {
     Ok(Config {
         server: ServerConfig::plain(listen),
@@ -69,6 +71,10 @@ pub fn config(targets: &[(&str, &str)], listen: SocketAddr, policy: Policy) -> R
             level: "warn".into(),
         },
         policy,
+        incidents: IncidentsConfig {
+            path: None,
+            ..IncidentsConfig::default()
+        },
         notes: Vec::new(),
     })
 }

@@ -3,17 +3,25 @@
 //! events, and the credentials HTTP asks for. A configuration reload
 //! replaces the targets and credentials; metrics and events carry over.
 
-use std::sync::{Arc, RwLock};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use crate::analysis::LockGraph;
 use crate::audit::EventLog;
 use crate::config::HttpAuth;
+use crate::incidents::store::Store;
+use crate::incidents::Tracker;
 use crate::metrics::Metrics;
 
 pub struct SharedState {
     pub metrics: Metrics,
     pub events: EventLog,
+    /// Closed incidents.
+    pub incidents: Arc<Store>,
+    /// Each target's open incidents while its task is not running (a
+    /// reload restarts the tasks; an incident open across it stays one).
+    trackers: Mutex<HashMap<String, Tracker>>,
     targets: RwLock<Vec<Arc<TargetRecord>>>,
     auth: RwLock<Arc<HttpAuth>>,
 }
@@ -105,15 +113,30 @@ impl TargetRecord {
 }
 
 impl SharedState {
-    pub fn new(targets: Vec<TargetRecord>, auth: HttpAuth) -> SharedState {
+    pub fn new(targets: Vec<TargetRecord>, auth: HttpAuth, incidents: Store) -> SharedState {
         let state = SharedState {
             metrics: Metrics::new(),
             events: EventLog::default(),
+            incidents: Arc::new(incidents),
+            trackers: Mutex::new(HashMap::new()),
             targets: RwLock::new(Vec::new()),
             auth: RwLock::new(Arc::new(auth)),
         };
         state.replace_targets(targets);
         state
+    }
+
+    /// The tracker a target's task left behind, if any.
+    pub(crate) fn take_tracker(&self, target: &str) -> Option<Tracker> {
+        self.trackers.lock().unwrap_or_else(|p| p.into_inner()).remove(target)
+    }
+
+    /// Keeps a stopping task's tracker for the next task of that target.
+    pub(crate) fn keep_tracker(&self, target: &str, tracker: Tracker) {
+        self.trackers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(target.to_string(), tracker);
     }
 
     pub fn targets(&self) -> Vec<Arc<TargetRecord>> {

@@ -43,6 +43,8 @@ impl Served {
             .args(["run", "--dsn", dsn, "--listen", &addr.to_string()])
             .args(args)
             .env("LOCKJAM__LOG__LEVEL", "warn")
+            // The bench's clusters are thrown away; so is their history.
+            .env("LOCKJAM__INCIDENTS__PATH", "")
             .envs(settings.iter().copied())
             .stdout(Stdio::null())
             .spawn()

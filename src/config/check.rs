@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use super::files::{read_secret, read_small_file};
 use super::{
-    listen_address, BasicAuth, Config, ConfigError, FileSecret, HttpAuth, LogConfig, SamplerConfig, Secret,
-    ServerConfig, Settings, Sources, Target, TargetSettings,
+    listen_address, BasicAuth, Config, ConfigError, FileSecret, HttpAuth, IncidentsConfig, LogConfig, SamplerConfig,
+    Secret, ServerConfig, Settings, Sources, Target, TargetSettings,
 };
 use crate::analysis::{is_lock_mode, is_lock_type};
 use crate::dsn::{Dsn, DsnError};
@@ -53,6 +53,7 @@ pub(super) fn check(
             "the policy is enabled but has no [[policy.rules]]; add one, or use --cancel-blockers-after",
         )));
     }
+    check_incidents(&mut settings.incidents, sources).map_err(invalid)?;
     let targets = check_targets(&settings.targets, sources).map_err(invalid)?;
     Ok(Config {
         server: settings.server,
@@ -60,6 +61,7 @@ pub(super) fn check(
         targets,
         log: settings.log,
         policy: settings.policy,
+        incidents: settings.incidents,
         notes,
     })
 }
@@ -171,6 +173,52 @@ fn check_log(log: &LogConfig) -> Result<(), Fault> {
                 format!("`{}`: {e} (use error, warn, info, debug or trace)", log.level),
             )
         })
+}
+
+/// The `[incidents]` section alone, checked.
+pub(super) fn incidents(
+    mut incidents: IncidentsConfig,
+    sources: &Sources,
+    origin: &str,
+) -> Result<IncidentsConfig, ConfigError> {
+    check_incidents(&mut incidents, sources).map_err(|(key, message)| ConfigError::Invalid {
+        origin: origin.to_string(),
+        key,
+        message,
+    })?;
+    Ok(incidents)
+}
+
+/// Modes are lock modes; a relative path is in the state directory
+/// (systemd's `StateDirectory=` sets `STATE_DIRECTORY`, a colon-separated
+/// list whose first entry is taken) if there is one.
+fn check_incidents(incidents: &mut IncidentsConfig, sources: &Sources) -> Result<(), Fault> {
+    for (index, mode) in incidents.modes.iter().enumerate() {
+        if !is_lock_mode(mode) {
+            return Err(fault(
+                &format!("incidents.modes[{index}]"),
+                format!(
+                    "`{}` is not a lock mode; use one of AccessShareLock, RowShareLock, RowExclusiveLock, \
+                     ShareUpdateExclusiveLock, ShareLock, ShareRowExclusiveLock, ExclusiveLock, AccessExclusiveLock",
+                    crate::audit::one_line(mode)
+                ),
+            ));
+        }
+    }
+    if incidents.keep_days == 0 {
+        return Err(fault("incidents.keep_days", "must be at least 1"));
+    }
+    let state_directory = sources
+        .env
+        .get("STATE_DIRECTORY")
+        .and_then(|list| list.split(':').next())
+        .filter(|dir| !dir.is_empty());
+    if let (Some(path), Some(dir)) = (incidents.path.as_mut(), state_directory) {
+        if path.is_relative() {
+            *path = Path::new(dir).join(&*path);
+        }
+    }
+    Ok(())
 }
 
 fn check_policy(policy: &Policy, interval: Duration) -> Result<(), Fault> {

@@ -81,6 +81,7 @@ pub struct Config {
     pub targets: Vec<Target>,
     pub log: LogConfig,
     pub policy: Policy,
+    pub incidents: IncidentsConfig,
     /// What the flags changed in the file's settings, in words, for
     /// `check-config` and the start-up log.
     pub notes: Vec<String>,
@@ -100,6 +101,8 @@ struct Settings {
     log: LogConfig,
     #[serde(default)]
     policy: Policy,
+    #[serde(default)]
+    incidents: IncidentsConfig,
 }
 
 /// The `[server]` section.
@@ -279,6 +282,46 @@ impl SamplerConfig {
     }
 }
 
+/// The `[incidents]` section: what opens an incident, and where the
+/// history is kept.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IncidentsConfig {
+    /// The SQLite file; a relative name is in the state directory
+    /// (`$STATE_DIRECTORY`, which systemd's `StateDirectory=` sets), else
+    /// in the working directory. `""`: memory only.
+    #[serde(with = "optional_path")]
+    pub path: Option<PathBuf>,
+    /// How long a waiter waits before its queue is an incident.
+    #[serde(with = "crate::duration::positive")]
+    pub min_wait: Duration,
+    /// Lock modes on a relation whose waiters open an incident even with
+    /// no one behind them.
+    pub modes: Vec<String>,
+    /// Incidents closed longer ago than this many days are deleted.
+    pub keep_days: u32,
+    /// At most this many incidents are kept (0: no limit).
+    pub keep_count: u64,
+}
+
+/// The default file of `[incidents] path`.
+pub const DEFAULT_INCIDENTS_FILE: &str = "lockjam-incidents.sqlite";
+
+impl Default for IncidentsConfig {
+    fn default() -> Self {
+        IncidentsConfig {
+            path: Some(PathBuf::from(DEFAULT_INCIDENTS_FILE)),
+            min_wait: Duration::from_secs(1),
+            modes: crate::policy::DEFAULT_WAITER_MODES
+                .iter()
+                .map(|m| m.to_string())
+                .collect(),
+            keep_days: 30,
+            keep_count: 10_000,
+        }
+    }
+}
+
 /// The settings of every lockjam session, sampler's and enforcer's.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SessionSettings {
@@ -392,6 +435,20 @@ mod optional_path {
 
 /// Loads and checks the configuration.
 pub fn load(sources: &Sources) -> Result<Config, ConfigError> {
+    let (settings, dry_run_set, origin) = read_settings(sources)?;
+    check::check(settings, dry_run_set, sources, &origin)
+}
+
+/// The `[incidents]` section only, checked, for `lockjam incidents`, which
+/// needs no target.
+pub fn load_incidents(sources: &Sources) -> Result<IncidentsConfig, ConfigError> {
+    let (settings, _, origin) = read_settings(sources)?;
+    check::incidents(settings.incidents, sources, &origin)
+}
+
+/// The file and the environment merged into the typed sections; whether
+/// they set `policy.dry_run`; where they came from, for messages.
+fn read_settings(sources: &Sources) -> Result<(Settings, Option<bool>, String), ConfigError> {
     let origin = match &sources.file {
         Some(path) => path.display().to_string(),
         None => "the defaults and environment".to_string(),
@@ -438,7 +495,7 @@ pub fn load(sources: &Sources) -> Result<Config, ConfigError> {
             }
         },
     })?;
-    check::check(settings, dry_run_set, sources, &origin)
+    Ok((settings, dry_run_set, origin))
 }
 
 /// The effective configuration as TOML, secrets shown as the files that
@@ -450,6 +507,7 @@ pub fn render_effective(config: &Config) -> String {
         sampler: &'a SamplerConfig,
         log: &'a LogConfig,
         policy: &'a Policy,
+        incidents: &'a IncidentsConfig,
         targets: Vec<TargetView<'a>>,
     }
     #[derive(Serialize)]
@@ -462,6 +520,7 @@ pub fn render_effective(config: &Config) -> String {
         sampler: &config.sampler,
         log: &config.log,
         policy: &config.policy,
+        incidents: &config.incidents,
         targets: config
             .targets
             .iter()
@@ -518,6 +577,7 @@ mod tests {
         assert_eq!(shipped.server, ServerConfig::default());
         assert_eq!(shipped.sampler, SamplerConfig::default());
         assert_eq!(shipped.log, LogConfig::default());
+        assert_eq!(shipped.incidents, IncidentsConfig::default());
         assert_eq!(
             shipped.policy,
             Policy {

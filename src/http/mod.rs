@@ -1,5 +1,6 @@
 //! HTTP: the routes in [`ROUTES`], served from shared state only; no
-//! handler ever runs SQL. Optional HTTPS ([`tls`]) and credentials
+//! handler ever runs SQL on a target (the incident routes read lockjam's
+//! own SQLite store, off the async threads). Optional HTTPS ([`tls`]) and credentials
 //! ([`auth`]); every client is bounded ([`serve`]); the JSON of
 //! `/api/v1/snapshot` is in [`views`]. The only module that knows axum and
 //! hyper.
@@ -12,7 +13,8 @@ mod views;
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::extract::State;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware;
 use axum::response::{IntoResponse, Response};
@@ -36,9 +38,15 @@ const HEALTHZ: &str = "/healthz";
 const READYZ: &str = "/readyz";
 const SNAPSHOT: &str = "/api/v1/snapshot";
 const EVENTS: &str = "/api/v1/events";
+const INCIDENTS: &str = "/api/v1/incidents";
+const INCIDENT: &str = "/api/v1/incidents/{id}";
 
 /// Every route lockjam serves, as the startup log and the 404 name them.
-pub(crate) const ROUTES: [&str; 5] = [METRICS, HEALTHZ, READYZ, SNAPSHOT, EVENTS];
+pub(crate) const ROUTES: [&str; 7] = [METRICS, HEALTHZ, READYZ, SNAPSHOT, EVENTS, INCIDENTS, INCIDENT];
+
+/// Incidents a list answers with, by default and at most.
+const INCIDENTS_LIMIT: usize = 100;
+const INCIDENTS_MAX_LIMIT: usize = 1000;
 
 /// The routes. `/metrics` and `/api/*` require the configured credentials;
 /// `/healthz` never does, and `/readyz` gives its status code to anyone
@@ -48,6 +56,8 @@ pub(crate) fn router(state: Arc<SharedState>) -> Router {
         .route(METRICS, get(metrics))
         .route(SNAPSHOT, get(snapshot))
         .route(EVENTS, get(events))
+        .route(INCIDENTS, get(incidents))
+        .route(INCIDENT, get(incident))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_auth));
     Router::new()
         .merge(protected)
@@ -102,6 +112,78 @@ async fn not_found() -> Response {
 /// Policy decisions, newest first (the last 1000).
 async fn events(State(state): State<Arc<SharedState>>) -> Json<serde_json::Value> {
     Json(serde_json::json!({ "events": state.events.newest_first() }))
+}
+
+/// `GET /api/v1/incidents?target=&since=&limit=` as written: checked here,
+/// so that a bad value is named in the answer.
+#[derive(Debug, serde::Deserialize)]
+struct IncidentsQuery {
+    target: Option<String>,
+    since: Option<String>,
+    limit: Option<String>,
+}
+
+fn bad_request(message: String) -> Response {
+    (StatusCode::BAD_REQUEST, format!("{message}\n")).into_response()
+}
+
+/// `since`: a duration back from now (`24h`, `90m`) or an RFC 3339 instant.
+pub fn parse_since(text: &str, now: std::time::SystemTime) -> Result<std::time::SystemTime, String> {
+    let text = text.trim();
+    if let Ok(ago) = humantime::parse_duration(text) {
+        return Ok(now.checked_sub(ago).unwrap_or(std::time::UNIX_EPOCH));
+    }
+    humantime::parse_rfc3339_weak(text).map_err(|_| {
+        format!(
+            "since `{}` is neither a duration (24h, 90m) nor an instant (2026-12-07T06:00:00Z)",
+            crate::audit::one_line(text)
+        )
+    })
+}
+
+/// Closed incidents, newest first.
+async fn incidents(
+    State(state): State<Arc<SharedState>>,
+    query: Result<Query<IncidentsQuery>, QueryRejection>,
+) -> Response {
+    let Ok(Query(query)) = query else {
+        return bad_request("the query string must be target=NAME&since=24h&limit=100".into());
+    };
+    let since = match query
+        .since
+        .as_deref()
+        .map(|s| parse_since(s, std::time::SystemTime::now()))
+    {
+        None => None,
+        Some(Ok(since)) => Some(since),
+        Some(Err(message)) => return bad_request(message),
+    };
+    let limit = match query.limit.as_deref().map(str::parse::<usize>) {
+        None => INCIDENTS_LIMIT,
+        Some(Ok(limit)) if (1..=INCIDENTS_MAX_LIMIT).contains(&limit) => limit,
+        Some(_) => return bad_request(format!("limit must be a whole number from 1 to {INCIDENTS_MAX_LIMIT}")),
+    };
+    let store = state.incidents.clone();
+    let found = tokio::task::spawn_blocking(move || store.list(query.target.as_deref(), since, limit)).await;
+    match found {
+        Ok(Ok(found)) => Json(serde_json::json!({ "incidents": found })).into_response(),
+        Ok(Err(e)) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response(),
+        Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, "the incident store failed\n").into_response(),
+    }
+}
+
+/// One incident by id.
+async fn incident(State(state): State<Arc<SharedState>>, Path(id): Path<String>) -> Response {
+    let Ok(id) = id.parse::<i64>() else {
+        return bad_request("an incident id is a whole number, as /api/v1/incidents lists them".into());
+    };
+    let store = state.incidents.clone();
+    match tokio::task::spawn_blocking(move || store.get(id)).await {
+        Ok(Ok(Some(found))) => Json(found).into_response(),
+        Ok(Ok(None)) => (StatusCode::NOT_FOUND, format!("no incident {id}\n")).into_response(),
+        Ok(Err(e)) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response(),
+        Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, "the incident store failed\n").into_response(),
+    }
 }
 
 async fn snapshot(State(state): State<Arc<SharedState>>) -> Json<serde_json::Value> {

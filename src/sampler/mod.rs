@@ -22,6 +22,7 @@ use tokio_postgres::{Client, Statement};
 use crate::config::SessionSettings;
 use crate::config::{SamplerConfig, Target};
 use crate::connect::{error_chain, ConnectError, Connector};
+use crate::incidents::SessionNow;
 use crate::snapshot::{ActivityGroup, LockRow, Session, Snapshot};
 
 const PROBE_SQL: &str = include_str!("probe.sql");
@@ -30,6 +31,7 @@ const ACTIVITY_SQL: &str = include_str!("activity.sql");
 const WAITERS_SQL: &str = include_str!("waiters.sql");
 const LOCKS_SQL: &str = include_str!("locks.sql");
 const RELATIONS_SQL: &str = include_str!("relations.sql");
+const ENDED_SQL: &str = include_str!("ended.sql");
 /// Once per session: its pid, database, server version, role, and the
 /// size of the lock table (`lock_slots`).
 pub const SESSION_SQL: &str = include_str!("session.sql");
@@ -443,6 +445,39 @@ impl Sampler {
                     wait_start: row.get("waitstart"),
                 };
                 (lock, row.get("database"), row.get("relation"))
+            })
+            .collect())
+    }
+
+    /// How an incident's sessions are now that its waits ended
+    /// (`ended.sql`, rarely): `pids` (the waiter and the roots), and
+    /// whether `waiter` holds the lock of `tag` in `mode`.
+    pub async fn look_at_ended(
+        &self,
+        pids: &[i32],
+        (waiter, tag, mode): (i32, &str, &str),
+    ) -> Result<Vec<SessionNow>, SampleError> {
+        let Some(main) = self.main.as_ref() else {
+            return Err(SampleError::Query {
+                target: self.target.name.clone(),
+                what: "looking at an incident's sessions",
+                message: "not connected".into(),
+            });
+        };
+        let rows = main
+            .client
+            .query(ENDED_SQL, &[&pids, &waiter, &tag, &mode])
+            .await
+            .map_err(|e| self.query_error("looking at an incident's sessions", &e))?;
+        Ok(rows
+            .iter()
+            .map(|row| SessionNow {
+                pid: row.get("pid"),
+                backend_start: row.get("backend_start"),
+                xact_start: row.get("xact_start"),
+                query_start: row.get("query_start"),
+                state: row.get("state"),
+                holds: row.get("holds"),
             })
             .collect())
     }

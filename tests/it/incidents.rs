@@ -40,6 +40,61 @@ fn assert_drained(scrape: &crate::support::Scrape) {
     }
 }
 
+/// Asserts what every replayed incident's record says: where, who waited,
+/// who was at the root, how deep, and how it ended (counted in
+/// `lockjam_incidents_total`).
+#[allow(clippy::too_many_arguments)]
+async fn assert_incident(
+    env: &TestEnv,
+    relation: &str,
+    mode: &str,
+    waiter_pid: i32,
+    root: (i32, &str, &str),
+    peak_behind: u64,
+    outcome: &str,
+) -> serde_json::Value {
+    let incident = env.the_one_incident().await;
+    assert_eq!(incident["target"], "it");
+    assert_eq!(incident["datname"], "app");
+    assert_eq!(incident["relation"], relation);
+    assert_eq!(incident["mode"], mode);
+    assert_eq!(incident["waiter"]["pid"], waiter_pid);
+    let roots = incident["roots"].as_array().unwrap();
+    assert_eq!(roots.len(), 1, "{incident:#}");
+    assert_eq!(roots[0]["pid"], root.0);
+    assert_eq!(roots[0]["application_name"], root.1);
+    assert_eq!(roots[0]["usename"], "postgres");
+    assert!(roots[0]["query"].as_str().unwrap().starts_with(root.2), "{incident:#}");
+    assert_eq!(incident["peak_behind"], peak_behind, "{incident:#}");
+    assert_eq!(incident["outcome"], outcome, "{incident:#}");
+    let opened = humantime::parse_rfc3339(incident["opened_at"].as_str().unwrap()).unwrap();
+    let closed = humantime::parse_rfc3339(incident["closed_at"].as_str().unwrap()).unwrap();
+    let lasted = closed.duration_since(opened).unwrap().as_secs_f64();
+    assert!((lasted - incident["duration_seconds"].as_f64().unwrap()).abs() < 0.002);
+    let scrape = env.scrape().await;
+    assert_eq!(
+        scrape.value("lockjam_incidents_total", &[APP, ("outcome", outcome)]),
+        Some(1.0),
+        "{}",
+        scrape.text
+    );
+    assert_eq!(
+        scrape.value("lockjam_incident_duration_seconds_count", &[APP]),
+        Some(1.0)
+    );
+    incident
+}
+
+/// Waits until a sample has seen a wait in `app` past `[incidents]
+/// min_wait` (1 s): from that sample on, the queue is an incident.
+async fn wait_past_min_wait(env: &TestEnv) {
+    env.wait_for_metrics("a wait past min_wait", |m| {
+        m.value("lockjam_lock_wait_max_seconds", &[APP])
+            .is_some_and(|wait| wait >= 1.0)
+    })
+    .await;
+}
+
 /// Scrapes once two intervals after `ended` and asserts the queue is gone.
 async fn assert_drained_within_two_intervals(env: &TestEnv, ended: Instant) {
     tokio::time::sleep_until((ended + INTERVAL * 2).into()).await;
@@ -140,6 +195,7 @@ async fn incident_000_drop_constraint_behind_a_long_read() {
     );
     assert_eq!(target["queues"][0]["depth"], 20);
 
+    wait_past_min_wait(&env).await;
     env.admin
         .query_one("SELECT pg_cancel_backend($1)", &[&reader_pid])
         .await
@@ -158,6 +214,23 @@ async fn incident_000_drop_constraint_behind_a_long_read() {
         select.unwrap().expect("every queued SELECT succeeds");
     }
     assert_drained_within_two_intervals(&env, ended).await;
+    let incident = assert_incident(
+        &env,
+        "public.orders",
+        "AccessExclusiveLock",
+        migration_pid,
+        (reader_pid, "analyst", crate::scenes::LONG_READ),
+        20,
+        "blocker_finished",
+    )
+    .await;
+    assert_eq!(incident["waiter"]["query"], crate::scenes::DROP_CONSTRAINT);
+    assert_eq!(incident["roots"][0]["holds"]["mode"], "AccessShareLock");
+    assert_eq!(incident["peak_blocked_sessions"], 21);
+    assert_eq!(incident["peak_chain_depth"], 2);
+    assert_eq!(incident["stuck_relations"], serde_json::json!(["public.orders"]));
+    assert_eq!(incident["decisions"], serde_json::json!([]));
+    assert_ne!(incident["waiter_got_lock"], false, "{incident:#}");
     // Each of the 21 waits is observed once, when it ended.
     let scrape = env.scrape().await;
     assert_eq!(scrape.value("lockjam_lock_wait_seconds_count", &[APP]), Some(21.0));
@@ -242,6 +315,7 @@ async fn incident_001_drop_table_behind_a_stalled_backup() {
     assert_eq!(root["wait_event"], "ClientWrite");
     assert!(root["query"].as_str().unwrap().starts_with("COPY public.field_history"));
 
+    wait_past_min_wait(&env).await;
     let pid = root["pid"].as_i64().unwrap() as i32;
     env.admin
         .query_one("SELECT pg_cancel_backend($1)", &[&pid])
@@ -273,6 +347,17 @@ async fn incident_001_drop_table_behind_a_stalled_backup() {
         assert_eq!(error.code(), Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE));
     }
     assert_drained_within_two_intervals(&env, ended).await;
+    let incident = assert_incident(
+        &env,
+        "public.field_history",
+        "AccessExclusiveLock",
+        release_pid,
+        (backup_pid, "Heroku Postgres Backups", "COPY public.field_history"),
+        10,
+        "blocker_finished",
+    )
+    .await;
+    assert_eq!(incident["roots"][0]["wait_event"], "ClientWrite");
     env.stop().await;
 }
 
@@ -334,6 +419,7 @@ async fn incident_002_add_foreign_key_queues_writers_not_readers() {
         None
     );
 
+    wait_past_min_wait(&env).await;
     // As in the write-up, the migration is aborted by hand.
     env.admin
         .query_one("SELECT pg_cancel_backend($1)", &[&migration_pid])
@@ -346,6 +432,18 @@ async fn incident_002_add_foreign_key_queues_writers_not_readers() {
         assert_eq!(write.unwrap().expect("every queued writer succeeds"), 1);
     }
     assert_drained_within_two_intervals(&env, ended).await;
+    let incident = assert_incident(
+        &env,
+        "public.users",
+        "ShareRowExclusiveLock",
+        migration_pid,
+        (mailer_pid, "mailer", "BEGIN; UPDATE users SET last_mailed_at"),
+        WRITERS as u64,
+        "waiter_gone",
+    )
+    .await;
+    assert_eq!(incident["waiter_got_lock"], false);
+    assert_eq!(incident["roots"][0]["holds"]["mode"], "RowExclusiveLock");
     env.admin
         .query_one("SELECT pg_cancel_backend($1)", &[&mailer_pid])
         .await
@@ -425,6 +523,21 @@ async fn incident_003_rename_constraint_until_lock_timeout() {
         scrape.value("lockjam_lock_wait_seconds_bucket", &[APP, ("le", "5")]),
         Some(11.0)
     );
+    let incident = assert_incident(
+        &env,
+        "public.payment_events",
+        "AccessExclusiveLock",
+        migration_pid,
+        (
+            analytics_pid,
+            "analytics",
+            "SELECT pg_sleep(600), count(*) FROM payment_events",
+        ),
+        10,
+        "waiter_gone",
+    )
+    .await;
+    assert_eq!(incident["waiter_got_lock"], false);
     env.admin
         .query_one("SELECT pg_cancel_backend($1)", &[&analytics_pid])
         .await

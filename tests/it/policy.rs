@@ -1150,6 +1150,7 @@ async fn two_lockjam_run_processes_fail_over_when_the_leader_is_killed() {
         let port = lockjam::cluster::free_port().unwrap();
         let listen = format!("127.0.0.1:{port}");
         let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_lockjam"))
+            .env("LOCKJAM__INCIDENTS__PATH", "")
             .args(["run", "--listen", &listen, "--cancel-blockers-after", "2s"])
             .args(["--dsn", &env.cluster.dsn("postgres")])
             .env_remove("LOCKJAM_CONFIG")

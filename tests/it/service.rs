@@ -129,11 +129,13 @@ async fn golden_metrics() {
     }
     env.wait_until_waiting_count("web", 3).await;
     // Sessions by state are read every activity_interval (5 s), the
-    // queue every tick.
+    // queue every tick; the incident's series appear once it opens (a wait
+    // of 1 s).
     let scrape = env
         .wait_for_metrics("the queue and the sessions in it", |m| {
             m.value("lockjam_lock_queue_depth", &[]) == Some(3.0)
                 && m.value("lockjam_sessions", &[("datname", "app"), ("state", "active")]) == Some(5.0)
+                && m.value("lockjam_incidents_total", &[("outcome", "blocker_finished")]) == Some(0.0)
         })
         .await;
     let rendered = mask(&scrape.text);

@@ -250,6 +250,28 @@ impl TestEnv {
         events(self.addr()).await
     }
 
+    /// Closed incidents, newest first (`/api/v1/incidents`).
+    pub async fn incidents(&self) -> Vec<serde_json::Value> {
+        let (status, body) = http_get(self.addr(), "/api/v1/incidents").await;
+        assert_eq!(status, 200, "{body}");
+        let value: serde_json::Value = serde_json::from_str(&body).unwrap();
+        value["incidents"].as_array().unwrap().clone()
+    }
+
+    /// Waits for the first incident to close, then for two more intervals
+    /// (a second one would have closed by then), and returns the one
+    /// incident there must be.
+    pub async fn the_one_incident(&self) -> serde_json::Value {
+        wait_until("an incident to close", || async { !self.incidents().await.is_empty() }).await;
+        tokio::time::sleep(INTERVAL * 2).await;
+        let incidents = self.incidents().await;
+        assert_eq!(incidents.len(), 1, "exactly one incident: {incidents:#?}");
+        let (status, body) = http_get(self.addr(), &format!("/api/v1/incidents/{}", incidents[0]["id"])).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(serde_json::from_str::<serde_json::Value>(&body).unwrap(), incidents[0]);
+        incidents[0].clone()
+    }
+
     /// Waits until some audit event satisfies `check`, and returns it.
     pub async fn wait_for_event(&self, what: &str, check: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
         let deadline = Instant::now() + PATIENCE;
@@ -485,6 +507,10 @@ pub fn lockjam() -> std::process::Command {
             command.env_remove(name);
         }
     }
+    // The clusters are thrown away, and so is their incident history: in
+    // memory, never a file in the working directory. A test of the store
+    // sets its own path.
+    command.env("LOCKJAM__INCIDENTS__PATH", "");
     command
 }
 
