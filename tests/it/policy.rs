@@ -17,7 +17,7 @@ use tokio_postgres::error::SqlState;
 use crate::scenes::{migration_behind_long_read, orders, staged, DROP_CONSTRAINT, LONG_READ};
 use crate::support::{
     apply_lockjam_role_sql, backend_pid, config_with, connect, events, lockjam, pg_dump_for, sampler_config, scrape,
-    start_cluster, wait_until, within, LockjamRun, TestEnv,
+    start_cluster, the_one_incident, wait_until, within, LockjamRun, TestEnv,
 };
 
 fn acting(rule: Rule) -> Policy {
@@ -124,6 +124,20 @@ async fn incident_000_cleared_by_cancel_blockers() {
     assert!(waited >= 2.0, "acted only after min_wait: {waited}s");
     assert_eq!(actions(&env, "cancel", "success").await, Some(1.0));
     assert_eq!(env.scrape().await.value("lockjam_policy_leader", &[]), Some(1.0));
+
+    // The incident remembers it: lockjam cancelled the root.
+    let incident = env.the_one_incident().await;
+    assert_eq!(incident["outcome"], "blocker_signalled");
+    assert_eq!(incident["relation"], "public.orders");
+    assert_eq!(incident["waiter"]["pid"], migration_pid);
+    assert_eq!(incident["roots"][0]["pid"], reader_pid);
+    assert_eq!(incident["roots"].as_array().unwrap().len(), 1);
+    assert_eq!(incident["peak_behind"], 20);
+    let decisions = incident["decisions"].as_array().unwrap();
+    assert_eq!(decisions.len(), 1, "{incident:#}");
+    assert_eq!(decisions[0]["outcome"], "success");
+    assert_eq!(decisions[0]["signalled_pid"], reader_pid);
+    assert_eq!(decisions[0]["time"], event["time"]);
     env.stop().await;
 }
 
@@ -330,6 +344,10 @@ async fn incident_001_unprotected_pg_dump_is_cancelled() {
         .get(0);
     assert_eq!(locks, 0, "the backup holds no lock any more");
     assert_ne!(state_of(&env, dump_pid).await.as_deref(), Some("active"));
+    let incident = env.the_one_incident().await;
+    assert_eq!(incident["outcome"], "blocker_signalled");
+    assert_eq!(incident["waiter"]["query"], "DROP TABLE field_history");
+    assert_eq!(incident["roots"][0]["pid"], dump_pid);
     dump.kill().await.unwrap();
     env.stop().await;
 }
@@ -456,6 +474,24 @@ async fn incident_002_cleared_by_the_flag_alone(tool: &ForeignKeyMigration) {
         .sum();
     assert_eq!(counted, 1.0, "one decision counted, as one event");
 
+    // One incident, whose root is the mailer, not the web UPDATE waiting
+    // on the mailer's row in front of the migration (a victim).
+    let incident = the_one_incident(lockjam.addr).await;
+    assert_eq!(incident["outcome"], "blocker_signalled");
+    assert_eq!(incident["relation"], format!("public.{users}"));
+    assert_eq!(incident["mode"], "ShareRowExclusiveLock");
+    assert_eq!(incident["waiter"]["pid"], migration_pid);
+    let roots: Vec<&Value> = incident["roots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| &r["pid"])
+        .collect();
+    assert_eq!(roots, [&Value::from(mailer_pid)], "{incident:#}");
+    assert_eq!(incident["roots"][0]["application_name"], "mailer");
+    assert_eq!(incident["peak_behind"], 20);
+    assert_eq!(incident["decisions"].as_array().unwrap().len(), 1);
+
     let (_, log) = lockjam.terminate();
     assert!(log.contains("policy live, this instance leads"), "{log}");
     assert!(
@@ -473,6 +509,22 @@ async fn incident_002_cleared_by_the_flag_alone(tool: &ForeignKeyMigration) {
         audit[0]
     );
     assert!(audit[0].len() < 700, "a concise line: {} characters", audit[0].len());
+
+    // And one line when it closed, in a few words.
+    let closed: Vec<&str> = log.lines().filter(|line| line.contains("lockjam::incidents")).collect();
+    assert_eq!(closed.len(), 1, "{log}");
+    assert!(
+        closed[0].contains(&format!("closed: ShareRowExclusiveLock on public.{users} in app")),
+        "{}",
+        closed[0]
+    );
+    assert!(
+        closed[0].contains(&format!(
+            "waiter pid {migration_pid}, root pid {mailer_pid} (postgres/mailer"
+        )),
+        "{}",
+        closed[0]
+    );
     env.stop().await;
 }
 
@@ -570,6 +622,28 @@ async fn incident_001_protected_backup_finishes_and_the_migration_is_cancelled()
         .as_str()
         .unwrap()
         .starts_with("rule `unblock-migrations` could signal none of its targets; "));
+
+    // The incident: the migration was cancelled by lockjam, both
+    // decisions about it recorded.
+    let incident = env.the_one_incident().await;
+    assert_eq!(incident["outcome"], "waiter_signalled");
+    assert_eq!(incident["waiter_got_lock"], false);
+    assert_eq!(incident["waiter"]["pid"], release_pid);
+    assert_eq!(incident["roots"][0]["pid"], dump_pid);
+    assert_eq!(incident["roots"][0]["application_name"], "pg_dump");
+    let decisions: Vec<(&str, &str)> = incident["decisions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| (d["rule"].as_str().unwrap(), d["outcome"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        decisions,
+        [
+            ("unblock-migrations", "protected"),
+            ("migration-lock-timeout", "success")
+        ]
+    );
     env.stop().await;
 }
 

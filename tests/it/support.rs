@@ -250,26 +250,9 @@ impl TestEnv {
         events(self.addr()).await
     }
 
-    /// Closed incidents, newest first (`/api/v1/incidents`).
-    pub async fn incidents(&self) -> Vec<serde_json::Value> {
-        let (status, body) = http_get(self.addr(), "/api/v1/incidents").await;
-        assert_eq!(status, 200, "{body}");
-        let value: serde_json::Value = serde_json::from_str(&body).unwrap();
-        value["incidents"].as_array().unwrap().clone()
-    }
-
-    /// Waits for the first incident to close, then for two more intervals
-    /// (a second one would have closed by then), and returns the one
-    /// incident there must be.
+    /// Waits for the one incident there must be (see [`the_one_incident`]).
     pub async fn the_one_incident(&self) -> serde_json::Value {
-        wait_until("an incident to close", || async { !self.incidents().await.is_empty() }).await;
-        tokio::time::sleep(INTERVAL * 2).await;
-        let incidents = self.incidents().await;
-        assert_eq!(incidents.len(), 1, "exactly one incident: {incidents:#?}");
-        let (status, body) = http_get(self.addr(), &format!("/api/v1/incidents/{}", incidents[0]["id"])).await;
-        assert_eq!(status, 200, "{body}");
-        assert_eq!(serde_json::from_str::<serde_json::Value>(&body).unwrap(), incidents[0]);
-        incidents[0].clone()
+        the_one_incident(self.addr()).await
     }
 
     /// Waits until some audit event satisfies `check`, and returns it.
@@ -362,6 +345,28 @@ pub async fn events(addr: SocketAddr) -> Vec<serde_json::Value> {
     assert_eq!(status, 200, "{body}");
     let value: serde_json::Value = serde_json::from_str(&body).unwrap();
     value["events"].as_array().unwrap().clone()
+}
+
+/// Closed incidents, newest first (`/api/v1/incidents`).
+pub async fn incidents(addr: SocketAddr) -> Vec<serde_json::Value> {
+    let (status, body) = http_get(addr, "/api/v1/incidents").await;
+    assert_eq!(status, 200, "{body}");
+    let value: serde_json::Value = serde_json::from_str(&body).unwrap();
+    value["incidents"].as_array().unwrap().clone()
+}
+
+/// Waits for the first incident to close, then for two more intervals (a
+/// second one would have closed by then), and returns the one incident
+/// there must be, as `/api/v1/incidents/{id}` serves it too.
+pub async fn the_one_incident(addr: SocketAddr) -> serde_json::Value {
+    wait_until("an incident to close", || async { !incidents(addr).await.is_empty() }).await;
+    tokio::time::sleep(INTERVAL * 2).await;
+    let incidents = incidents(addr).await;
+    assert_eq!(incidents.len(), 1, "exactly one incident: {incidents:#?}");
+    let (status, body) = http_get(addr, &format!("/api/v1/incidents/{}", incidents[0]["id"])).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&body).unwrap(), incidents[0]);
+    incidents[0].clone()
 }
 
 /// A plain HTTP/1.1 GET: status and body.
