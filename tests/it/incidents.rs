@@ -9,7 +9,7 @@ use futures_util::StreamExt;
 use lockjam::cluster::ClusterOptions;
 use tokio::task::JoinSet;
 
-use crate::scenes::{foreign_key_behind_mailer, migration_behind_long_read};
+use crate::scenes::{constraint_rename_behind_analytics, foreign_key_behind_mailer, migration_behind_long_read};
 use crate::support::{backend_pid, http_get, within, TestEnv, INTERVAL};
 
 const APP: (&str, &str) = ("datname", "app");
@@ -459,30 +459,8 @@ async fn incident_002_add_foreign_key_queues_writers_not_readers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn incident_003_rename_constraint_until_lock_timeout() {
     let env = TestEnv::start().await;
-    env.admin
-        .batch_execute(
-            "CREATE TABLE payments (id bigint PRIMARY KEY);
-             CREATE TABLE payment_events (id bigint PRIMARY KEY,
-                 payment_id bigint CONSTRAINT old_events_payment_id_fkey REFERENCES payments);",
-        )
-        .await
-        .unwrap();
-
-    let (analytics_pid, report) = env
-        .spawn_statement(
-            "analytics",
-            "SELECT pg_sleep(600), count(*) FROM payment_events JOIN payments ON payments.id = payment_id",
-        )
-        .await;
-    env.wait_until_holding(analytics_pid, "payment_events", None).await;
     let lock_timeout = Duration::from_secs(4);
-    let rename_sql = format!(
-        "SET lock_timeout = '{}ms';
-         ALTER TABLE payment_events RENAME CONSTRAINT old_events_payment_id_fkey TO payment_events_payment_id_fkey",
-        lock_timeout.as_millis()
-    );
-    let (migration_pid, rename) = env.spawn_statement("migrate", &rename_sql).await;
-    env.wait_until_waiting(migration_pid).await;
+    let (analytics_pid, report, migration_pid, rename) = constraint_rename_behind_analytics(&env, lock_timeout).await;
     let mut api = JoinSet::new();
     for i in 0..10i64 {
         let client = env.session("api").await;

@@ -14,7 +14,9 @@ use tokio::io::AsyncReadExt;
 use tokio::task::JoinSet;
 use tokio_postgres::error::SqlState;
 
-use crate::scenes::{migration_behind_long_read, orders, staged, DROP_CONSTRAINT, LONG_READ};
+use crate::scenes::{
+    constraint_rename_behind_analytics, migration_behind_long_read, orders, staged, DROP_CONSTRAINT, LONG_READ,
+};
 use crate::support::{
     apply_lockjam_role_sql, backend_pid, config_with, connect, events, lockjam, pg_dump_for, sampler_config, scrape,
     start_cluster, the_one_incident, wait_until, within, LockjamRun, TestEnv,
@@ -138,6 +140,41 @@ async fn incident_000_cleared_by_cancel_blockers() {
     assert_eq!(decisions[0]["outcome"], "success");
     assert_eq!(decisions[0]["signalled_pid"], reader_pid);
     assert_eq!(decisions[0]["time"], event["time"]);
+    env.stop().await;
+}
+
+/// Incident 003 with the policy: the analytics report is cancelled after
+/// `min_wait` (2 s), before the migration's own `lock_timeout` (10 s)
+/// gives up, so the rename goes through; the incident says lockjam
+/// signalled the root.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn incident_003_cleared_before_the_migrations_lock_timeout() {
+    let env = TestEnv::start_full(ClusterOptions::default(), acting(unblock(2))).await;
+    let (analytics_pid, report, migration_pid, rename) =
+        constraint_rename_behind_analytics(&env, Duration::from_secs(10)).await;
+    let (_, api) = env
+        .spawn_statement("api", "SELECT id FROM payment_events WHERE payment_id = 1")
+        .await;
+    within("the RENAME", rename)
+        .await
+        .unwrap()
+        .expect("the rename goes through");
+    within("the API read", api)
+        .await
+        .unwrap()
+        .expect("the API read succeeds");
+    let error = within("the report", report).await.unwrap().unwrap_err();
+    assert_eq!(error.code(), Some(&SqlState::QUERY_CANCELED));
+    let incident = env.the_one_incident().await;
+    assert_eq!(incident["outcome"], "blocker_signalled");
+    assert_eq!(incident["relation"], "public.payment_events");
+    assert_eq!(incident["mode"], "AccessExclusiveLock");
+    assert_eq!(incident["waiter"]["pid"], migration_pid);
+    assert_eq!(incident["roots"][0]["pid"], analytics_pid);
+    assert_eq!(incident["roots"][0]["application_name"], "analytics");
+    assert_eq!(incident["decisions"][0]["signalled_pid"], analytics_pid);
+    let lasted = incident["duration_seconds"].as_f64().unwrap();
+    assert!((2.0..10.0).contains(&lasted), "{lasted}");
     env.stop().await;
 }
 

@@ -62,6 +62,39 @@ pub async fn foreign_key_behind_mailer(env: &TestEnv) -> (i32, Statement, i32, S
     (mailer_pid, mail, migration_pid, add_fk)
 }
 
+/// Incident 003: an analytics report reads `payment_events`; a migration
+/// with `lock_timeout` renames a foreign-key constraint of it (ACCESS
+/// EXCLUSIVE) and waits. Returns the report's pid and statement, and the
+/// migration's.
+pub async fn constraint_rename_behind_analytics(
+    env: &TestEnv,
+    lock_timeout: Duration,
+) -> (i32, Statement, i32, Statement) {
+    env.admin
+        .batch_execute(
+            "CREATE TABLE payments (id bigint PRIMARY KEY);
+             CREATE TABLE payment_events (id bigint PRIMARY KEY,
+                 payment_id bigint CONSTRAINT old_events_payment_id_fkey REFERENCES payments);",
+        )
+        .await
+        .unwrap();
+    let (analytics_pid, report) = env
+        .spawn_statement(
+            "analytics",
+            "SELECT pg_sleep(600), count(*) FROM payment_events JOIN payments ON payments.id = payment_id",
+        )
+        .await;
+    env.wait_until_holding(analytics_pid, "payment_events", None).await;
+    let rename_sql = format!(
+        "SET lock_timeout = '{}ms';
+         ALTER TABLE payment_events RENAME CONSTRAINT old_events_payment_id_fkey TO payment_events_payment_id_fkey",
+        lock_timeout.as_millis()
+    );
+    let (migration_pid, rename) = env.spawn_statement("migrate", &rename_sql).await;
+    env.wait_until_waiting(migration_pid).await;
+    (analytics_pid, report, migration_pid, rename)
+}
+
 /// The enforcer on its own, against a decision made on a real sample, so
 /// that the world can change between decision and signal.
 pub struct Staged {
