@@ -682,3 +682,324 @@ pub fn table(incidents: &[serde_json::Value]) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::analysis::analyze;
+    use crate::snapshot::{LockRow, Session, Snapshot};
+
+    const AX: &str = "AccessExclusiveLock";
+
+    fn at(seconds: f64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs_f64(1_800_000_000.0 + seconds)
+    }
+
+    fn session(pid: i32, application: &str, blocked_by: Option<Vec<i32>>) -> Session {
+        Session {
+            pid,
+            datname: Some("app".into()),
+            usename: Some("web".into()),
+            application_name: Some(application.into()),
+            backend_type: Some("client backend".into()),
+            state: Some("active".into()),
+            backend_start: Some(at(0.0)),
+            xact_start: Some(at(pid as f64 / 1000.0)),
+            query_start: Some(at(1.0)),
+            query: Some(format!("query of {pid}")),
+            blocked_by,
+            ..Session::default()
+        }
+    }
+
+    fn lock(pid: i32, granted: bool, mode: &str, relation: Option<&str>, wait_start: f64) -> LockRow {
+        LockRow {
+            pid,
+            granted,
+            locktype: if relation.is_some() {
+                "relation"
+            } else {
+                "transactionid"
+            }
+            .into(),
+            mode: mode.into(),
+            tag: relation.map_or("transactionid:7".into(), |r| format!("relation:1:{r}")),
+            datname: relation.map(|_| "app".into()),
+            relation: relation.map(str::to_string),
+            wait_start: (!granted).then(|| at(wait_start)),
+        }
+    }
+
+    fn graph(t: f64, sessions: Vec<Session>, locks: Vec<LockRow>) -> LockGraph {
+        analyze(&Snapshot {
+            taken_at: at(t),
+            activity: Vec::new(),
+            sessions,
+            locks,
+            existing_databases: None,
+            in_recovery: false,
+        })
+    }
+
+    /// Incident 000 at `t`: a read (10) holds orders, an ALTER (20) has
+    /// waited since t=50, `selects` SELECTs (100..) queue behind it.
+    fn incident_000(t: f64, selects: i32) -> LockGraph {
+        let mut sessions = vec![session(10, "analyst", None), session(20, "migrate", Some(vec![10]))];
+        let mut locks = vec![
+            lock(10, true, "AccessShareLock", Some("public.orders"), 0.0),
+            lock(20, false, AX, Some("public.orders"), 50.0),
+        ];
+        for pid in 100..100 + selects {
+            sessions.push(session(pid, "web", Some(vec![20])));
+            locks.push(lock(pid, false, "AccessShareLock", Some("public.orders"), 51.0));
+        }
+        graph(t, sessions, locks)
+    }
+
+    fn calm(t: f64) -> LockGraph {
+        graph(t, Vec::new(), Vec::new())
+    }
+
+    fn tracker() -> Tracker {
+        Tracker::new(
+            "db",
+            Criteria {
+                min_wait: Duration::from_secs(1),
+                modes: vec![AX.into()],
+            },
+        )
+    }
+
+    #[test]
+    fn a_strong_wait_opens_at_min_wait_and_closes_when_it_ends() {
+        let mut tracker = tracker();
+        // Waited 0.5 s: not yet.
+        assert_eq!(tracker.observe(&incident_000(50.5, 0), &[]).0, Vec::<String>::new());
+        assert!(tracker.open().is_empty());
+        let (opened, ended) = tracker.observe(&incident_000(51.0, 3), &[]);
+        assert_eq!((opened, ended.len()), (vec!["app".to_string()], 0));
+        tracker.observe(&incident_000(52.0, 5), &[]);
+        let (opened, mut ended) = tracker.observe(&calm(53.0), &[]);
+        assert!(opened.is_empty());
+        assert_eq!(ended.len(), 1);
+        let ending = ended.remove(0);
+        assert_eq!(ending.pids(), [20, 10]);
+        let incident = ending.finish(Some(&[]));
+        assert_eq!(incident.relation, "public.orders");
+        assert_eq!(incident.mode, AX);
+        assert_eq!(incident.waiter.pid, 20);
+        assert_eq!(incident.waiter.application_name.as_deref(), Some("migrate"));
+        assert_eq!(
+            incident.duration_seconds, 3.0,
+            "from the wait start at 50 to the calm sample at 53"
+        );
+        assert_eq!(incident.roots.len(), 1);
+        assert_eq!(incident.roots[0].session.pid, 10);
+        assert_eq!(incident.roots[0].holds.as_ref().unwrap().mode, "AccessShareLock");
+        assert_eq!(
+            (
+                incident.peak_behind,
+                incident.peak_blocked_sessions,
+                incident.peak_chain_depth
+            ),
+            (5, 6, 2)
+        );
+        assert_eq!(incident.stuck_relations, ["public.orders"]);
+        assert_eq!(incident.outcome, Outcome::BlockerFinished);
+        assert!(tracker.open().is_empty());
+    }
+
+    #[test]
+    fn a_weak_wait_with_no_one_behind_is_no_incident() {
+        let mut tracker = tracker();
+        // A SELECT waits behind an ALTER that holds the table: mode
+        // AccessShareLock, and no one behind it.
+        let sessions = vec![session(10, "migrate", None), session(30, "web", Some(vec![10]))];
+        let locks = vec![
+            lock(10, true, AX, Some("public.orders"), 0.0),
+            lock(30, false, "AccessShareLock", Some("public.orders"), 40.0),
+        ];
+        let (opened, _) = tracker.observe(&graph(100.0, sessions, locks), &[]);
+        assert!(opened.is_empty());
+    }
+
+    #[test]
+    fn a_victim_in_front_of_a_migration_opens_no_incident_of_its_own() {
+        // Incident 002: the mailer (10) holds row 1; a web UPDATE (11)
+        // waits for the mailer's transaction, holding ROW EXCLUSIVE; ADD
+        // FOREIGN KEY (20) waits behind both; a writer (100) behind it.
+        let rx = "RowExclusiveLock";
+        let sessions = vec![
+            session(10, "mailer", None),
+            session(11, "web", Some(vec![10])),
+            session(20, "migrate", Some(vec![10, 11])),
+            session(100, "writer", Some(vec![20])),
+        ];
+        let locks = vec![
+            lock(10, true, rx, Some("public.users"), 0.0),
+            lock(10, true, "ExclusiveLock", None, 0.0),
+            lock(11, true, rx, Some("public.users"), 0.0),
+            lock(11, false, "ShareLock", None, 40.0),
+            lock(20, false, "ShareRowExclusiveLock", Some("public.users"), 50.0),
+            lock(100, false, rx, Some("public.users"), 60.0),
+        ];
+        let mut tracker = Tracker::new(
+            "db",
+            Criteria {
+                min_wait: Duration::from_secs(1),
+                modes: vec!["ShareRowExclusiveLock".into()],
+            },
+        );
+        let (opened, _) = tracker.observe(&graph(100.0, sessions, locks), &[]);
+        assert_eq!(opened, ["app"]);
+        assert_eq!(tracker.open(), [("app".to_string(), "public.users".to_string())]);
+        let incident = tracker.observe(&calm(101.0), &[]).1.remove(0).finish(Some(&[]));
+        assert_eq!(incident.waiter.pid, 20);
+        let roots: Vec<i32> = incident.roots.iter().map(|r| r.session.pid).collect();
+        assert_eq!(roots, [10], "the mailer, not the victim");
+    }
+
+    #[test]
+    fn overlapping_waits_on_one_relation_are_one_incident() {
+        let mut tracker = tracker();
+        tracker.observe(&incident_000(52.0, 0), &[]);
+        // A second ALTER (21) joins the queue while the first still waits.
+        let two = |t: f64, first: bool| {
+            let mut sessions = vec![session(10, "analyst", None), session(21, "migrate", Some(vec![10]))];
+            let mut locks = vec![
+                lock(10, true, "AccessShareLock", Some("public.orders"), 0.0),
+                lock(21, false, AX, Some("public.orders"), 51.5),
+            ];
+            if first {
+                sessions.push(session(20, "migrate", Some(vec![10])));
+                locks.push(lock(20, false, AX, Some("public.orders"), 50.0));
+            }
+            graph(t, sessions, locks)
+        };
+        assert!(tracker.observe(&two(53.0, true), &[]).0.is_empty());
+        // The first gives up; the second still waits: still open.
+        let (opened, ended) = tracker.observe(&two(54.0, false), &[]);
+        assert!(opened.is_empty() && ended.is_empty());
+        let incident = tracker.observe(&calm(55.0), &[]).1.remove(0).finish(Some(&[]));
+        assert_eq!((incident.waiter.pid, incident.waits), (20, 2));
+        assert_eq!(incident.duration_seconds, 5.0);
+    }
+
+    /// Incident 000 opened and ended: the ending, before the look.
+    fn ended_000() -> Ending {
+        let mut tracker = tracker();
+        tracker.observe(&incident_000(52.0, 2), &[]);
+        tracker.observe(&calm(53.0), &[]).1.remove(0)
+    }
+
+    fn now(pid: i32, xact_start: f64, state: &str, holds: Option<bool>) -> SessionNow {
+        SessionNow {
+            pid,
+            backend_start: Some(at(0.0)),
+            xact_start: Some(at(xact_start)),
+            query_start: Some(at(1.0)),
+            state: Some(state.into()),
+            holds,
+        }
+    }
+
+    #[test]
+    fn the_look_tells_who_ended_it() {
+        // The root still in the transaction it blocked in: the waiter
+        // gave up.
+        let root_holds = [now(10, 0.010, "active", None), now(20, 0.020, "idle", Some(false))];
+        let incident = ended_000().finish(Some(&root_holds));
+        assert_eq!(
+            (incident.outcome, incident.waiter_got_lock),
+            (Outcome::WaiterGone, Some(false))
+        );
+        // The root's transaction ended; the waiter still runs its
+        // statement past the wait: it got the lock.
+        let got_it = [now(10, 9.0, "idle", None), now(20, 0.020, "active", Some(false))];
+        let incident = ended_000().finish(Some(&got_it));
+        assert_eq!(
+            (incident.outcome, incident.waiter_got_lock),
+            (Outcome::BlockerFinished, Some(true))
+        );
+        // Seen holding it in its open transaction.
+        let holds = [now(20, 0.020, "idle in transaction", Some(true))];
+        assert_eq!(ended_000().finish(Some(&holds)).waiter_got_lock, Some(true));
+        // Its statement failed.
+        let aborted = [now(20, 0.020, "idle in transaction (aborted)", Some(false))];
+        assert_eq!(ended_000().finish(Some(&aborted)).waiter_got_lock, Some(false));
+        // Both gone: the statement ended before lockjam looked.
+        let incident = ended_000().finish(Some(&[]));
+        assert_eq!(
+            (incident.outcome, incident.waiter_got_lock),
+            (Outcome::BlockerFinished, None)
+        );
+        // No look at all.
+        assert_eq!(ended_000().finish(None).outcome, Outcome::BlockerFinished);
+    }
+
+    fn event(rule_action: &'static str, signalled_pid: i32, outcome: &'static str) -> AuditEvent {
+        let graph = incident_000(52.0, 2);
+        let waiter = graph.waiter(20).unwrap();
+        AuditEvent {
+            time: rfc3339(at(52.0)),
+            sampled_at: rfc3339(at(52.0)),
+            target: "db".into(),
+            rule: "r".into(),
+            rule_action,
+            signal: "cancel",
+            outcome,
+            reason: "because".into(),
+            detail: None,
+            signalled_pid,
+            waiter: crate::audit::WaiterEvent {
+                session: SessionView::of(20, Some(&waiter.session), at(52.0)),
+                locktype: "relation".into(),
+                relation: "public.orders".into(),
+                mode: AX.into(),
+                wait_seconds: 2.0,
+                behind: 2,
+            },
+            blocker: None,
+            roots: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn lockjams_own_signals_come_first() {
+        let signalled = |events: &[AuditEvent]| {
+            let mut tracker = tracker();
+            tracker.observe(&incident_000(52.0, 2), events);
+            let root_holds = [now(10, 0.010, "active", None)];
+            tracker.observe(&calm(53.0), &[]).1.remove(0).finish(Some(&root_holds))
+        };
+        let cancelled_root = signalled(&[event("cancel_blockers", 10, "success")]);
+        assert_eq!(cancelled_root.outcome, Outcome::BlockerSignalled);
+        assert_eq!(cancelled_root.decisions.len(), 1);
+        assert_eq!(cancelled_root.decisions[0].signalled_pid, 10);
+        let cancelled_waiter = signalled(&[event("cancel_waiter", 20, "success")]);
+        assert_eq!(
+            (cancelled_waiter.outcome, cancelled_waiter.waiter_got_lock),
+            (Outcome::WaiterSignalled, Some(false))
+        );
+        // A dry run signals nothing: the look decides.
+        let dry_run = signalled(&[event("cancel_blockers", 10, "dry_run")]);
+        assert_eq!((dry_run.outcome, dry_run.decisions.len()), (Outcome::WaiterGone, 1));
+    }
+
+    #[test]
+    fn a_lost_database_ends_open_incidents_at_the_last_sample() {
+        let mut tracker = tracker();
+        tracker.observe(&incident_000(52.0, 2), &[]);
+        let mut ended = tracker.target_down(at(52.0));
+        assert_eq!(ended.len(), 1);
+        assert!(!ended[0].needs_a_look());
+        let incident = ended.remove(0).finish(None);
+        assert_eq!(
+            (incident.outcome, incident.waiter_got_lock),
+            (Outcome::TargetDown, None)
+        );
+        assert_eq!(incident.duration_seconds, 2.0);
+        assert!(tracker.open().is_empty());
+        assert!(tracker.target_down(at(53.0)).is_empty());
+    }
+}

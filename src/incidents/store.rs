@@ -316,3 +316,162 @@ pub fn read_only(path: &Path) -> Result<Store, StoreError> {
         }),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::incidents::Outcome;
+    use crate::view::SessionView;
+
+    const DAY: u64 = 86_400;
+
+    fn at(seconds: u64) -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(1_800_000_000 + seconds)
+    }
+
+    fn incident(target: &str) -> Incident {
+        Incident {
+            id: 0,
+            target: target.into(),
+            datname: "app".into(),
+            relation: "public.orders".into(),
+            locktype: "relation".into(),
+            mode: "AccessExclusiveLock".into(),
+            opened_at: String::new(),
+            closed_at: String::new(),
+            duration_seconds: 3.5,
+            waiter: SessionView::of(20, None, at(0)),
+            waits: 1,
+            roots: Vec::new(),
+            peak_behind: 5,
+            peak_blocked_sessions: 6,
+            peak_chain_depth: 2,
+            stuck_relations: vec!["public.orders".into()],
+            decisions: Vec::new(),
+            outcome: Outcome::BlockerFinished,
+            waiter_got_lock: None,
+        }
+    }
+
+    fn ids(found: &Found) -> Vec<i64> {
+        found.iter().map(|i| i["id"].as_i64().unwrap()).collect()
+    }
+
+    fn retention(keep_days: u32, keep_count: u64) -> Retention {
+        Retention { keep_days, keep_count }
+    }
+
+    #[test]
+    fn incidents_survive_a_reopen_newest_first_and_filtered() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("incidents.sqlite");
+        let store = Store::open(Some(&path), retention(30_000, 0));
+        assert!(store.is_persistent());
+        for (n, target) in ["a", "b", "a"].iter().enumerate() {
+            let stored = store.record(incident(target), at(n as u64 * 60));
+            assert_eq!(stored.id, n as i64 + 1);
+        }
+        drop(store);
+        let store = Store::open(Some(&path), retention(30_000, 0));
+        assert_eq!(ids(&store.list(None, None, 100).unwrap()), [3, 2, 1]);
+        assert_eq!(ids(&store.list(Some("a"), None, 100).unwrap()), [3, 1]);
+        assert_eq!(ids(&store.list(None, Some(at(60)), 100).unwrap()), [3, 2]);
+        assert_eq!(ids(&store.list(None, None, 1).unwrap()), [3]);
+        let one = store.get(2).unwrap().unwrap();
+        assert_eq!(one["target"], "b");
+        assert_eq!(one["peak_behind"], 5);
+        assert_eq!(store.get(4).unwrap(), None);
+        // The reader `lockjam incidents` uses sees the same.
+        let reader = read_only(&path).unwrap();
+        assert_eq!(ids(&reader.list(None, None, 100).unwrap()), [3, 2, 1]);
+    }
+
+    #[test]
+    fn retention_deletes_by_age_and_by_count_and_ids_are_never_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("incidents.sqlite");
+        let store = Store::open(Some(&path), retention(2, 3));
+        // Closed 5, 4, 3, 1 and 0 days before "now" (the last record).
+        for days_ago in [5, 4, 3, 1, 0] {
+            store.record(incident("a"), at(10 * DAY - days_ago * DAY));
+        }
+        // Age keeps those closed within 2 days of the newest write (ids 4
+        // and 5); the count alone would have kept 3.
+        assert_eq!(ids(&store.list(None, None, 100).unwrap()), [5, 4]);
+        let stored = store.record(incident("a"), at(10 * DAY));
+        assert_eq!(stored.id, 6, "an id is never given twice");
+        let store = Store::open(Some(&path), retention(30, 2));
+        assert_eq!(
+            ids(&store.list(None, None, 100).unwrap()),
+            [6, 5],
+            "a lower count applies on open"
+        );
+    }
+
+    #[test]
+    fn a_damaged_file_leaves_the_history_in_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("incidents.sqlite");
+        std::fs::write(
+            &path,
+            b"this is not a SQLite database, and never was; it is long enough to have a header",
+        )
+        .unwrap();
+        let store = Store::open(Some(&path), retention(30, 10));
+        assert!(!store.is_persistent());
+        let first = store.record(incident("a"), at(0));
+        let second = store.record(incident("a"), at(1));
+        assert_eq!((first.id, second.id), (-1, -2));
+        assert_eq!(ids(&store.list(None, None, 100).unwrap()), [-2, -1]);
+        assert_eq!(store.get(-1).unwrap().unwrap()["target"], "a");
+        // The file is left as it was, for someone to look at.
+        assert!(std::fs::read(&path)
+            .unwrap()
+            .starts_with(b"this is not a SQLite database"));
+        let error = read_only(&path).err().unwrap().to_string();
+        assert!(
+            error.starts_with(&format!("incident store {}: ", path.display())),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn an_unopenable_path_leaves_the_history_in_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("a-file");
+        std::fs::write(&file, b"").unwrap();
+        // A directory that cannot exist: its parent is a file.
+        let store = Store::open(Some(&file.join("incidents.sqlite")), retention(30, 10));
+        assert!(!store.is_persistent());
+        assert_eq!(store.record(incident("a"), at(0)).id, -1);
+        let missing = read_only(&dir.path().join("missing.sqlite")).err().unwrap().to_string();
+        assert!(missing.contains("no such file"), "{missing}");
+    }
+
+    #[test]
+    fn a_locked_file_costs_a_write_at_most_the_busy_timeout_and_recovers() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("incidents.sqlite");
+        let store = Store::open(Some(&path), retention(30, 0));
+        assert_eq!(store.record(incident("a"), at(0)).id, 1);
+        // Another process holds the write lock.
+        let other = Connection::open(&path).unwrap();
+        other.execute_batch("BEGIN EXCLUSIVE").unwrap();
+        let stored = store.record(incident("a"), at(1));
+        assert_eq!(stored.id, -1, "kept in memory while the file is locked");
+        other.execute_batch("ROLLBACK").unwrap();
+        assert_eq!(store.record(incident("a"), at(2)).id, 2);
+        assert_eq!(ids(&store.list(None, None, 100).unwrap()), [2, -1, 1]);
+    }
+
+    #[test]
+    fn memory_only_keeps_the_newest() {
+        let store = Store::open(None, retention(30, 0));
+        for n in 0..(MEMORY_CAPACITY as u64 + 5) {
+            store.record(incident("a"), at(n));
+        }
+        let found = store.list(None, None, 2000).unwrap();
+        assert_eq!(found.len(), MEMORY_CAPACITY);
+        assert_eq!(found[0]["id"], -(MEMORY_CAPACITY as i64 + 5));
+    }
+}
