@@ -588,12 +588,10 @@ pub fn log_closed(incident: &Incident) {
     );
 }
 
-/// Characters of a query a table row keeps.
-const TABLE_QUERY_CHARS: usize = 48;
-
 /// Stored incidents (as `/api/v1/incidents` serves them) as a table for a
 /// terminal or a post-mortem: one row each, then the waiter's and the
-/// first root's query. Text from the database is kept on its line.
+/// first root's query (as stored: cut by the sampler at 200 characters).
+/// Text from the database is kept on its line.
 pub fn table(incidents: &[serde_json::Value]) -> String {
     if incidents.is_empty() {
         return "no incidents\n".to_string();
@@ -603,13 +601,6 @@ pub fn table(incidents: &[serde_json::Value]) -> String {
             serde_json::Value::String(s) => crate::audit::one_line(s),
             serde_json::Value::Null => "-".to_string(),
             other => other.to_string(),
-        }
-    };
-    let cut = |value: &serde_json::Value| -> String {
-        let query = text(value);
-        match query.char_indices().nth(TABLE_QUERY_CHARS) {
-            Some((at, _)) => format!("{}…", &query[..at]),
-            None => query,
         }
     };
     let header = [
@@ -659,7 +650,7 @@ pub fn table(incidents: &[serde_json::Value]) -> String {
             },
             text(&i["outcome"]),
         ]);
-        queries.push((cut(&i["waiter"]["query"]), cut(&root["query"])));
+        queries.push((text(&i["waiter"]["query"]), text(&root["query"])));
     }
     let mut widths = header.map(|h| h.chars().count());
     for row in &rows {
@@ -1001,5 +992,32 @@ mod tests {
         assert_eq!(incident.duration_seconds, 2.0);
         assert!(tracker.open().is_empty());
         assert!(tracker.target_down(at(53.0)).is_empty());
+    }
+}
+
+#[cfg(test)]
+mod table_tests {
+    use super::table;
+
+    #[test]
+    fn a_hostile_name_or_query_stays_on_its_line() {
+        let incident = serde_json::json!({
+            "id": 7, "closed_at": "2026-12-07T06:15:02.123Z", "target": "db", "datname": "app\u{202e}",
+            "relation": "public.\"orders\nID  FORGED\"", "mode": "AccessExclusiveLock", "duration_seconds": 901.25,
+            "peak_behind": 183, "outcome": "blocker_signalled",
+            "waiter": {"pid": 4242, "application_name": "migrate", "query": "DROP TABLE x;\r\n-- ok"},
+            "roots": [{"pid": 77, "application_name": "Heroku Postgres Backups", "state": "active",
+                       "query": "COPY public.x TO stdout"}]
+        });
+        let out = table(&[incident]);
+        assert_eq!(
+            out,
+            "ID  CLOSED (UTC)         TARGET  DATABASE     RELATION                        MODE                 \
+             LASTED  BEHIND  WAITER        ROOT                                 OUTCOME\n\
+             7   2026-12-07 06:15:02  db      app\\u{202e}  public.\"orders\\u{a}ID  FORGED\"  AccessExclusiveLock  \
+             901.2s  183     4242 migrate  77 Heroku Postgres Backups (active)  blocker_signalled\n    \
+             waiter: DROP TABLE x;\\u{d}\\u{a}-- ok\n    root:   COPY public.x TO stdout\n"
+        );
+        assert_eq!(table(&[]), "no incidents\n");
     }
 }

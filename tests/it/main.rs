@@ -2,6 +2,7 @@
 //! started by the fixture in `support`.
 
 mod endpoint;
+mod history;
 mod incidents;
 mod monitoring;
 mod policy;
