@@ -94,7 +94,7 @@ async fn history_survives_sighup_and_restarts_one_store_per_replica() {
     // A restart serves what the file kept.
     let restarted = LockjamRun::spawn_with_env(&["--dsn", &dsn], &[("LOCKJAM__INCIDENTS__PATH", store)]);
     wait_until("lockjam run to serve", || restarted.serving()).await;
-    assert_eq!(incidents(restarted.addr).await, [incident.clone()]);
+    assert_eq!(incidents(restarted.addr).await, std::slice::from_ref(&incident));
     restarted.terminate();
 
     // `lockjam incidents`: the same JSON as the API, and a table.
