@@ -63,6 +63,6 @@ pub(crate) fn age_seconds(now: SystemTime, since: Option<SystemTime>) -> Option<
 }
 
 /// RFC 3339 with milliseconds, UTC.
-pub(crate) fn rfc3339(t: SystemTime) -> String {
+pub fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_millis(t).to_string()
 }

@@ -9,6 +9,8 @@
 //!    memory, CPU, `/metrics` under 200 connections.
 //! 4. `versus`: lockjam and the real postgres_exporter side by side on a
 //!    cluster of their own: database time by role, memory, `/metrics`.
+//! 5. `history`: the incident store at 10,000 incidents, `lockjam
+//!    incidents` reading it, and what tracking adds to a sample.
 //!
 //! `cargo bench --bench lockjam -- reaction` runs only the reaction times
 //! of part 1 and prints them.
@@ -16,13 +18,14 @@
 //! `cargo bench --bench lockjam` runs all four at full scale (about 50
 //! minutes on 2 cores) and rewrites BENCHMARKS.md and
 //! docs/benchmarks/*.svg; `cargo bench --bench lockjam -- outage` (or
-//! `cost`, `exporter`, `versus`) runs one part and only prints it. Without `--bench`
+//! `cost`, `exporter`, `versus`, `history`) runs one part and only prints it. Without `--bench`
 //! (under `cargo test --benches`) it runs every part at smoke scale, in
 //! about a minute, and writes nothing into the tree.
 
 mod common;
 mod cost;
 mod exporter;
+mod history;
 mod outage;
 mod peers;
 mod plot;
@@ -45,7 +48,7 @@ fn main() {
     let parts: Vec<&str> = args
         .iter()
         .map(String::as_str)
-        .filter(|a| ["outage", "reaction", "cost", "exporter", "versus", "all"].contains(a))
+        .filter(|a| ["outage", "reaction", "cost", "exporter", "versus", "history", "all"].contains(a))
         .collect();
     let all = parts.is_empty() || parts.contains(&"all");
     let wanted = |part: &str| all || parts.contains(&part);
@@ -232,6 +235,10 @@ async fn run(scale: Scale, wanted: &dyn Fn(&str) -> bool) -> Report {
     if wanted("versus") {
         let table = versus::all(scale).await;
         text.push_str(&format!("## 4. Beside postgres_exporter\n\n{table}\n"));
+    }
+    if wanted("history") {
+        let text_of_part = tokio::task::spawn_blocking(move || history::all(scale)).await.unwrap();
+        text.push_str(&format!("## 5. The incident history\n\n{text_of_part}\n"));
     }
     Report { text, plots }
 }
