@@ -81,7 +81,11 @@ fn incident(n: usize, now: SystemTime) -> Incident {
         peak_behind: 183,
         peak_blocked_sessions: 184,
         peak_chain_depth: 2,
-        stuck_relations: vec!["public.orders".into(), "public.customers".into(), "public.order_items".into()],
+        stuck_relations: vec![
+            "public.orders".into(),
+            "public.customers".into(),
+            "public.order_items".into(),
+        ],
         decisions: vec![decision("dry_run"), decision("success")],
         outcome: Outcome::BlockerSignalled,
         waiter_got_lock: Some(true),
@@ -104,7 +108,10 @@ fn queue(selects: i32, now: SystemTime) -> lockjam::analysis::LockGraph {
     let mut alter = session(20, "migrate", now, 1);
     alter.blocked_by = Some(vec![10]);
     sessions.push(alter);
-    let mut locks = vec![lock(10, true, "AccessShareLock"), lock(20, false, "AccessExclusiveLock")];
+    let mut locks = vec![
+        lock(10, true, "AccessShareLock"),
+        lock(20, false, "AccessExclusiveLock"),
+    ];
     for pid in 100..100 + selects {
         let mut select = session(pid, "web", now, pid as usize);
         select.blocked_by = Some(vec![20]);

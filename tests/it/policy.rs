@@ -186,8 +186,12 @@ async fn incident_003_cleared_before_the_migrations_lock_timeout() {
 async fn no_action_on_stale_data_across_a_database_restart() {
     let mut env = TestEnv::start_full(ClusterOptions::default(), acting(unblock(3))).await;
     let (old_reader, _read, old_migration, _alter) = migration_behind_long_read(&env).await;
-    env.wait_for_metrics("the waiter sampled", |m| {
+    // Past [incidents] min_wait (1 s), short of the rule's (3 s): an
+    // incident is open when the database goes.
+    env.wait_for_metrics("the waiter sampled past 1 s", |m| {
         m.value("lockjam_lock_waiters", &[("datname", "app")]) == Some(1.0)
+            && m.value("lockjam_lock_wait_max_seconds", &[("datname", "app")])
+                .is_some_and(|wait| wait >= 1.0)
     })
     .await;
     tokio::task::block_in_place(|| env.cluster.stop("immediate")).unwrap();
@@ -217,6 +221,24 @@ async fn no_action_on_stale_data_across_a_database_restart() {
     assert_ne!(migration_pid, old_migration);
     let waited = events[0]["waiter"]["wait_seconds"].as_f64().unwrap();
     assert!(waited >= 3.0, "acted after the new waiter's own min_wait: {waited}");
+
+    // Two incidents: the first ended when lockjam lost the database, at
+    // the last sample that saw it; the second, lockjam's cancel.
+    wait_until("the second incident", || async {
+        crate::support::incidents(env.addr()).await.len() == 2
+    })
+    .await;
+    let incidents = crate::support::incidents(env.addr()).await;
+    let summary: Vec<(&Value, &Value)> = incidents.iter().map(|i| (&i["outcome"], &i["waiter"]["pid"])).collect();
+    assert_eq!(
+        summary,
+        [
+            (&Value::from("blocker_signalled"), &Value::from(migration_pid)),
+            (&Value::from("target_down"), &Value::from(old_migration))
+        ]
+    );
+    assert_eq!(incidents[1]["waiter_got_lock"], Value::Null);
+    assert_eq!(incidents[1]["roots"][0]["pid"], old_reader);
     env.stop().await;
 }
 
