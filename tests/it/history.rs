@@ -101,6 +101,8 @@ async fn history_survives_sighup_and_restarts_one_store_per_replica() {
     let json: Value = serde_json::from_str(&stdout(&lockjam_incidents(&["--store", store, "--json"]))).unwrap();
     assert_eq!(json, serde_json::json!({ "incidents": [incident] }));
     let table = stdout(&lockjam_incidents(&["--store", store, "--since", "1h"]));
+    // README shows it (`-- --nocapture`).
+    println!("lockjam incidents:\n{table}");
     let lines: Vec<&str> = table.lines().collect();
     assert_eq!(lines.len(), 4, "{table}");
     assert!(lines[0].starts_with("ID  CLOSED (UTC)"), "{table}");
