@@ -7,7 +7,9 @@ use std::process::Output;
 use serde_json::Value;
 
 use crate::scenes::migration_behind_long_read;
-use crate::support::{http_get, incidents, lockjam, scrape, the_one_incident, wait_until, within, LockjamRun, TestEnv};
+use crate::support::{
+    http_get, incidents, lockjam, scrape, the_one_incident, wait_until, within, LockjamRun, Statement, TestEnv,
+};
 
 /// `lockjam incidents` with these arguments.
 fn lockjam_incidents(args: &[&str]) -> Output {
@@ -36,6 +38,17 @@ async fn wait_past_min_wait(run: &LockjamRun) {
     .await;
 }
 
+/// Ends incident 000 as its operator did: the read is cancelled, the
+/// ALTER goes through.
+async fn operator_cancels_the_read(env: &TestEnv, reader_pid: i32, read: Statement, alter: Statement) {
+    env.admin
+        .query_one("SELECT pg_cancel_backend($1)", &[&reader_pid])
+        .await
+        .unwrap();
+    assert!(within("the read", read).await.unwrap().is_err());
+    within("the ALTER", alter).await.unwrap().unwrap();
+}
+
 /// Incident 000 while two replicas watch, each with its own store; one is
 /// reloaded (SIGHUP) while the incident is open. Each remembers exactly
 /// one incident, the same one; a restart keeps it; `lockjam incidents`
@@ -58,12 +71,7 @@ async fn history_survives_sighup_and_restarts_one_store_per_replica() {
     // The reloaded targets sample again, the incident still open.
     tokio::time::sleep(std::time::Duration::from_secs(2)).await;
     wait_past_min_wait(&run).await;
-    env.admin
-        .query_one("SELECT pg_cancel_backend($1)", &[&reader_pid])
-        .await
-        .unwrap();
-    assert!(within("the read", read).await.unwrap().is_err());
-    within("the ALTER", alter).await.unwrap().unwrap();
+    operator_cancels_the_read(&env, reader_pid, read, alter).await;
 
     let incident = the_one_incident(run.addr).await;
     assert_eq!(incident["id"], 1);
@@ -178,12 +186,7 @@ async fn a_damaged_store_is_one_warning_and_the_history_stays_in_memory() {
     );
     let (reader_pid, read, _, alter) = migration_behind_long_read(&env).await;
     wait_past_min_wait(&run).await;
-    env.admin
-        .query_one("SELECT pg_cancel_backend($1)", &[&reader_pid])
-        .await
-        .unwrap();
-    assert!(within("the read", read).await.unwrap().is_err());
-    within("the ALTER", alter).await.unwrap().unwrap();
+    operator_cancels_the_read(&env, reader_pid, read, alter).await;
     let incident = the_one_incident(run.addr).await;
     assert_eq!(incident["id"], -1);
     assert_eq!(incident["outcome"], "blocker_finished");
