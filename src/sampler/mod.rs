@@ -723,7 +723,10 @@ fn session_from_row(row: &tokio_postgres::Row) -> Session {
         backend_start: row.get("backend_start"),
         xact_start: row.get("xact_start"),
         query_start: row.get("query_start"),
-        query: row.get("query"),
+        // Every query text lockjam shows passes here.
+        query: row
+            .get::<_, Option<String>>("query")
+            .map(|query| crate::view::redact_passwords(&query)),
         blocked_by: row.get("blocked_by"),
     }
 }

@@ -440,3 +440,60 @@ async fn a_revoked_pg_monitor_is_noticed_mid_run() {
     );
     env.stop().await;
 }
+
+/// A password in a query text never leaves lockjam: `ALTER ROLE ...
+/// PASSWORD` statements queue on the role's catalog row behind a
+/// transaction that changed it first (idle in transaction, its own
+/// password in its query). The snapshot, the incident they make and its
+/// log line show `PASSWORD '***'`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn passwords_in_queries_are_redacted_everywhere_lockjam_shows_a_query() {
+    let env = crate::support::TestEnv::start().await;
+    env.admin.batch_execute("CREATE ROLE app_user LOGIN").await.unwrap();
+    let first = env.session("rotate").await;
+    first
+        .batch_execute("BEGIN; ALTER ROLE app_user PASSWORD 'first-Secret-1'")
+        .await
+        .unwrap();
+    let (second_pid, second) = env
+        .spawn_statement("rotate", "ALTER ROLE app_user PASSWORD 'second-Secret-2'")
+        .await;
+    env.wait_until_waiting(second_pid).await;
+    let (third_pid, third) = env
+        .spawn_statement("rotate", "ALTER ROLE app_user PASSWORD 'third-Secret-3'")
+        .await;
+    env.wait_until_waiting(third_pid).await;
+    let secrets = ["first-Secret-1", "second-Secret-2", "third-Secret-3"];
+    let (_, snapshot) = crate::support::http_get(env.addr(), "/api/v1/snapshot").await;
+    wait_until("both waiters in the snapshot", || async {
+        let (_, body) = crate::support::http_get(env.addr(), "/api/v1/snapshot").await;
+        body.contains(&second_pid.to_string()) && body.contains(&third_pid.to_string())
+    })
+    .await;
+    let (_, body) = crate::support::http_get(env.addr(), "/api/v1/snapshot").await;
+    for secret in secrets {
+        assert!(
+            !snapshot.contains(secret) && !body.contains(secret),
+            "{secret} in {body}"
+        );
+    }
+    assert!(body.contains("ALTER ROLE app_user PASSWORD '***'"), "{body}");
+    // Past [incidents] min_wait, then the first transaction commits: the
+    // waiters fail ("tuple concurrently updated") or go through.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    first.batch_execute("COMMIT").await.unwrap();
+    let _ = within("the second", second).await;
+    let _ = within("the third", third).await;
+    let incident = env.the_one_incident().await;
+    let text = incident.to_string();
+    for secret in secrets {
+        assert!(!text.contains(secret), "{secret} in {text}");
+    }
+    assert_eq!(incident["waiter"]["query"], "ALTER ROLE app_user PASSWORD '***'");
+    assert_eq!(
+        incident["roots"][0]["query"],
+        "BEGIN; ALTER ROLE app_user PASSWORD '***'"
+    );
+    assert_eq!(incident["roots"][0]["state"], "idle in transaction");
+    env.stop().await;
+}
