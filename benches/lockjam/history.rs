@@ -78,6 +78,7 @@ fn incident(n: usize, now: SystemTime) -> Incident {
         waiter: SessionView::of(2002, Some(&session(2002, "migrate", now, n)), now),
         waits: 1,
         roots: vec![root(1001), root(1002)],
+        roots_seen: 2,
         peak_behind: 183,
         peak_blocked_sessions: 184,
         peak_chain_depth: 2,
@@ -87,6 +88,7 @@ fn incident(n: usize, now: SystemTime) -> Incident {
             "public.order_items".into(),
         ],
         decisions: vec![decision("dry_run"), decision("success")],
+        decisions_taken: 2,
         outcome: Outcome::BlockerSignalled,
         waiter_got_lock: Some(true),
     }

@@ -63,6 +63,13 @@ impl Outcome {
     }
 }
 
+/// Most roots, decisions and stuck relations an incident keeps: a queue
+/// that stands for hours behind churning sessions stays a bounded record
+/// (the first ones kept, all counted).
+const MAX_ROOTS: usize = 20;
+const MAX_DECISIONS: usize = 50;
+const MAX_STUCK_RELATIONS: usize = 50;
+
 /// What opens an incident (`[incidents]`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Criteria {
@@ -113,7 +120,10 @@ pub struct Incident {
     pub waiter: SessionView,
     /// Qualifying waits that belonged to it (the first included).
     pub waits: u64,
+    /// The first [`MAX_ROOTS`] (20) root blockers seen.
     pub roots: Vec<RootSeen>,
+    /// Root blockers seen (by pid), all of them.
+    pub roots_seen: u64,
     /// Most sessions queued behind the waiter at once.
     pub peak_behind: u64,
     /// Most sessions waiting for a lock in its database at once.
@@ -121,7 +131,10 @@ pub struct Incident {
     pub peak_chain_depth: u32,
     /// Relations whose queries waited in its database while it was open.
     pub stuck_relations: Vec<String>,
+    /// The first [`MAX_DECISIONS`] (50) decisions.
     pub decisions: Vec<DecisionSeen>,
+    /// Decisions taken, all of them.
+    pub decisions_taken: u64,
     pub outcome: Outcome,
     /// Whether the waiter got its lock, where PostgreSQL showed it: `true`
     /// when it was seen holding the lock or still running its statement
@@ -182,11 +195,19 @@ struct Open {
     members: Vec<WaitId>,
     waits: u64,
     roots: BTreeMap<i32, (RootSeen, RootId)>,
+    /// Every root's pid, kept or not.
+    root_pids: BTreeSet<i32>,
     peak_behind: u64,
     peak_blocked: u64,
     peak_depth: u32,
     stuck: BTreeSet<String>,
     decisions: Vec<DecisionSeen>,
+    decisions_taken: u64,
+    /// Who lockjam signalled with success: the waiter (`cancel_waiter`),
+    /// and roots (`cancel_blockers`), whether or not their decisions fit
+    /// in `decisions`.
+    waiter_signalled: bool,
+    roots_signalled: BTreeSet<i32>,
 }
 
 /// An incident whose waits have ended, before lockjam has looked at how.
@@ -271,15 +292,7 @@ impl Tracker {
         for event in events {
             for incident in open.iter_mut().chain(ended.iter_mut().map(|e| &mut e.open)) {
                 if incident.concerns(event) {
-                    incident.decisions.push(DecisionSeen {
-                        time: event.time.clone(),
-                        rule: event.rule.clone(),
-                        rule_action: event.rule_action,
-                        action: event.signal,
-                        outcome: event.outcome,
-                        signalled_pid: event.signalled_pid,
-                        reason: event.reason.clone(),
-                    });
+                    incident.decided(event);
                 }
             }
         }
@@ -356,11 +369,40 @@ impl Open {
             members: vec![id],
             waits: 1,
             roots: BTreeMap::new(),
+            root_pids: BTreeSet::new(),
             peak_behind: 0,
             peak_blocked: 0,
             peak_depth: 0,
             stuck: BTreeSet::new(),
             decisions: Vec::new(),
+            decisions_taken: 0,
+            waiter_signalled: false,
+            roots_signalled: BTreeSet::new(),
+        }
+    }
+
+    /// Records a policy decision about this incident.
+    fn decided(&mut self, event: &AuditEvent) {
+        self.decisions_taken += 1;
+        if event.outcome == "success" {
+            match event.rule_action {
+                "cancel_waiter" if event.signalled_pid == self.first.pid => self.waiter_signalled = true,
+                "cancel_blockers" => {
+                    self.roots_signalled.insert(event.signalled_pid);
+                }
+                _ => {}
+            }
+        }
+        if self.decisions.len() < MAX_DECISIONS {
+            self.decisions.push(DecisionSeen {
+                time: event.time.clone(),
+                rule: event.rule.clone(),
+                rule_action: event.rule_action,
+                action: event.signal,
+                outcome: event.outcome,
+                signalled_pid: event.signalled_pid,
+                reason: event.reason.clone(),
+            });
         }
     }
 
@@ -389,8 +431,13 @@ impl Open {
                 };
                 let first_seen = match self.roots.get(&root) {
                     Some((seen, known)) if *known == id => seen.first_seen.clone(),
+                    _ if self.roots.len() >= MAX_ROOTS && !self.roots.contains_key(&root) => {
+                        self.root_pids.insert(root);
+                        continue;
+                    }
                     _ => rfc3339(now),
                 };
+                self.root_pids.insert(root);
                 self.roots.insert(
                     root,
                     (
@@ -407,7 +454,12 @@ impl Open {
         if let Some(database) = graph.databases.get(&self.datname) {
             self.peak_blocked = self.peak_blocked.max(database.blocked_sessions);
             self.peak_depth = self.peak_depth.max(database.chain_max_depth);
-            self.stuck.extend(database.relation_waiters.keys().cloned());
+            for relation in database.relation_waiters.keys() {
+                if self.stuck.len() >= MAX_STUCK_RELATIONS {
+                    break;
+                }
+                self.stuck.insert(relation.clone());
+            }
         }
     }
 
@@ -454,11 +506,6 @@ impl Ending {
     /// if it could not look).
     pub fn finish(self, now: Option<&[SessionNow]>) -> Incident {
         let open = self.open;
-        let signalled = |pid: i32, action: &str| {
-            open.decisions
-                .iter()
-                .any(|d| d.outcome == "success" && d.signalled_pid == pid && d.rule_action == action)
-        };
         let waiter_now = now.and_then(|rows| {
             rows.iter()
                 .find(|r| r.pid == open.first.pid && r.backend_start == open.first.backend_start)
@@ -475,9 +522,9 @@ impl Ending {
         });
         let outcome = if self.target_down {
             Outcome::TargetDown
-        } else if signalled(open.first.pid, "cancel_waiter") {
+        } else if open.waiter_signalled {
             Outcome::WaiterSignalled
-        } else if open.roots.keys().any(|pid| signalled(*pid, "cancel_blockers")) {
+        } else if !open.roots_signalled.is_empty() {
             Outcome::BlockerSignalled
         } else if root_still_holds {
             Outcome::WaiterGone
@@ -511,11 +558,13 @@ impl Ending {
             waiter: open.waiter,
             waits: open.waits,
             roots,
+            roots_seen: open.root_pids.len() as u64,
             peak_behind: open.peak_behind,
             peak_blocked_sessions: open.peak_blocked,
             peak_chain_depth: open.peak_depth,
             stuck_relations: open.stuck.into_iter().collect(),
             decisions: open.decisions,
+            decisions_taken: open.decisions_taken,
             outcome,
             waiter_got_lock,
         }
@@ -975,6 +1024,44 @@ mod tests {
         // A dry run signals nothing: the look decides.
         let dry_run = signalled(&[event("cancel_blockers", 10, "dry_run")]);
         assert_eq!((dry_run.outcome, dry_run.decisions.len()), (Outcome::WaiterGone, 1));
+    }
+
+    #[test]
+    fn a_long_incident_keeps_a_bounded_record_and_counts_the_rest() {
+        // The ALTER (20) waits for 40 samples, each behind another
+        // short-lived root (1000 + n); every sample brings two decisions.
+        let mut tracker = tracker();
+        for n in 0..40 {
+            let root = 1000 + n;
+            let graph = graph(
+                52.0 + f64::from(n),
+                vec![session(root, "analyst", None), session(20, "migrate", Some(vec![root]))],
+                vec![
+                    lock(root, true, "AccessShareLock", Some("public.orders"), 0.0),
+                    lock(20, false, AX, Some("public.orders"), 50.0),
+                ],
+            );
+            let outcome = if n == 39 { "success" } else { "not_blocking" };
+            tracker.observe(
+                &graph,
+                &[
+                    event("cancel_blockers", root, "dry_run"),
+                    event("cancel_blockers", root, outcome),
+                ],
+            );
+        }
+        let incident = tracker.observe(&calm(92.0), &[]).1.remove(0).finish(Some(&[]));
+        assert_eq!((incident.roots.len(), incident.roots_seen), (MAX_ROOTS, 40));
+        assert_eq!(incident.roots[0].session.pid, 1000, "the first ones are kept");
+        assert_eq!(
+            (incident.decisions.len(), incident.decisions_taken),
+            (MAX_DECISIONS, 80)
+        );
+        assert_eq!(
+            incident.outcome,
+            Outcome::BlockerSignalled,
+            "the 80th decision, a success, counts though it is not kept"
+        );
     }
 
     #[test]

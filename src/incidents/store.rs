@@ -352,11 +352,13 @@ mod tests {
             waiter: SessionView::of(20, None, at(0)),
             waits: 1,
             roots: Vec::new(),
+            roots_seen: 0,
             peak_behind: 5,
             peak_blocked_sessions: 6,
             peak_chain_depth: 2,
             stuck_relations: vec!["public.orders".into()],
             decisions: Vec::new(),
+            decisions_taken: 0,
             outcome: Outcome::BlockerFinished,
             waiter_got_lock: None,
         }
