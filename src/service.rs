@@ -529,6 +529,8 @@ impl Watch {
                     None
                 }
                 Err(_) => {
+                    // As after a sample that overran: fresh sessions next.
+                    self.sampler.reset();
                     tracing::warn!(
                         target = self.name.as_str(),
                         "cannot tell how an incident ended: the look took longer than {:?}",
