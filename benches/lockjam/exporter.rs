@@ -21,6 +21,8 @@ pub(crate) const POSTGRES_EXPORTER: &str = "prometheus-postgres-exporter";
 pub(crate) struct Served {
     child: Child,
     pub addr: SocketAddr,
+    /// lockjam's state directory (its incident store), removed with it.
+    _state: Option<tempfile::TempDir>,
 }
 
 impl Served {
@@ -39,17 +41,27 @@ impl Served {
     pub fn lockjam_binary(binary: &std::path::Path, dsn: &str, args: &[&str], settings: &[(&str, &str)]) -> Served {
         let port = lockjam::cluster::free_port().unwrap();
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let state = tempfile::Builder::new()
+            .prefix("lockjam-bench-state")
+            .tempdir()
+            .unwrap();
         let child = Command::new(binary)
             .args(["run", "--dsn", dsn, "--listen", &addr.to_string()])
             .args(args)
             .env("LOCKJAM__LOG__LEVEL", "warn")
-            // The bench's clusters are thrown away; so is their history.
-            .env("LOCKJAM__INCIDENTS__PATH", "")
+            // The incident store goes where systemd's StateDirectory=
+            // would put it, in a directory removed with the process (a
+            // build from before the store ignores the variable).
+            .env("STATE_DIRECTORY", state.path())
             .envs(settings.iter().copied())
             .stdout(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("cannot run {}: {e}", binary.display()));
-        Served { child, addr }
+        Served {
+            child,
+            addr,
+            _state: Some(state),
+        }
     }
 
     /// Debian's `prometheus-postgres-exporter` as the package runs it (no
@@ -67,7 +79,11 @@ impl Served {
             .unwrap_or_else(|e| {
                 panic!("cannot run {POSTGRES_EXPORTER} ({e}): run scripts/install-deps.sh --test-tools")
             });
-        Served { child, addr }
+        Served {
+            child,
+            addr,
+            _state: None,
+        }
     }
 
     /// Waits until a `/metrics` holds a line starting with `up`.

@@ -619,7 +619,11 @@ pub fn log_closed(incident: &Incident) {
         closed_at = incident.closed_at.as_str(),
         waiter_pid = incident.waiter.pid,
         waiter_application = text(incident.waiter.application_name.as_ref()),
-        waiter_got_lock = ?incident.waiter_got_lock,
+        waiter_got_lock = match incident.waiter_got_lock {
+            Some(true) => "true",
+            Some(false) => "false",
+            None => "unknown",
+        },
         root_pid = root.map(|r| r.pid),
         root_application = text(root.and_then(|r| r.application_name.as_ref())),
         root_query = text(root.and_then(|r| r.query.as_ref())),

@@ -62,7 +62,14 @@ async fn history_survives_sighup_and_restarts_one_store_per_replica() {
     let (store, other_store) = (store.to_str().unwrap(), other_store.to_str().unwrap());
     let dsn = env.cluster.dsn("postgres");
     let run = LockjamRun::spawn_with_env(&["--dsn", &dsn], &[("LOCKJAM__INCIDENTS__PATH", store)]);
-    let other = LockjamRun::spawn_with_env(&["--dsn", &dsn], &[("LOCKJAM__INCIDENTS__PATH", other_store)]);
+    // The other replica logs JSON, as a log pipeline would take it.
+    let other = LockjamRun::spawn_with_env(
+        &["--dsn", &dsn],
+        &[
+            ("LOCKJAM__INCIDENTS__PATH", other_store),
+            ("LOCKJAM__LOG__FORMAT", "json"),
+        ],
+    );
 
     let (reader_pid, read, migration_pid, alter) = migration_behind_long_read(&env).await;
     wait_past_min_wait(&run).await;
@@ -97,7 +104,23 @@ async fn history_survives_sighup_and_restarts_one_store_per_replica() {
         closed[0]
     );
     assert!(closed[0].contains("blocker_finished"), "{}", closed[0]);
-    other.terminate();
+    let (_, json_log) = other.terminate();
+    let records: Vec<Value> = json_log
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
+        .filter(|record: &Value| record["target"] == "lockjam::incidents")
+        .collect();
+    assert_eq!(records.len(), 1, "{json_log}");
+    let fields = &records[0]["fields"];
+    assert_eq!(records[0]["level"], "INFO");
+    assert_eq!(fields["incident"], 1);
+    assert_eq!(fields["target"], "default");
+    assert_eq!(fields["relation"], "public.orders");
+    assert_eq!(fields["outcome"], "blocker_finished");
+    assert_eq!(fields["waiter_pid"], migration_pid);
+    assert_eq!(fields["root_pid"], reader_pid);
+    assert_eq!(fields["root_application"], "analyst");
+    assert_eq!(fields["duration_seconds"], replica["duration_seconds"]);
 
     // A restart serves what the file kept.
     let restarted = LockjamRun::spawn_with_env(&["--dsn", &dsn], &[("LOCKJAM__INCIDENTS__PATH", store)]);
