@@ -140,7 +140,13 @@ async fn https_with_basic_auth_and_bearer_token() {
         ("a wrong token", vec!["--oauth2-bearer", "s3cret-tokeN"]),
         ("the password as a token", vec!["--oauth2-bearer", "correct horse"]),
     ] {
-        for path in ["/metrics", "/api/v1/snapshot", "/api/v1/events"] {
+        for path in [
+            "/metrics",
+            "/api/v1/snapshot",
+            "/api/v1/events",
+            "/api/v1/incidents",
+            "/api/v1/incidents/1",
+        ] {
             let answer = get(path, &args).await;
             assert_eq!(answer.status, 401, "{what} on {path}: {}", answer.body);
             assert!(
@@ -168,6 +174,8 @@ async fn https_with_basic_auth_and_bearer_token() {
     let bearer = get("/api/v1/snapshot", &["--oauth2-bearer", "s3cret-token"]).await;
     assert_eq!(bearer.status, 200);
     assert!(bearer.body.contains("\"target\":\"it\""), "{}", bearer.body);
+    let history = get("/api/v1/incidents", &["--oauth2-bearer", "s3cret-token"]).await;
+    assert_eq!((history.status, history.body.as_str()), (200, "{\"incidents\":[]}"));
 
     // Plain HTTP to the HTTPS port gets no HTTP answer.
     let plain = Command::new("curl")

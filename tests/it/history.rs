@@ -88,7 +88,18 @@ async fn history_survives_sighup_and_restarts_one_store_per_replica() {
     assert_eq!(incident["roots"][0]["pid"], reader_pid);
     let replica = the_one_incident(other.addr).await;
     assert_eq!(replica["id"], 1, "its own store, its own ids");
-    for field in ["relation", "mode", "opened_at", "outcome"] {
+    let version: i32 = env
+        .admin
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let mut same = vec!["relation", "mode", "outcome"];
+    // Before 14 a wait starts when each lockjam first sees it.
+    if version >= 140_000 {
+        same.push("opened_at");
+    }
+    for field in same {
         assert_eq!(replica[field], incident[field], "{field}");
     }
     for field in ["pid", "backend_start", "query"] {
