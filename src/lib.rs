@@ -37,5 +37,7 @@ pub mod snapshot;
 pub mod staging;
 /// State shared by target tasks and HTTP.
 pub mod state;
+/// Pure: the lock graph as trees, for the page and `lockjam tree`.
+pub mod tree;
 /// How the JSON shows a session, a duration and an instant.
 pub mod view;

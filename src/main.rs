@@ -28,8 +28,30 @@ enum Command {
     CheckConfig(ConfigArgs),
     /// Print the incident history `run` kept ([incidents] path), newest first.
     Incidents(IncidentsArgs),
+    /// Sample the targets once and print their lock queues as trees (root
+    /// blockers first); needs only pg_monitor and no running lockjam.
+    Tree(TreeArgs),
     /// Replay incident 000 on a throwaway local cluster, with lockjam watching.
     Demo(DemoArgs),
+}
+
+#[derive(Args)]
+struct TreeArgs {
+    /// TOML configuration file, for its targets, sampler and policy.
+    #[arg(long, env = "LOCKJAM_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Connection string of the one database to look at (replaces [[targets]]).
+    #[arg(long, env = "LOCKJAM_DSN", value_name = "DSN", hide_env_values = true)]
+    dsn: Option<String>,
+    /// Only this target.
+    #[arg(long, value_name = "NAME")]
+    target: Option<String>,
+    /// Sample again every [sampler] interval and redraw, until Ctrl-C.
+    #[arg(long)]
+    watch: bool,
+    /// Print the JSON of /api/v1/snapshot instead of the trees.
+    #[arg(long, conflicts_with = "watch")]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -135,6 +157,7 @@ fn main() -> ExitCode {
             })
         }
         Command::Incidents(args) => incidents(&args),
+        Command::Tree(args) => tree(&args),
         Command::Demo(args) => {
             let options = DemoOptions {
                 listen: args.listen,
@@ -205,6 +228,73 @@ fn incidents(args: &IncidentsArgs) -> ExitCode {
         }
         Err(e) => fail(&e, 1),
     }
+}
+
+/// `lockjam tree`: exit 0 with every target sampled, 1 when one could not
+/// be, 2 for a bad argument or configuration.
+fn tree(args: &TreeArgs) -> ExitCode {
+    let sources = Sources {
+        file: args.config.clone(),
+        dsn: args.dsn.clone(),
+        listen: None,
+        cancel_blockers_after: None,
+        env: std::env::vars().collect::<HashMap<_, _>>(),
+    };
+    let mut config = match config::load(&sources) {
+        Ok(config) => config,
+        Err(e) => return fail(&e, EXIT_CONFIG),
+    };
+    if let Some(name) = &args.target {
+        config.targets.retain(|t| &t.name == name);
+        if config.targets.is_empty() {
+            eprintln!("lockjam: error: --target {name}: no target of that name in the configuration");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    }
+    let mut samplers = Vec::new();
+    for target in &config.targets {
+        match lockjam::sampler::Sampler::new(target, &config.sampler) {
+            Ok(sampler) => samplers.push((target.name.clone(), sampler)),
+            Err(e) => return fail(&e, EXIT_CONFIG),
+        }
+    }
+    let terminal = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let style = lockjam::tree::Style { colour: terminal };
+    runtime().block_on(async {
+        loop {
+            let mut looks = Vec::new();
+            for (name, sampler) in samplers.iter_mut() {
+                let look = lockjam::service::sample_once(sampler)
+                    .await
+                    .map_err(|e| lockjam::state::LastSample {
+                        last_error: Some(lockjam::connect::error_chain(&e)),
+                        ..Default::default()
+                    });
+                looks.push((name.as_str(), look.unwrap_or_else(|down| down)));
+            }
+            let failed = looks.iter().any(|(_, look)| look.last_error.is_some());
+            if args.json {
+                let view =
+                    lockjam::http::snapshot_of(looks.into_iter().map(|(name, look)| (name, look, &config.policy)));
+                println!("{view}");
+            } else {
+                if args.watch && terminal {
+                    // Home and clear, then the new picture.
+                    print!("\u{1b}[H\u{1b}[2J");
+                }
+                for (name, look) in &looks {
+                    print!("{}", lockjam::tree::render_target(name, look, &config.policy, style));
+                }
+            }
+            if !args.watch {
+                return if failed { ExitCode::from(1) } else { ExitCode::SUCCESS };
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(config.sampler.interval) => {}
+                _ = tokio::signal::ctrl_c() => return ExitCode::SUCCESS,
+            }
+        }
+    })
 }
 
 fn runtime() -> tokio::runtime::Runtime {

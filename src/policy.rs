@@ -312,7 +312,7 @@ impl Rule {
 
     /// Whether the rule is about this waiter's kind of wait, however long
     /// it has waited and however many wait behind it.
-    fn concerns(&self, waiter: &Waiter) -> bool {
+    pub(crate) fn concerns(&self, waiter: &Waiter) -> bool {
         self.waiter_locktypes.contains(&waiter.lock.locktype)
             && self.waiter_modes.contains(&waiter.lock.mode)
             && any_matches(&self.relations, &waiter.lock.relation_label())

@@ -21,7 +21,7 @@ use crate::incidents::{Criteria, Ending, Tracker};
 use crate::policy::{decide, next_deadline, Memory, Policy, Verdict, MAX_SNAPSHOT_AGE};
 use crate::sampler::{SampleError, Sampler};
 use crate::snapshot::Snapshot;
-use crate::state::{SharedState, TargetRecord};
+use crate::state::{LastSample, SharedState, TargetRecord};
 
 /// Longest wait between two attempts on a target that is down.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
@@ -99,11 +99,12 @@ impl Prepared {
 
     /// Declares the targets in the shared state and starts their tasks.
     fn start(self, config: &Config, shared: &Arc<SharedState>) -> TargetTasks {
+        let policy = Arc::new(config.policy.clone());
         shared.replace_targets(
             config
                 .targets
                 .iter()
-                .map(|t| TargetRecord::new(&t.name, config.sampler.interval))
+                .map(|t| TargetRecord::new(&t.name, config.sampler.interval, policy.clone()))
                 .collect(),
         );
         if config.policy.enabled {
@@ -320,6 +321,22 @@ fn criteria(config: &IncidentsConfig) -> Criteria {
     }
 }
 
+/// One sample of a target outside the service (`lockjam tree`): what
+/// HTTP would show of it.
+pub async fn sample_once(sampler: &mut Sampler) -> Result<LastSample, SampleError> {
+    let snapshot = sampler.sample().await?;
+    let mut graph = analyze(&snapshot);
+    graph.own_pids = sampler.own_pids();
+    Ok(LastSample {
+        last_good: Some(std::time::Instant::now()),
+        graph: Some(Arc::new(graph)),
+        last_error: None,
+        server_version: sampler.server_version(),
+        warnings: sampler.warnings().to_vec(),
+        leader: None,
+    })
+}
+
 /// The next delay after `failures` consecutive failed samples: the calm
 /// interval, doubling, at most [`MAX_BACKOFF`].
 pub fn backoff(failures: u32, interval: Duration) -> Duration {
@@ -448,6 +465,7 @@ impl Watch {
             }
             None => (None, Vec::new()),
         };
+        self.record.record_leader(leader);
         let (opened, ended) = self.tracker.observe(&graph, &events);
         for datname in opened {
             self.shared.metrics.register_incidents(name, &datname);

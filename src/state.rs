@@ -13,6 +13,7 @@ use crate::config::HttpAuth;
 use crate::incidents::store::Store;
 use crate::incidents::Tracker;
 use crate::metrics::Metrics;
+use crate::policy::Policy;
 
 pub struct SharedState {
     pub metrics: Metrics,
@@ -31,6 +32,8 @@ pub struct TargetRecord {
     pub name: String,
     /// The calm sampling interval: readiness allows three of them.
     pub interval: Duration,
+    /// The policy this target's task runs (off when disabled).
+    pub policy: Arc<Policy>,
     status: RwLock<LastSample>,
 }
 
@@ -44,6 +47,9 @@ pub struct LastSample {
     pub server_version: Option<i32>,
     /// What keeps the figures from being complete (a missing grant).
     pub warnings: Vec<String>,
+    /// Whether this instance leads the target's policy, as of the last
+    /// sample; `None` with the policy off.
+    pub leader: Option<bool>,
 }
 
 impl LastSample {
@@ -53,10 +59,11 @@ impl LastSample {
 }
 
 impl TargetRecord {
-    pub fn new(name: &str, interval: Duration) -> TargetRecord {
+    pub fn new(name: &str, interval: Duration, policy: Arc<Policy>) -> TargetRecord {
         TargetRecord {
             name: name.to_string(),
             interval,
+            policy,
             status: RwLock::new(LastSample::default()),
         }
     }
@@ -80,12 +87,17 @@ impl TargetRecord {
         status.warnings = warnings.to_vec();
     }
 
+    pub(crate) fn record_leader(&self, leader: Option<bool>) {
+        self.status.write().unwrap_or_else(|p| p.into_inner()).leader = leader;
+    }
+
     /// A failed sample: the graph is dropped so that nothing downstream
     /// acts on, or shows, what is no longer known.
     pub(crate) fn record_failure(&self, error: String) {
         let mut status = self.status.write().unwrap_or_else(|p| p.into_inner());
         status.graph = None;
         status.last_error = Some(error);
+        status.leader = None;
     }
 
     /// Why the target is not ready, or `None` when it is: a good sample

@@ -24,6 +24,7 @@ use axum::{Json, Router};
 pub use serve::serve;
 pub(crate) use serve::ConnectionLimits;
 pub(crate) use tls::TlsReloader;
+pub use views::snapshot_of;
 
 use crate::state::SharedState;
 

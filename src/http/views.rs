@@ -6,7 +6,9 @@ use std::time::SystemTime;
 use serde::Serialize;
 
 use crate::analysis::{Blocker, LockGraph, Queue, Waiter};
-use crate::state::SharedState;
+use crate::policy::Policy;
+use crate::state::{LastSample, SharedState};
+use crate::tree::{self, Tree};
 use crate::view::{seconds, SessionView};
 
 #[derive(Serialize)]
@@ -26,6 +28,23 @@ struct TargetView {
     waiters: Vec<WaiterView>,
     blockers: Vec<BlockerView>,
     queues: Vec<QueueView>,
+    /// The lock queues as trees, the largest first (see `tree`).
+    trees: Vec<Tree>,
+    /// Sessions by database and state, for the one-line summary of a calm
+    /// target.
+    sessions: u64,
+    policy: PolicyView,
+}
+
+#[derive(Serialize)]
+struct PolicyView {
+    /// `off`, `dry run` or `live`.
+    mode: &'static str,
+    /// Whether this instance leads (holds the target's advisory lock);
+    /// `null` with the policy off or the target down.
+    leader: Option<bool>,
+    /// Each rule in one line.
+    rules: Vec<String>,
 }
 
 #[derive(Serialize)]
@@ -108,7 +127,8 @@ fn queue_view(queue: &Queue) -> QueueView {
     }
 }
 
-fn target_view(name: &str, status: crate::state::LastSample) -> TargetView {
+/// One target's view: its last sample, as trees too, and its policy.
+fn target_view(name: &str, status: LastSample, policy: &Policy) -> TargetView {
     let up = status.up();
     let graph: Option<&LockGraph> = status.graph.as_deref();
     TargetView {
@@ -127,17 +147,33 @@ fn target_view(name: &str, status: crate::state::LastSample) -> TargetView {
         queues: graph
             .map(|g| g.queues.iter().map(queue_view).collect())
             .unwrap_or_default(),
+        trees: graph.map(|g| tree::build(g, Some(policy))).unwrap_or_default(),
+        sessions: graph.map_or(0, |g| g.activity.iter().map(|a| a.sessions).sum()),
+        policy: PolicyView {
+            mode: policy.mode(),
+            leader: status.leader,
+            rules: if policy.enabled {
+                policy.rules.iter().map(|r| r.describe()).collect()
+            } else {
+                Vec::new()
+            },
+        },
     }
+}
+
+/// The JSON of `/api/v1/snapshot` for targets given by name, last sample
+/// and policy: what `lockjam tree --json` prints too.
+pub fn snapshot_of<'a>(targets: impl Iterator<Item = (&'a str, LastSample, &'a Policy)>) -> serde_json::Value {
+    let view = SnapshotView {
+        targets: targets
+            .map(|(name, status, policy)| target_view(name, status, policy))
+            .collect(),
+    };
+    serde_json::to_value(view).unwrap_or_default()
 }
 
 /// Every target's view, as `/api/v1/snapshot` answers.
 pub(super) fn snapshot(state: &SharedState) -> serde_json::Value {
-    let view = SnapshotView {
-        targets: state
-            .targets()
-            .iter()
-            .map(|t| target_view(&t.name, t.status()))
-            .collect(),
-    };
-    serde_json::to_value(view).unwrap_or_default()
+    let targets = state.targets();
+    snapshot_of(targets.iter().map(|t| (t.name.as_str(), t.status(), t.policy.as_ref())))
 }

@@ -15,4 +15,5 @@ mod service;
 mod standby;
 mod support;
 mod tls;
+mod tree;
 mod versions;
