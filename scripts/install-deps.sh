@@ -5,8 +5,9 @@
 # /usr/lib/postgresql/*/bin. With --test-tools, also pgbench and wrk (the
 # benchmark and its smoke mode in the tests), Prometheus with promtool and
 # Alertmanager's amtool (the monitoring tests), psql (the role script's
-# tests), curl (the HTTPS tests) and postgres_exporter (the benchmark
-# measures it beside lockjam). Debian and Ubuntu only;
+# tests), curl (the HTTPS tests), postgres_exporter (the benchmark
+# measures it beside lockjam) and Chromium with a font (the page's tests
+# drive it headless). Debian and Ubuntu only;
 # elsewhere it says what to install. Idempotent.
 set -euo pipefail
 
@@ -29,6 +30,7 @@ if [ "${1:-}" = "--test-tools" ]; then
   command -v psql >/dev/null 2>&1 || packages+=(postgresql-client)
   command -v curl >/dev/null 2>&1 || packages+=(curl)
   command -v prometheus-postgres-exporter >/dev/null 2>&1 || packages+=(prometheus-postgres-exporter)
+  command -v "${LOCKJAM_CHROMIUM:-chromium}" >/dev/null 2>&1 || packages+=(chromium fonts-dejavu-core)
 fi
 if [ ${#packages[@]} -eq 0 ]; then
   exit 0

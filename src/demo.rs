@@ -6,6 +6,7 @@
 //! did, shows the queue draining, and cleans up.
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -14,9 +15,10 @@ use tokio_postgres::Client;
 
 use crate::analysis::LockGraph;
 use crate::cluster::{Cluster, ClusterError, ClusterOptions};
-use crate::policy::Policy;
+use crate::policy::{Policy, Rule};
 use crate::service::{Service, ServiceError};
 use crate::staging::{self, APP_QUERY, DROP_CONSTRAINT, LONG_READ};
+use crate::state::SharedState;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DemoError {
@@ -52,7 +54,10 @@ async fn connect(dsn: &str, application_name: &str) -> Result<Client, DemoError>
 
 /// Runs the demo; Ctrl-C ends it early, cleaning up all the same.
 pub async fn run(options: DemoOptions) -> Result<(), DemoError> {
-    println!("lockjam demo: incident 000 (a migration queued behind a long read) replayed with real sessions\n");
+    println!(
+        "lockjam demo: incident 000 (a migration queued behind a long read) replayed twice with real sessions: \
+         watched, then cured\n"
+    );
     let cluster = tokio::task::spawn_blocking(|| Cluster::start(&ClusterOptions::default()))
         .await
         .map_err(session_error)??;
@@ -91,18 +96,64 @@ async fn scenario(cluster: &Cluster, options: &DemoOptions) -> Result<(), DemoEr
         .await
         .map_err(session_error)?;
     println!("  created database shop: customers (1,000 rows), orders (50,000 rows) with orders_customer_id_fkey");
+    // Both acts' lockjam keep their incidents in one store, thrown away
+    // with the demo.
+    let state = tempfile::Builder::new()
+        .prefix("lockjam-demo-")
+        .tempdir()
+        .map_err(session_error)?;
+    let store = state.path().join("incidents.sqlite");
 
-    let service = start_service(&dsn, options.listen).await?;
+    println!("\nAct 1: the queue forms, and lockjam shows it (policy off)\n");
+    let service = start_service(&dsn, options.listen, Policy::default(), &store).await?;
     let addr = service.local_addr();
-    println!("  lockjam is watching it: http://{addr}/metrics and http://{addr}/api/v1/snapshot\n");
+    println!("  lockjam is watching; open its page now: http://{addr}/ (served until the demo ends)\n");
     let shared = service.shared().clone();
-    let result = replay(cluster, &dsn, options, &shared, &owner).await;
+    let act = act_one(cluster, &dsn, options, &shared, &owner).await;
     service.stop().await;
-    result
+    act?;
+
+    owner.batch_execute(RESTORE_CONSTRAINT).await.map_err(session_error)?;
+    println!("\n  put orders_customer_id_fkey back, for the same migration in act 2");
+    let policy = Policy::acting(vec![Rule::unblock_migrations(CURE_AFTER)]);
+    println!(
+        "\nAct 2: the same incident, with lockjam's policy live (lockjam run --cancel-blockers-after {}):\n  \
+         lockjam cancels what blocks an ACCESS EXCLUSIVE waiter once it has waited {}\n",
+        crate::duration::show(CURE_AFTER),
+        crate::duration::show(CURE_AFTER)
+    );
+    let service = start_service(&dsn, addr, policy, &store).await?;
+    let addr = service.local_addr();
+    let shared = service.shared().clone();
+    let act = act_two(cluster, &dsn, options, &shared).await;
+    if act.is_ok() {
+        show_history(&shared).await;
+    }
+    service.stop().await;
+    act?;
+    println!("\nWhere to look, on your own database:");
+    println!("  the page            http://{addr}/ (lockjam run serves it on its listen address)");
+    println!("  lockjam tree        the same trees in a terminal, with only pg_monitor: lockjam tree --dsn '...'");
+    println!("  lockjam incidents   the history (kept in [incidents] path)");
+    println!(
+        "  /metrics            lockjam_lock_queue_depth, lockjam_blocked_sessions, ... for Prometheus and Grafana"
+    );
+    println!(
+        "  the cure            lockjam run --dsn 'host=... user=lockjam dbname=postgres' --cancel-blockers-after 30s"
+    );
+    Ok(())
 }
 
-async fn start_service(dsn: &str, listen: SocketAddr) -> Result<Service, DemoError> {
-    let mut config = staging::config(&[("demo", dsn)], listen, Policy::default()).map_err(session_error)?;
+/// How long the migration waits in act 2 before lockjam cancels its root.
+const CURE_AFTER: Duration = Duration::from_secs(3);
+
+/// Act 1 dropped the constraint; act 2 drops it again.
+const RESTORE_CONSTRAINT: &str =
+    "ALTER TABLE orders ADD CONSTRAINT orders_customer_id_fkey FOREIGN KEY (customer_id) REFERENCES customers";
+
+async fn start_service(dsn: &str, listen: SocketAddr, policy: Policy, store: &Path) -> Result<Service, DemoError> {
+    let mut config = staging::config(&[("demo", dsn)], listen, policy).map_err(session_error)?;
+    config.incidents.path = Some(store.to_path_buf());
     match Service::start(&config).await {
         Err(ServiceError::Bind { addr, .. }) => {
             println!("  {addr} is taken; lockjam listens on a free port instead");
@@ -113,33 +164,108 @@ async fn start_service(dsn: &str, listen: SocketAddr) -> Result<Service, DemoErr
     }
 }
 
-async fn replay(
+/// The queue forms; lockjam shows it, as a tree once it is long; the
+/// operator cancels the root by hand, as in incident 001.
+async fn act_one(
     cluster: &Cluster,
     dsn: &str,
     options: &DemoOptions,
-    shared: &Arc<crate::state::SharedState>,
+    shared: &Arc<SharedState>,
     owner: &Client,
 ) -> Result<(), DemoError> {
     let clock = Clock(Instant::now());
     let incident = start_incident(cluster, dsn, &clock).await?;
-    let app_queries = queue_app_queries(dsn, options, shared, &clock).await?;
+    let app_queries = queue_app_queries(dsn, options.queries, options.hold, shared, &clock).await?;
+    println!("\n{} lockjam tree (the page shows the same):\n", clock.stamp());
+    print_tree(shared);
     let root = graph(shared)
         .and_then(|g| g.blockers.iter().find(|b| b.is_root).map(|b| b.pid))
         .unwrap_or(incident.analyst_pid);
     println!(
-        "\n{} ending the incident: cancelling root blocker pid {root}, as the operator of incident 001 did by hand",
+        "{} ending act 1 by hand: cancelling root blocker pid {root}, as the operator of incident 001 did",
         clock.stamp()
     );
     owner
         .query_one("SELECT pg_cancel_backend($1)", &[&root])
         .await
         .map_err(session_error)?;
-    report_ending(incident, app_queries, options, shared, &clock).await;
-    println!(
-        "\nWhat lockjam exported is the same on /metrics, e.g. lockjam_lock_queue_depth and lockjam_blocked_sessions."
-    );
-    println!("Run it against your own database: lockjam run --dsn 'host=... user=lockjam dbname=postgres'");
+    report_ending(incident, app_queries, options.queries, shared, &clock).await;
     Ok(())
+}
+
+/// The same incident; lockjam's policy cancels the root once the
+/// migration has waited [`CURE_AFTER`].
+async fn act_two(
+    cluster: &Cluster,
+    dsn: &str,
+    options: &DemoOptions,
+    shared: &Arc<SharedState>,
+) -> Result<(), DemoError> {
+    let clock = Clock(Instant::now());
+    let incident = start_incident(cluster, dsn, &clock).await?;
+    let spread = CURE_AFTER / 2;
+    let app_queries = queue_app_queries(dsn, options.queries, spread, shared, &clock).await?;
+    println!("\n{} lockjam tree, with what the policy does next:\n", clock.stamp());
+    print_tree(shared);
+    // lockjam acts on its own; should it not (it always has), the demo
+    // ends the read itself rather than wait for ever.
+    let acted = tokio::time::timeout(CURE_AFTER + Duration::from_secs(20), async {
+        loop {
+            if let Some(event) = shared.events.newest_first().into_iter().last() {
+                return event;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    match acted {
+        Ok(event) => println!(
+            "{} lockjam, rule {}: {} root blocker pid {} ({}), {}: {}",
+            clock.stamp(),
+            event.rule,
+            match event.signal {
+                "terminate" => "terminated",
+                _ => "cancelled",
+            },
+            event.signalled_pid,
+            event
+                .blocker
+                .as_ref()
+                .and_then(|b| b.session.application_name.clone())
+                .unwrap_or_default(),
+            event.outcome,
+            event.reason
+        ),
+        Err(_) => {
+            println!(
+                "{} lockjam did not act; the demo cancels the read itself",
+                clock.stamp()
+            );
+            let owner = connect(dsn, "demo").await?;
+            owner
+                .query_one("SELECT pg_cancel_backend($1)", &[&incident.analyst_pid])
+                .await
+                .map_err(session_error)?;
+        }
+    }
+    report_ending(incident, app_queries, options.queries, shared, &clock).await;
+    Ok(())
+}
+
+/// Both acts' incidents, as `lockjam incidents` prints them, once act 2's
+/// has closed.
+async fn show_history(shared: &SharedState) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut found = Vec::new();
+    while Instant::now() < deadline {
+        found = shared.incidents.list(None, None, 10).unwrap_or_default();
+        if found.len() >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!("\nlockjam's history (lockjam incidents), newest first:\n");
+    print!("{}", crate::incidents::table(&found));
 }
 
 /// Time since the replay began, as each line of the demo shows it.
@@ -197,12 +323,13 @@ async fn start_incident(cluster: &Cluster, dsn: &str, clock: &Clock) -> Result<I
 /// the migration, with what lockjam sees printed every second.
 async fn queue_app_queries(
     dsn: &str,
-    options: &DemoOptions,
-    shared: &crate::state::SharedState,
+    queries: usize,
+    hold: Duration,
+    shared: &SharedState,
     clock: &Clock,
 ) -> Result<JoinSet<Result<(), tokio_postgres::Error>>, DemoError> {
     let mut app_sessions = Vec::new();
-    for _ in 0..options.queries {
+    for _ in 0..queries {
         app_sessions.push(connect(dsn, "web").await?);
     }
     println!(
@@ -210,9 +337,10 @@ async fn queue_app_queries(
         clock.stamp()
     );
     let mut app_queries = JoinSet::new();
-    let watch_until = Instant::now() + options.hold;
-    let mut next_print = Instant::now();
-    let spacing = options.hold / (options.queries.max(1) as u32 + 1);
+    let watch_until = Instant::now() + hold;
+    // From a second on: lockjam's first sample of the queue.
+    let mut next_print = Instant::now() + Duration::from_secs(1);
+    let spacing = hold / (queries.max(1) as u32 + 1);
     for (i, client) in app_sessions.into_iter().enumerate() {
         app_queries.spawn(async move {
             let customer = (i as i64 % 1000) + 1;
@@ -221,12 +349,15 @@ async fn queue_app_queries(
         tokio::time::sleep(spacing).await;
         if Instant::now() >= next_print {
             print_view(&clock.stamp(), shared);
-            next_print = Instant::now() + Duration::from_secs(1);
+            next_print += Duration::from_secs(1);
         }
     }
     while Instant::now() < watch_until {
-        print_view(&clock.stamp(), shared);
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        tokio::time::sleep_until(next_print.min(watch_until).into()).await;
+        if Instant::now() >= next_print {
+            print_view(&clock.stamp(), shared);
+            next_print += Duration::from_secs(1);
+        }
     }
     Ok(app_queries)
 }
@@ -236,8 +367,8 @@ async fn queue_app_queries(
 async fn report_ending(
     mut incident: Incident,
     mut app_queries: JoinSet<Result<(), tokio_postgres::Error>>,
-    options: &DemoOptions,
-    shared: &crate::state::SharedState,
+    queries: usize,
+    shared: &SharedState,
     clock: &Clock,
 ) {
     let mut completed = 0;
@@ -265,9 +396,8 @@ async fn report_ending(
         }
     }
     println!(
-        "{} {completed} of {} queued application queries completed",
-        clock.stamp(),
-        options.queries
+        "{} {completed} of {queries} queued application queries completed",
+        clock.stamp()
     );
     let drained = Instant::now() + Duration::from_secs(5);
     loop {
@@ -280,11 +410,25 @@ async fn report_ending(
     }
 }
 
-fn graph(shared: &crate::state::SharedState) -> Option<Arc<LockGraph>> {
+fn graph(shared: &SharedState) -> Option<Arc<LockGraph>> {
     shared.target("demo").and_then(|t| t.status().graph)
 }
 
-fn print_view(stamp: &str, shared: &crate::state::SharedState) {
+/// The target's trees, as `lockjam tree` prints them.
+fn print_tree(shared: &SharedState) {
+    if let Some(target) = shared.target("demo") {
+        let style = crate::tree::Style {
+            colour: std::io::IsTerminal::is_terminal(&std::io::stdout()),
+        };
+        print!(
+            "{}",
+            crate::tree::render_target("demo", &target.status(), &target.policy, style)
+        );
+    }
+}
+
+/// One line: each queue lockjam sees, its head and its roots.
+fn print_view(stamp: &str, shared: &SharedState) {
     let Some(graph) = graph(shared) else {
         println!("{stamp} lockjam: no sample yet");
         return;
@@ -293,28 +437,21 @@ fn print_view(stamp: &str, shared: &crate::state::SharedState) {
         println!("{stamp} lockjam sees no lock waits");
         return;
     }
-    let blocked: u64 = graph.databases.values().map(|d| d.blocked_sessions).sum();
+    let roots: Vec<String> = graph
+        .blockers
+        .iter()
+        .filter(|b| b.is_root)
+        .map(|b| b.pid.to_string())
+        .collect();
     for queue in &graph.queues {
         println!(
-            "{stamp} lockjam: queue on {} ({}): {} sessions wait behind pid {}, which has waited {:.1}s; {blocked} blocked in all",
-            queue.relation,
-            queue.mode,
+            "{stamp} lockjam: {} sessions queue on {} behind pid {} (waiting {:.1}s for {}), root blocker pid {}",
             queue.depth,
+            queue.relation,
             queue.head_pid,
-            queue.head_wait.as_secs_f64()
-        );
-    }
-    for root in graph.blockers.iter().filter(|b| b.is_root) {
-        let session = root.session.as_ref();
-        let field = |f: fn(&crate::snapshot::Session) -> Option<String>| session.and_then(f).unwrap_or_default();
-        println!(
-            "{stamp}          root blocker pid {} ({}@{}, {}, transaction {:.1}s old): {}",
-            root.pid,
-            field(|s| s.usename.clone()),
-            field(|s| s.application_name.clone()),
-            field(|s| s.state.clone()),
-            root.transaction_age.unwrap_or_default().as_secs_f64(),
-            field(|s| s.query.clone())
+            queue.head_wait.as_secs_f64(),
+            queue.mode,
+            roots.join(", ")
         );
     }
 }

@@ -119,6 +119,9 @@ fn main() -> ExitCode {
         .subcommand_matches("run")
         .is_some_and(|run| run.value_source("dsn") == Some(clap::parser::ValueSource::CommandLine));
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    if matches!(cli.command, Command::Tree(_) | Command::Incidents(_)) {
+        quiet_on_closed_pipe();
+    }
     match cli.command {
         Command::CheckConfig(args) => match load(&args) {
             Ok(config) => match lockjam::service::preflight(&config) {
@@ -295,6 +298,18 @@ fn tree(args: &TreeArgs) -> ExitCode {
             }
         }
     })
+}
+
+/// `lockjam tree | head` ends quietly when `head` has read enough, as
+/// other commands in a pipe do, rather than panicking on the next print:
+/// SIGPIPE back to its default for the commands that only print (not for
+/// `run`, whose sockets must not end the process, nor `demo`, which must
+/// stop its cluster).
+fn quiet_on_closed_pipe() {
+    // SAFETY: sets a signal disposition before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
 }
 
 fn runtime() -> tokio::runtime::Runtime {

@@ -6,6 +6,7 @@
 //! hyper.
 
 mod auth;
+mod page;
 mod serve;
 mod tls;
 mod views;
@@ -41,19 +42,33 @@ const SNAPSHOT: &str = "/api/v1/snapshot";
 const EVENTS: &str = "/api/v1/events";
 const INCIDENTS: &str = "/api/v1/incidents";
 const INCIDENT: &str = "/api/v1/incidents/{id}";
+const PAGE: &str = "/";
+const TARGET_PAGE: &str = "/targets/{name}";
 
 /// Every route lockjam serves, as the startup log and the 404 name them.
-pub(crate) const ROUTES: [&str; 7] = [METRICS, HEALTHZ, READYZ, SNAPSHOT, EVENTS, INCIDENTS, INCIDENT];
+pub(crate) const ROUTES: [&str; 9] = [
+    PAGE,
+    TARGET_PAGE,
+    METRICS,
+    HEALTHZ,
+    READYZ,
+    SNAPSHOT,
+    EVENTS,
+    INCIDENTS,
+    INCIDENT,
+];
 
 /// Incidents a list answers with, by default and at most.
 const INCIDENTS_LIMIT: usize = 100;
 const INCIDENTS_MAX_LIMIT: usize = 1000;
 
-/// The routes. `/metrics` and `/api/*` require the configured credentials;
+/// The routes. The page, `/metrics` and `/api/*` require the configured credentials;
 /// `/healthz` never does, and `/readyz` gives its status code to anyone
 /// and its reasons only with credentials, so that probes need none.
 pub(crate) fn router(state: Arc<SharedState>) -> Router {
     let protected = Router::new()
+        .route(PAGE, get(page::page))
+        .route(TARGET_PAGE, get(page::target_page))
         .route(METRICS, get(metrics))
         .route(SNAPSHOT, get(snapshot))
         .route(EVENTS, get(events))

@@ -141,6 +141,8 @@ async fn https_with_basic_auth_and_bearer_token() {
         ("the password as a token", vec!["--oauth2-bearer", "correct horse"]),
     ] {
         for path in [
+            "/",
+            "/targets/it",
             "/metrics",
             "/api/v1/snapshot",
             "/api/v1/events",
@@ -176,6 +178,15 @@ async fn https_with_basic_auth_and_bearer_token() {
     assert!(bearer.body.contains("\"target\":\"it\""), "{}", bearer.body);
     let history = get("/api/v1/incidents", &["--oauth2-bearer", "s3cret-token"]).await;
     assert_eq!((history.status, history.body.as_str()), (200, "{\"incidents\":[]}"));
+    // The page, with the basic credentials a browser asks for once.
+    let page = get("/targets/it", &["--user", "prometheus:correct horse"]).await;
+    assert_eq!(page.status, 200);
+    assert!(page.body.starts_with("<!doctype html>"), "{}", page.body);
+    let unknown = get("/targets/nope", &["--user", "prometheus:correct horse"]).await;
+    assert_eq!(
+        (unknown.status, unknown.body.as_str()),
+        (404, "lockjam watches no target named \"nope\"; its targets: it\n")
+    );
 
     // Plain HTTP to the HTTPS port gets no HTTP answer.
     let plain = Command::new("curl")

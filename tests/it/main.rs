@@ -5,6 +5,7 @@ mod endpoint;
 mod history;
 mod incidents;
 mod monitoring;
+mod page;
 mod policy;
 mod robustness;
 mod safety;
