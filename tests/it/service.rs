@@ -644,10 +644,12 @@ async fn cli_run_stops_on_sigterm() {
 }
 
 /// `lockjam demo`, the README's first command: it replays incident 000 on
-/// a throwaway cluster, shows the queue and its root blocker as lockjam
-/// sees them, ends the incident, and removes the cluster.
+/// a throwaway cluster twice, watched then cured by the policy, and
+/// removes the cluster. README shows its output: every line printed here
+/// has the shape of one there, and the other way round (numbers, pids and
+/// times aside).
 #[test]
-fn demo_replays_incident_000_and_cleans_up() {
+fn demo_replays_incident_000_twice_as_readme_shows() {
     let output = output_within(
         lockjam().args(["demo", "--listen", "127.0.0.1:0", "--queries", "10", "--hold", "3s"]),
         Duration::from_secs(120),
@@ -656,17 +658,61 @@ fn demo_replays_incident_000_and_cleans_up() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{stdout}\n{stderr}");
     for expected in [
-        "an analyst starts a long report on orders",
         lockjam::staging::LONG_READ,
         lockjam::staging::DROP_CONSTRAINT,
-        "lockjam: queue on public.orders (AccessExclusiveLock):",
-        "root blocker pid",
-        "the long read ended: canceling statement due to user request",
-        "the migration got its lock and finished after",
+        "ending act 1 by hand: cancelling root blocker pid",
+        "lockjam, rule unblock-migrations: cancelled root blocker pid",
+        "POLICY rule `unblock-migrations` cancel_blockers (pid ",
+        "└─ 10 × SELECT id, total FROM orders WHERE customer_id = $1",
+        "blocker_signalled",
+        "blocker_finished",
         "10 of 10 queued application queries completed",
-        "lockjam sees no lock waits",
         "stopped and removed the throwaway cluster",
     ] {
         assert!(stdout.contains(expected), "missing {expected:?} in:\n{stdout}");
     }
+    assert_eq!(
+        stdout.matches("the migration got its lock and finished after").count(),
+        2,
+        "{stdout}"
+    );
+    assert_eq!(
+        stdout.matches("canceling statement due to user request").count(),
+        2,
+        "{stdout}"
+    );
+
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let block = readme
+        .split("\n```\n")
+        .find(|block| block.starts_with("lockjam demo: "))
+        .expect("README shows the demo's output");
+    let shapes = |text: &str| -> std::collections::BTreeSet<String> { text.lines().map(shape).collect() };
+    let (printed, shown) = (shapes(&stdout), shapes(block));
+    let missing: Vec<&String> = printed.difference(&shown).collect();
+    let stale: Vec<&String> = shown.difference(&printed).collect();
+    assert!(
+        missing.is_empty() && stale.is_empty(),
+        "README's demo output is not what the demo prints:\nprinted, not in README: {missing:#?}\nin README, not printed: {stale:#?}"
+    );
+}
+
+/// A line of the demo's output with its numbers as `#`, its runs of
+/// spaces as one, and the server's version left out.
+fn shape(line: &str) -> String {
+    if line.starts_with("  started a throwaway cluster: ") {
+        return "  started a throwaway cluster: ".into();
+    }
+    let mut shape = String::new();
+    for c in line.trim_end().chars() {
+        let last = shape.chars().last();
+        if c.is_ascii_digit() {
+            if last != Some('#') {
+                shape.push('#');
+            }
+        } else if c != ' ' || last != Some(' ') {
+            shape.push(c);
+        }
+    }
+    shape
 }
