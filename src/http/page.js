@@ -74,7 +74,8 @@
         el("span", { cls: "who pid", text: String(n.pid) }), " ",
         el("span", { cls: "who", text: who(n) }), " · waits ",
         tick(n.wait_seconds, 1, role === "head" ? "head-wait" : ""),
-        " for " + n.mode + " on " + n.relation + (n.behind > 0 ? " · " + n.behind + " behind" : "")),
+        " for " + n.mode + " on " + n.relation + (n.behind > 0 ? " · " + n.behind + " behind" : "") + " · transaction ",
+        tick(n.transaction_age_seconds, 1)),
       query(n.query, t + "/w" + n.pid));
     if (n.children && n.children.length) li.appendChild(children(n.children, t));
     return li;

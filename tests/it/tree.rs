@@ -5,7 +5,7 @@
 use serde_json::Value;
 
 use crate::scenes::migration_behind_long_read;
-use crate::support::{lockjam, wait_until, TestEnv};
+use crate::support::{apply_lockjam_role_sql, lockjam, wait_until, TestEnv};
 
 /// Runs `lockjam tree` with `args`; returns its exit code and stdout.
 fn tree(args: &[&str]) -> (i32, String, String) {
@@ -144,8 +144,19 @@ async fn tree_puts_a_victim_between_the_root_and_the_migration() {
     }
     env.wait_until_waiting_count("writer", 3).await;
 
-    let (code, out, err) = tree(&["--dsn", &env.cluster.dsn("postgres")]);
+    // As a runbook runs it: the shipped role, pg_monitor only.
+    apply_lockjam_role_sql(&env.cluster, false);
+    let dsn = format!(
+        "host=127.0.0.1 port={} user=lockjam dbname=postgres sslmode=disable",
+        env.cluster.port()
+    );
+    let (code, out, err) = tree(&["--dsn", &dsn]);
     assert_eq!(code, 0, "{err}");
+    assert!(!out.contains("warning:"), "{out}");
+    assert!(
+        out.contains("         SELECT pg_sleep(600)\n"),
+        "the mailer's query, seen through pg_monitor:\n{out}"
+    );
     let root = line_of(
         &out,
         &format!("ROOT pid {mailer_pid} postgres@app mailer from 127.0.0.1 · active"),
