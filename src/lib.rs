@@ -27,6 +27,8 @@ pub mod incidents;
 pub mod metrics;
 /// Pure: which sessions to signal, under the safety rules.
 pub mod policy;
+/// `lockjam preflight`: may a migration take its lock now?
+pub mod preflight;
 /// The code that reads from PostgreSQL.
 pub mod sampler;
 /// Target tasks and the HTTP server, run together.

@@ -31,8 +31,43 @@ enum Command {
     /// Sample the targets once and print their lock queues as trees (root
     /// blockers first); needs only pg_monitor and no running lockjam.
     Tree(TreeArgs),
+    /// Say whether a migration may take its lock now: exit 0 clear, 1 not
+    /// clear (what blocks printed), 2 usage or connection error.
+    Preflight(PreflightArgs),
     /// Replay incident 000 on a throwaway local cluster, with lockjam watching.
     Demo(DemoArgs),
+}
+
+#[derive(Args)]
+struct PreflightArgs {
+    /// TOML configuration file, for its target and sampler settings.
+    #[arg(long, env = "LOCKJAM_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Connection string of the server (replaces [[targets]]).
+    #[arg(long, env = "LOCKJAM_DSN", value_name = "DSN", hide_env_values = true)]
+    dsn: Option<String>,
+    /// The target to ask, when the configuration has several.
+    #[arg(long, value_name = "NAME")]
+    target: Option<String>,
+    /// A relation the migration locks: table, schema.table or
+    /// database.schema.table; repeat for several.
+    #[arg(long = "relation", value_name = "NAME", required = true)]
+    relations: Vec<String>,
+    /// The database of relations named without one [default: the DSN's].
+    #[arg(long, value_name = "NAME")]
+    database: Option<String>,
+    /// The lock the migration asks for.
+    #[arg(long, default_value = "AccessExclusiveLock", value_name = "MODE")]
+    mode: String,
+    /// Also not clear while a transaction in the database is older than this.
+    #[arg(long, value_name = "DURATION", value_parser = lockjam::duration::parse)]
+    max_transaction_age: Option<Duration>,
+    /// Ask again every [sampler] interval until clear, for at most this long.
+    #[arg(long, value_name = "DURATION", value_parser = lockjam::duration::parse)]
+    wait: Option<Duration>,
+    /// Print the answer as JSON (as /api/v1/preflight).
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -119,7 +154,10 @@ fn main() -> ExitCode {
         .subcommand_matches("run")
         .is_some_and(|run| run.value_source("dsn") == Some(clap::parser::ValueSource::CommandLine));
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
-    if matches!(cli.command, Command::Tree(_) | Command::Incidents(_)) {
+    if matches!(
+        cli.command,
+        Command::Tree(_) | Command::Incidents(_) | Command::Preflight(_)
+    ) {
         quiet_on_closed_pipe();
     }
     match cli.command {
@@ -161,6 +199,7 @@ fn main() -> ExitCode {
         }
         Command::Incidents(args) => incidents(&args),
         Command::Tree(args) => tree(&args),
+        Command::Preflight(args) => preflight(&args),
         Command::Demo(args) => {
             let options = DemoOptions {
                 listen: args.listen,
@@ -231,6 +270,82 @@ fn incidents(args: &IncidentsArgs) -> ExitCode {
         }
         Err(e) => fail(&e, 1),
     }
+}
+
+/// `lockjam preflight`: exit 0 clear, 1 not clear (or still not clear
+/// when `--wait` ran out), 2 for a bad argument, an unknown relation or a
+/// database that cannot be asked.
+fn preflight(args: &PreflightArgs) -> ExitCode {
+    let sources = Sources {
+        file: args.config.clone(),
+        dsn: args.dsn.clone(),
+        listen: None,
+        cancel_blockers_after: None,
+        env: std::env::vars().collect::<HashMap<_, _>>(),
+    };
+    let config = match config::load(&sources) {
+        Ok(config) => config,
+        Err(e) => return fail(&e, EXIT_CONFIG),
+    };
+    let target = match (&args.target, config.targets.as_slice()) {
+        (Some(name), targets) => match targets.iter().find(|t| &t.name == name) {
+            Some(target) => target,
+            None => {
+                eprintln!("lockjam: error: --target {name}: no target of that name in the configuration");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        },
+        (None, [one]) => one,
+        (None, _) => {
+            eprintln!("lockjam: error: the configuration has several targets: name one with --target");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let question = lockjam::preflight::Question {
+        relations: args.relations.clone(),
+        database: args.database.clone(),
+        mode: args.mode.clone(),
+        max_transaction_age: args.max_transaction_age,
+    };
+    if let Err(e) = lockjam::preflight::check(&question) {
+        return fail(&e, EXIT_CONFIG);
+    }
+    let asker = match lockjam::preflight::Preflight::new(target, config.sampler.sessions()) {
+        Ok(asker) => asker,
+        Err(e) => return fail(&e, EXIT_CONFIG),
+    };
+    let deadline = args.wait.map(|wait| std::time::Instant::now() + wait);
+    runtime().block_on(async {
+        let mut said = String::new();
+        loop {
+            let answer = match asker.ask(&question).await {
+                Ok(answer) => answer,
+                Err(e) => return fail(&e, EXIT_CONFIG),
+            };
+            let waiting = !answer.clear && deadline.is_some_and(|d| std::time::Instant::now() < d);
+            if waiting {
+                let reasons = lockjam::preflight::waiting_for(&answer);
+                if reasons != said {
+                    eprintln!("waiting: {reasons}");
+                    said = reasons;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(config.sampler.interval) => continue,
+                    _ = tokio::signal::ctrl_c() => return ExitCode::from(1),
+                }
+            }
+            if args.json {
+                println!("{}", serde_json::to_string(&answer).unwrap_or_default());
+            } else {
+                print!("{}", lockjam::preflight::render(&answer));
+            }
+            return if answer.clear {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            };
+        }
+    })
 }
 
 /// `lockjam tree`: exit 0 with every target sampled, 1 when one could not

@@ -19,6 +19,7 @@ use crate::http::{ConnectionLimits, HttpError, TlsReloader};
 use crate::incidents::store::{Retention, Store};
 use crate::incidents::{Criteria, Ending, Tracker};
 use crate::policy::{decide, next_deadline, Memory, Policy, Verdict, MAX_SNAPSHOT_AGE};
+use crate::preflight::Preflight;
 use crate::sampler::{SampleError, Sampler};
 use crate::snapshot::Snapshot;
 use crate::state::{LastSample, SharedState, TargetRecord};
@@ -104,7 +105,12 @@ impl Prepared {
             config
                 .targets
                 .iter()
-                .map(|t| TargetRecord::new(&t.name, config.sampler.interval, policy.clone()))
+                .map(|t| {
+                    // The sampler's connector was made from the same target
+                    // and settings, so this one cannot fail where it did not.
+                    let preflight = Preflight::new(t, config.sampler.sessions()).ok();
+                    TargetRecord::new(&t.name, config.sampler.interval, policy.clone(), preflight)
+                })
                 .collect(),
         );
         if config.policy.enabled {

@@ -14,6 +14,7 @@ use crate::incidents::store::Store;
 use crate::incidents::Tracker;
 use crate::metrics::Metrics;
 use crate::policy::Policy;
+use crate::preflight::Preflight;
 
 pub struct SharedState {
     pub metrics: Metrics,
@@ -34,6 +35,8 @@ pub struct TargetRecord {
     pub interval: Duration,
     /// The policy this target's task runs (off when disabled).
     pub policy: Arc<Policy>,
+    /// Asks `/api/v1/preflight`'s questions, on a session of its own.
+    pub preflight: Option<Arc<Preflight>>,
     status: RwLock<LastSample>,
 }
 
@@ -59,11 +62,12 @@ impl LastSample {
 }
 
 impl TargetRecord {
-    pub fn new(name: &str, interval: Duration, policy: Arc<Policy>) -> TargetRecord {
+    pub fn new(name: &str, interval: Duration, policy: Arc<Policy>, preflight: Option<Preflight>) -> TargetRecord {
         TargetRecord {
             name: name.to_string(),
             interval,
             policy,
+            preflight: preflight.map(Arc::new),
             status: RwLock::new(LastSample::default()),
         }
     }

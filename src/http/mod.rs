@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, Query, RawQuery, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware;
 use axum::response::{IntoResponse, Response};
@@ -42,11 +42,12 @@ const SNAPSHOT: &str = "/api/v1/snapshot";
 const EVENTS: &str = "/api/v1/events";
 const INCIDENTS: &str = "/api/v1/incidents";
 const INCIDENT: &str = "/api/v1/incidents/{id}";
+const PREFLIGHT: &str = "/api/v1/preflight";
 const PAGE: &str = "/";
 const TARGET_PAGE: &str = "/targets/{name}";
 
 /// Every route lockjam serves, as the startup log and the 404 name them.
-pub(crate) const ROUTES: [&str; 9] = [
+pub(crate) const ROUTES: [&str; 10] = [
     PAGE,
     TARGET_PAGE,
     METRICS,
@@ -56,6 +57,7 @@ pub(crate) const ROUTES: [&str; 9] = [
     EVENTS,
     INCIDENTS,
     INCIDENT,
+    PREFLIGHT,
 ];
 
 /// Incidents a list answers with, by default and at most.
@@ -74,6 +76,7 @@ pub(crate) fn router(state: Arc<SharedState>) -> Router {
         .route(EVENTS, get(events))
         .route(INCIDENTS, get(incidents))
         .route(INCIDENT, get(incident))
+        .route(PREFLIGHT, get(preflight))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_auth));
     Router::new()
         .merge(protected)
@@ -185,6 +188,65 @@ async fn incidents(
         Ok(Ok(found)) => Json(serde_json::json!({ "incidents": found })).into_response(),
         Ok(Err(e)) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response(),
         Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, "the incident store failed\n").into_response(),
+    }
+}
+
+/// `GET /api/v1/preflight?target=&relation=&relation=&mode=&database=&max_transaction_age=`:
+/// `lockjam preflight`'s answer from a running lockjam, for a pipeline
+/// without database credentials. 200 with `clear` true or false; 400
+/// naming a bad parameter or an unknown relation; 503 when the database
+/// cannot be asked. The one route that reads the database, on a session
+/// of its own, one question at a time per target.
+async fn preflight(State(state): State<Arc<SharedState>>, RawQuery(query): RawQuery) -> Response {
+    let Ok(pairs) = serde_urlencoded::from_str::<Vec<(String, String)>>(query.as_deref().unwrap_or("")) else {
+        return bad_request(
+            "the query string must be target=NAME&relation=public.orders&mode=AccessExclusiveLock".into(),
+        );
+    };
+    let mut question = crate::preflight::Question {
+        relations: Vec::new(),
+        database: None,
+        mode: "AccessExclusiveLock".into(),
+        max_transaction_age: None,
+    };
+    let mut target = None;
+    for (key, value) in pairs {
+        match key.as_str() {
+            "target" => target = Some(value),
+            "relation" => question.relations.push(value),
+            "database" => question.database = Some(value),
+            "mode" => question.mode = value,
+            "max_transaction_age" => match crate::duration::parse(&value) {
+                Ok(age) => question.max_transaction_age = Some(age),
+                Err(e) => return bad_request(format!("max_transaction_age: {e}")),
+            },
+            other => {
+                return bad_request(format!(
+                    "unknown parameter {other:?}: use target, relation, mode, database, max_transaction_age"
+                ))
+            }
+        }
+    }
+    let targets = state.targets();
+    let record = match (&target, targets.as_slice()) {
+        (Some(name), all) => match all.iter().find(|t| &t.name == name) {
+            Some(record) => record.clone(),
+            None => return (StatusCode::NOT_FOUND, format!("no target named {name:?}\n")).into_response(),
+        },
+        (None, [one]) => one.clone(),
+        (None, _) => return bad_request("lockjam watches several targets: name one with target=NAME".into()),
+    };
+    let Some(asker) = record.preflight.clone() else {
+        return (StatusCode::SERVICE_UNAVAILABLE, "this target cannot be asked\n").into_response();
+    };
+    match asker.ask(&question).await {
+        Ok(answer) => Json(answer).into_response(),
+        Err(e) if e.is_usage() => bad_request(e.to_string()),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("{}\n", crate::connect::error_chain(&e)),
+        )
+            .into_response(),
     }
 }
 

@@ -709,7 +709,7 @@ impl Sampler {
     }
 }
 
-fn session_from_row(row: &tokio_postgres::Row) -> Session {
+pub(crate) fn session_from_row(row: &tokio_postgres::Row) -> Session {
     Session {
         pid: row.get("pid"),
         datname: row.get("datname"),

@@ -7,6 +7,7 @@ mod incidents;
 mod monitoring;
 mod page;
 mod policy;
+mod preflight;
 mod robustness;
 mod safety;
 mod scale;

@@ -1,0 +1,508 @@
+//! `lockjam preflight` and `/api/v1/preflight`: may a migration ask for
+//! `mode` on these relations now, without starting a lock queue? One
+//! read-only look (`resolve.sql`, `locks.sql`, `old.sql`) on a session of
+//! the relations' database, opened as the sampler's are (read-only,
+//! `lock_timeout` and `statement_timeout` pinned): the sessions holding a
+//! conflicting lock, those already waiting, how many use the relation, and
+//! (when asked) transactions open longer than a limit, which may take such
+//! a lock at any moment. Only `pg_monitor` is needed.
+
+use std::time::{Duration, SystemTime};
+
+use serde::Serialize;
+use tokio_postgres::Client;
+
+use crate::analysis::{is_lock_mode, modes_conflict};
+use crate::config::{SessionSettings, Target};
+use crate::connect::{error_chain, ConnectError, Connector};
+use crate::view::{seconds, SessionView};
+
+const RESOLVE_SQL: &str = include_str!("resolve.sql");
+const LOCKS_SQL: &str = include_str!("locks.sql");
+const OLD_SQL: &str = include_str!("old.sql");
+
+/// What a migration will ask for, and where.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Question {
+    /// As written: `orders`, `public.orders`, `"Sales"."Order Lines"`, or
+    /// with the database first (`shop.public.orders`).
+    pub relations: Vec<String>,
+    /// The database to resolve names without one in; the target's own
+    /// when `None`.
+    pub database: Option<String>,
+    /// One of PostgreSQL's eight lock modes (`AccessExclusiveLock`).
+    pub mode: String,
+    /// Open transactions older than this block too.
+    pub max_transaction_age: Option<Duration>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PreflightError {
+    /// A usage error: exit 2, HTTP 400.
+    #[error("{0}")]
+    Usage(String),
+    /// A relation that does not exist, or is ambiguous: exit 2, HTTP 400.
+    #[error("{0}")]
+    Relation(String),
+    /// The database could not be reached or read: exit 2, HTTP 503.
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error("{0}")]
+    Query(String),
+}
+
+/// The answer: clear, or what stands in the way.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Answer {
+    pub clear: bool,
+    /// RFC 3339, the server's clock.
+    pub checked_at: String,
+    pub mode: String,
+    pub relations: Vec<RelationAnswer>,
+    /// Transactions older than `max_transaction_age` in the relations'
+    /// databases, oldest first (at most 50 a database); empty unless asked.
+    pub old_transactions: Vec<SessionView>,
+    pub max_transaction_age_seconds: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct RelationAnswer {
+    pub database: String,
+    /// Schema-qualified, as in metric labels.
+    pub relation: String,
+    /// Sessions holding a lock that conflicts with `mode`: the migration
+    /// would wait for each.
+    pub conflicting: Vec<Holder>,
+    /// Sessions already waiting for a lock on it: the migration would
+    /// queue behind those whose request conflicts with it.
+    pub waiting: Vec<Holder>,
+    /// Sessions holding any lock on it now: about how many queries would
+    /// queue behind the migration while it waits.
+    pub sessions_using: u64,
+}
+
+/// A session and its lock on the relation.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Holder {
+    #[serde(flatten)]
+    pub session: SessionView,
+    pub mode: String,
+    /// How long it has waited, for a waiting session (PostgreSQL 14+).
+    pub wait_seconds: Option<f64>,
+}
+
+/// A relation named by the user, split into its database and the rest.
+#[derive(Debug, Clone, PartialEq)]
+struct Named {
+    written: String,
+    database: Option<String>,
+    /// Qualified (`schema.name`, as SQL reads it), or `None` when bare.
+    qualified: Option<String>,
+    /// The bare name, unquoted.
+    bare: Option<String>,
+}
+
+/// Splits `name` on the dots outside double quotes: `orders`,
+/// `public.orders`, `shop.public.orders`, `"a.b"."c"`.
+fn parse_name(name: &str) -> Result<Named, PreflightError> {
+    let mut parts = vec![String::new()];
+    let mut quoted = false;
+    let mut chars = name.trim().chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '"' if quoted && chars.peek() == Some(&'"') => {
+                chars.next();
+                parts.last_mut().expect("one part").push_str("\"\"");
+            }
+            '"' => {
+                quoted = !quoted;
+                parts.last_mut().expect("one part").push('"');
+            }
+            '.' if !quoted => parts.push(String::new()),
+            c => parts.last_mut().expect("one part").push(c),
+        }
+    }
+    let bad = || {
+        PreflightError::Usage(format!(
+            "--relation {name:?}: write a relation as table, schema.table or database.schema.table"
+        ))
+    };
+    if quoted || parts.iter().any(|p| p.is_empty() || p == "\"\"") || parts.len() > 3 {
+        return Err(bad());
+    }
+    let unquote = |part: &str| -> String {
+        match part.strip_prefix('"').and_then(|p| p.strip_suffix('"')) {
+            Some(inner) => inner.replace("\"\"", "\""),
+            None => part.to_lowercase(),
+        }
+    };
+    Ok(match parts.as_slice() {
+        [bare] => Named {
+            written: name.to_string(),
+            database: None,
+            qualified: None,
+            bare: Some(unquote(bare)),
+        },
+        [schema, table] => Named {
+            written: name.to_string(),
+            database: None,
+            qualified: Some(format!("{schema}.{table}")),
+            bare: None,
+        },
+        [database, schema, table] => Named {
+            written: name.to_string(),
+            database: Some(unquote(database)),
+            qualified: Some(format!("{schema}.{table}")),
+            bare: None,
+        },
+        _ => return Err(bad()),
+    })
+}
+
+/// Checks a question's arguments before any session opens.
+pub fn check(question: &Question) -> Result<(), PreflightError> {
+    if question.relations.is_empty() {
+        return Err(PreflightError::Usage(
+            "name at least one relation the migration locks (--relation public.orders)".into(),
+        ));
+    }
+    if !is_lock_mode(&question.mode) {
+        return Err(PreflightError::Usage(format!(
+            "--mode {:?} is not a lock mode: one of AccessShareLock, RowShareLock, RowExclusiveLock, \
+             ShareUpdateExclusiveLock, ShareLock, ShareRowExclusiveLock, ExclusiveLock, AccessExclusiveLock",
+            question.mode
+        )));
+    }
+    for relation in &question.relations {
+        parse_name(relation)?;
+    }
+    Ok(())
+}
+
+/// Asks a target: one session per database named, closed afterwards.
+pub struct Preflight {
+    connector: Connector,
+    target: String,
+    /// Bounds one answer on lockjam's side.
+    deadline: Duration,
+    /// One question at a time per target: HTTP callers queue here rather
+    /// than open sessions side by side.
+    busy: tokio::sync::Mutex<()>,
+}
+
+impl Preflight {
+    pub fn new(target: &Target, settings: SessionSettings) -> Result<Preflight, ConnectError> {
+        Ok(Preflight {
+            connector: Connector::new(target, settings)?,
+            target: target.name.clone(),
+            // Connecting, then three statements, each bounded by the
+            // server's statement_timeout; this bounds them on our side.
+            deadline: settings.connect_timeout + settings.statement_timeout * 4,
+            busy: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    pub async fn ask(&self, question: &Question) -> Result<Answer, PreflightError> {
+        check(question)?;
+        let _turn = self.busy.lock().await;
+        match tokio::time::timeout(self.deadline, self.look(question)).await {
+            Ok(answer) => answer,
+            Err(_) => Err(PreflightError::Query(format!(
+                "target `{}`: no answer within {:.1}s",
+                self.target,
+                self.deadline.as_secs_f64()
+            ))),
+        }
+    }
+
+    async fn look(&self, question: &Question) -> Result<Answer, PreflightError> {
+        let mut by_database: Vec<(Option<String>, Vec<Named>)> = Vec::new();
+        for relation in &question.relations {
+            let named = parse_name(relation)?;
+            let database = named.database.clone().or_else(|| question.database.clone());
+            match by_database.iter_mut().find(|(d, _)| *d == database) {
+                Some((_, names)) => names.push(named),
+                None => by_database.push((database, vec![named])),
+            }
+        }
+        let mut answer = Answer {
+            clear: true,
+            checked_at: String::new(),
+            mode: question.mode.clone(),
+            relations: Vec::new(),
+            old_transactions: Vec::new(),
+            max_transaction_age_seconds: question.max_transaction_age.map(seconds),
+        };
+        for (database, names) in by_database {
+            let client = self.connector.connect(database.as_deref()).await?;
+            self.look_in(&client, &names, question, &mut answer).await?;
+        }
+        answer.clear = answer
+            .relations
+            .iter()
+            .all(|r| r.conflicting.is_empty() && r.waiting.is_empty())
+            && answer.old_transactions.is_empty();
+        Ok(answer)
+    }
+
+    async fn look_in(
+        &self,
+        client: &Client,
+        names: &[Named],
+        question: &Question,
+        answer: &mut Answer,
+    ) -> Result<(), PreflightError> {
+        let failed = |what: &str, e: tokio_postgres::Error| {
+            PreflightError::Query(format!("target `{}`: {what}: {}", self.target, error_chain(&e)))
+        };
+        let version: i32 = client
+            .query_one(
+                "SELECT pg_catalog.current_setting('server_version_num')::pg_catalog.int4",
+                &[],
+            )
+            .await
+            .map_err(|e| failed("reading the server version", e))?
+            .get(0);
+        let database: String = client
+            .query_one("SELECT pg_catalog.current_database()::pg_catalog.text", &[])
+            .await
+            .map_err(|e| failed("reading the database", e))?
+            .get(0);
+        let mut oids = Vec::new();
+        for named in names {
+            let rows = client
+                .query(RESOLVE_SQL, &[&named.qualified, &named.bare])
+                .await
+                .map_err(|e| failed("resolving a relation", e))?;
+            match rows.as_slice() {
+                [row] => {
+                    let label = format!("{}.{}", row.get::<_, String>("schema"), row.get::<_, String>("name"));
+                    oids.push((row.get::<_, i64>("oid"), label));
+                }
+                [] => {
+                    return Err(PreflightError::Relation(format!(
+                        "relation {:?} does not exist in database {database:?} (name its database: \
+                         --database NAME or database.schema.table)",
+                        named.written
+                    )))
+                }
+                many => {
+                    let candidates: Vec<String> = many
+                        .iter()
+                        .map(|r| format!("{}.{}", r.get::<_, String>("schema"), r.get::<_, String>("name")))
+                        .collect();
+                    return Err(PreflightError::Relation(format!(
+                        "relation {:?} is ambiguous in database {database:?}: {}; qualify it",
+                        named.written,
+                        candidates.join(", ")
+                    )));
+                }
+            }
+        }
+        let wait_start = if version >= 140_000 {
+            "l.waitstart"
+        } else {
+            "NULL::pg_catalog.timestamptz"
+        };
+        let ids: Vec<i64> = oids.iter().map(|(oid, _)| *oid).collect();
+        let rows = client
+            .query(&LOCKS_SQL.replace("WAITSTART", wait_start), &[&ids])
+            .await
+            .map_err(|e| failed("reading pg_locks", e))?;
+        let now: SystemTime = match rows.first() {
+            Some(row) => row.get("now"),
+            None => client
+                .query_one("SELECT pg_catalog.statement_timestamp()", &[])
+                .await
+                .map_err(|e| failed("reading the server's clock", e))?
+                .get(0),
+        };
+        answer.checked_at = crate::view::rfc3339(now);
+        for (oid, label) in oids {
+            let mut relation = RelationAnswer {
+                database: database.clone(),
+                relation: label,
+                conflicting: Vec::new(),
+                waiting: Vec::new(),
+                sessions_using: 0,
+            };
+            let mut using = std::collections::BTreeSet::new();
+            for row in rows.iter().filter(|row| row.get::<_, i64>("relation") == oid) {
+                let pid: i32 = row.get("pid");
+                let mode: String = row.get("mode");
+                let session = crate::sampler::session_from_row(row);
+                let wait_start: Option<SystemTime> = row.get("wait_start");
+                let holder = Holder {
+                    session: SessionView::of(pid, (pid != 0).then_some(&session), now),
+                    wait_seconds: wait_start.map(|w| seconds(now.duration_since(w).unwrap_or_default())),
+                    mode: mode.clone(),
+                };
+                if row.get::<_, bool>("granted") {
+                    using.insert(pid);
+                    if modes_conflict(&mode, &question.mode) {
+                        relation.conflicting.push(holder);
+                    }
+                } else if !relation.waiting.iter().any(|w| w.session.pid == pid) {
+                    relation.waiting.push(holder);
+                }
+            }
+            relation.sessions_using = using.len() as u64;
+            answer.relations.push(relation);
+        }
+        if let Some(age) = question.max_transaction_age {
+            let rows = client
+                .query(OLD_SQL, &[&age.as_secs_f64()])
+                .await
+                .map_err(|e| failed("reading old transactions", e))?;
+            answer.old_transactions.extend(rows.iter().map(|row| {
+                let session = crate::sampler::session_from_row(row);
+                SessionView::of(session.pid, Some(&session), now)
+            }));
+        }
+        Ok(())
+    }
+}
+
+impl PreflightError {
+    /// The HTTP status of the error: the caller's (400) or the database's
+    /// (503).
+    pub fn is_usage(&self) -> bool {
+        matches!(self, PreflightError::Usage(_) | PreflightError::Relation(_))
+    }
+}
+
+/// The answer as `lockjam preflight` prints it.
+pub fn render(answer: &Answer) -> String {
+    use std::fmt::Write as _;
+    let p = crate::tree::printable;
+    let mut out = String::new();
+    let who = |s: &SessionView| {
+        format!(
+            "pid {} {}@{} {}{}",
+            s.pid,
+            p(s.usename.as_deref().unwrap_or("?")),
+            p(s.datname.as_deref().unwrap_or("?")),
+            p(s.application_name.as_deref().unwrap_or("")),
+            match &s.state {
+                Some(state) => format!(" · {}", p(state)),
+                None => String::new(),
+            }
+        )
+    };
+    let query = |s: &SessionView, out: &mut String| {
+        if let Some(q) = &s.query {
+            let q = p(q.trim());
+            let cut: String = q.chars().take(120).collect();
+            let more = if cut.len() < q.len() { "…" } else { "" };
+            let _ = writeln!(out, "      {cut}{more}");
+        }
+    };
+    for r in &answer.relations {
+        let clear = r.conflicting.is_empty() && r.waiting.is_empty();
+        let _ = writeln!(
+            out,
+            "{} {} in database {}: {} ({} session(s) use it now)",
+            p(&answer.mode),
+            p(&r.relation),
+            p(&r.database),
+            if clear { "clear" } else { "NOT CLEAR" },
+            r.sessions_using
+        );
+        for h in &r.conflicting {
+            let _ = writeln!(
+                out,
+                "  holds {}: {} · transaction {}",
+                p(&h.mode),
+                who(&h.session),
+                age(h.session.transaction_age_seconds)
+            );
+            query(&h.session, &mut out);
+        }
+        for h in &r.waiting {
+            let _ = writeln!(
+                out,
+                "  already waits for {}: {}{}",
+                p(&h.mode),
+                who(&h.session),
+                h.wait_seconds.map(|w| format!(" · waited {w:.1}s")).unwrap_or_default()
+            );
+            query(&h.session, &mut out);
+        }
+    }
+    if let Some(limit) = answer.max_transaction_age_seconds {
+        if answer.old_transactions.is_empty() {
+            let _ = writeln!(out, "no transaction open longer than {limit}s");
+        }
+        for s in &answer.old_transactions {
+            let _ = writeln!(
+                out,
+                "  transaction open longer than {limit}s: {} · transaction {}",
+                who(s),
+                age(s.transaction_age_seconds)
+            );
+            query(s, &mut out);
+        }
+    }
+    let _ = writeln!(out, "{}", if answer.clear { "clear" } else { "not clear" });
+    out
+}
+
+fn age(seconds: Option<f64>) -> String {
+    seconds.map_or("?".into(), |s| format!("{s:.1}s"))
+}
+
+/// What a not-clear answer waits for, in one line: the pids and why.
+pub fn waiting_for(answer: &Answer) -> String {
+    let mut reasons = Vec::new();
+    for r in &answer.relations {
+        for h in &r.conflicting {
+            reasons.push(format!("pid {} holds {} on {}", h.session.pid, h.mode, r.relation));
+        }
+        for h in &r.waiting {
+            reasons.push(format!("pid {} waits for {} on {}", h.session.pid, h.mode, r.relation));
+        }
+    }
+    for s in &answer.old_transactions {
+        reasons.push(format!(
+            "pid {}'s transaction is {}",
+            s.pid,
+            age(s.transaction_age_seconds)
+        ));
+    }
+    crate::tree::printable(&reasons.join("; "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_split_on_dots_outside_quotes() {
+        let n = parse_name("orders").unwrap();
+        assert_eq!((n.database, n.qualified, n.bare), (None, None, Some("orders".into())));
+        let n = parse_name("Public.Orders").unwrap();
+        assert_eq!(n.qualified.as_deref(), Some("Public.Orders"));
+        let n = parse_name(r#"shop."Sales"."Order.Lines""#).unwrap();
+        assert_eq!(n.database.as_deref(), Some("shop"));
+        assert_eq!(n.qualified.as_deref(), Some(r#""Sales"."Order.Lines""#));
+        let n = parse_name(r#""My ""Quoted"" Table""#).unwrap();
+        assert_eq!(n.bare.as_deref(), Some(r#"My "Quoted" Table"#));
+        for bad in ["", "a..b", "a.b.c.d", "\"open", "a.", ".a"] {
+            assert!(matches!(parse_name(bad), Err(PreflightError::Usage(_))), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_question_needs_a_relation_and_a_lock_mode() {
+        let question = |relations: &[&str], mode: &str| Question {
+            relations: relations.iter().map(|r| r.to_string()).collect(),
+            database: None,
+            mode: mode.into(),
+            max_transaction_age: None,
+        };
+        assert!(check(&question(&["public.orders"], "AccessExclusiveLock")).is_ok());
+        assert!(check(&question(&[], "AccessExclusiveLock")).is_err());
+        let bad = check(&question(&["public.orders"], "access exclusive")).unwrap_err();
+        assert!(bad.to_string().contains("is not a lock mode"), "{bad}");
+    }
+}
