@@ -6,9 +6,11 @@
 #
 # The migration is Django 5.2's `migrate` of a model with a ForeignKey to
 # the user table, as `sqlmigrate app 0002` prints it (checked against
-# Django 5.2.19 and psycopg 3.3.9 on PostgreSQL 15.18): the foreign key
-# takes SHARE ROW EXCLUSIVE on app_user. With Django itself, the last line
-# is `python manage.py migrate`.
+# Django 5.2.19 and 5.2.20 with psycopg 3 on PostgreSQL 15.18): the
+# foreign key takes SHARE ROW EXCLUSIVE on app_user. With Django itself,
+# the last step is `python manage.py migrate`; gated so, with Django 5.2.20
+# against a write held open on app_user, preflight exited 1 and migrate
+# never ran, then after the commit it exited 0 and migrate applied 0002.
 #
 #   DATABASE_DSN='host=... dbname=app' WAIT=60s tests/gate/django-migrate.sh
 set -euo pipefail
