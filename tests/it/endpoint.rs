@@ -148,6 +148,7 @@ async fn https_with_basic_auth_and_bearer_token() {
             "/api/v1/events",
             "/api/v1/incidents",
             "/api/v1/incidents/1",
+            "/api/v1/preflight?relation=public.orders",
         ] {
             let answer = get(path, &args).await;
             assert_eq!(answer.status, 401, "{what} on {path}: {}", answer.body);
