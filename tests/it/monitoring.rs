@@ -571,3 +571,55 @@ async fn prometheus_sees_incident_000_page_and_clear() {
     drop(prometheus);
     env.stop().await;
 }
+
+/// `/metrics` answers gzip when asked. Prometheus asks on every scrape (its
+/// scraper sets `Accept-Encoding: gzip`, 2.42 as Debian ships it included),
+/// and its scrape of the compressed answer reads the same values; a client
+/// that does not ask gets plain text.
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_are_gzipped_for_prometheus() {
+    let env = TestEnv::start().await;
+    let prometheus = Prometheus::start(env.addr(), "groups: []\n").await;
+    prometheus
+        .wait_for_value("lockjam to be scraped", "up{job=\"lockjam\"}", |up| up == 1.0)
+        .await;
+    prometheus
+        .wait_for_value(
+            "lockjam_up through the gzip scrape",
+            "lockjam_up{target=\"it\"}",
+            |up| up == 1.0,
+        )
+        .await;
+    let url = format!("http://{}/metrics", env.addr());
+    let curl = |args: &[&str]| {
+        let output = Command::new("curl")
+            .args(["-sS"])
+            .args(args)
+            .arg(&url)
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        output.stdout
+    };
+    let head = String::from_utf8(curl(&["-o", "/dev/null", "-D", "-", "-H", "Accept-Encoding: gzip"])).unwrap();
+    assert!(head.to_ascii_lowercase().contains("content-encoding: gzip"), "{head}");
+    let plain_head = String::from_utf8(curl(&["-o", "/dev/null", "-D", "-"])).unwrap();
+    assert!(
+        !plain_head.to_ascii_lowercase().contains("content-encoding"),
+        "{plain_head}"
+    );
+    let zipped = curl(&["-H", "Accept-Encoding: gzip"]);
+    assert_eq!(&zipped[..2], b"\x1f\x8b", "a gzip stream");
+    let unzipped = String::from_utf8(curl(&["--compressed"])).unwrap();
+    let plain = String::from_utf8(curl(&[])).unwrap();
+    assert_eq!(
+        crate::support::Scrape::parse(&unzipped).value("lockjam_up", &[("target", "it")]),
+        Some(1.0)
+    );
+    assert!(
+        zipped.len() * 3 < plain.len(),
+        "{} bytes gzipped, {} plain",
+        zipped.len(),
+        plain.len()
+    );
+}
