@@ -20,7 +20,7 @@ use crate::incidents::store::{Retention, Store};
 use crate::incidents::{Criteria, Ending, Tracker};
 use crate::policy::{decide, next_deadline, Memory, Policy, Verdict, MAX_SNAPSHOT_AGE};
 use crate::preflight::Preflight;
-use crate::sampler::{SampleError, Sampler};
+use crate::sampler::{SampleError, Sampler, ServerIdentity};
 use crate::snapshot::Snapshot;
 use crate::state::{LastSample, SharedState, TargetRecord};
 
@@ -39,6 +39,9 @@ pub enum ServiceError {
     Target(#[from] ConnectError),
     #[error(transparent)]
     Http(#[from] HttpError),
+    /// Two targets reach one server.
+    #[error(transparent)]
+    SameServer(SampleError),
 }
 
 /// A running lockjam: target tasks and the HTTP server.
@@ -77,6 +80,45 @@ struct Prepared {
 }
 
 impl Prepared {
+    /// Refuses two targets that reach one server: each would report every
+    /// database of it, and count the other's sessions. Targets are asked
+    /// side by side, each within its connect and statement timeouts; one
+    /// that cannot be reached now is checked when it first connects.
+    async fn check_servers(&mut self, config: &Config) -> Result<(), ServiceError> {
+        let limit = config.sampler.connect_timeout + config.sampler.statement_timeout;
+        let mut asking = JoinSet::new();
+        for (index, mut sampler) in self.samplers.drain(..).enumerate() {
+            asking.spawn(async move {
+                let identity = tokio::time::timeout(limit, sampler.identify()).await;
+                (index, sampler, identity.ok().and_then(Result::ok))
+            });
+        }
+        let mut answers = Vec::new();
+        while let Some(answer) = asking.join_next().await {
+            answers.push(answer.expect("identifying a server does not panic"));
+        }
+        answers.sort_by_key(|(index, _, _)| *index);
+        let mut identities = Vec::new();
+        for (_, sampler, identity) in answers {
+            self.samplers.push(sampler);
+            identities.push(identity);
+        }
+        // Each server, with every target that reached it, in the order of
+        // the configuration.
+        let mut servers: Vec<(ServerIdentity, Vec<String>)> = Vec::new();
+        for (target, identity) in config.targets.iter().zip(identities) {
+            let Some(identity) = identity else { continue };
+            match servers.iter_mut().find(|(known, _)| *known == identity) {
+                Some((_, names)) => names.push(target.name.clone()),
+                None => servers.push((identity, vec![target.name.clone()])),
+            }
+        }
+        match servers.into_iter().find(|(_, names)| names.len() > 1) {
+            Some((identity, targets)) => Err(ServiceError::SameServer(SampleError::SameServer { targets, identity })),
+            None => Ok(()),
+        }
+    }
+
     fn new(config: &Config) -> Result<Prepared, ServiceError> {
         let samplers = config
             .targets
@@ -144,6 +186,7 @@ impl ServiceError {
             ServiceError::Target(ConnectError::Dsn { .. } | ConnectError::Tls { .. }) => true,
             ServiceError::Target(_) => false,
             ServiceError::Http(_) => true,
+            ServiceError::SameServer(_) => true,
         }
     }
 }
@@ -161,7 +204,8 @@ impl Service {
     /// Binds the listener and starts sampling every target. A target that
     /// cannot be reached is no error: it is retried with backoff.
     pub async fn start(config: &Config) -> Result<Service, ServiceError> {
-        let prepared = Prepared::new(config)?;
+        let mut prepared = Prepared::new(config)?;
+        prepared.check_servers(config).await?;
         let tls = config.server.tls().as_ref().map(TlsReloader::load).transpose()?;
         let listener = tokio::net::TcpListener::bind(config.server.listen)
             .await
@@ -225,7 +269,8 @@ impl Service {
     /// changed. What needs a restart (the listen address, turning HTTPS on
     /// or off, logging) is named in a warning and left as it was.
     pub async fn reload(&mut self, config: &Config) -> Result<(), ServiceError> {
-        let prepared = Prepared::new(config)?;
+        let mut prepared = Prepared::new(config)?;
+        prepared.check_servers(config).await?;
         match (&self.tls, &config.server.tls()) {
             (Some(reloader), Some(files)) => reloader.reload(files)?,
             (None, None) => {}
@@ -425,6 +470,7 @@ impl Watch {
                     limit: self.sampler.deadline(),
                 })
             });
+            let result = result.and_then(|snapshot| self.one_target_per_server().map(|()| snapshot));
             let wake = match result {
                 Ok(snapshot) => self.sampled(&snapshot, started, took).await,
                 Err(error) => self.failed(&error, took),
@@ -437,6 +483,25 @@ impl Watch {
         }
         while self.closing.join_next().await.is_some() {}
         self.shared.keep_tracker(&self.name, self.tracker);
+    }
+
+    /// A target that came up after start on a server another target
+    /// already watches fails every sample, saying so: it was not refused at
+    /// start only because it could not be reached then.
+    fn one_target_per_server(&mut self) -> Result<(), SampleError> {
+        let Some(identity) = self.sampler.server_identity().cloned() else {
+            return Ok(());
+        };
+        match self.shared.claim_server(&self.name, &identity) {
+            None => Ok(()),
+            Some(other) => {
+                self.sampler.reset();
+                Err(SampleError::SameServer {
+                    targets: vec![other, self.name.clone()],
+                    identity,
+                })
+            }
+        }
     }
 
     /// Publishes a good sample and runs the policy on it; returns when to

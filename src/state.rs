@@ -15,6 +15,7 @@ use crate::incidents::Tracker;
 use crate::metrics::Metrics;
 use crate::policy::Policy;
 use crate::preflight::Preflight;
+use crate::sampler::ServerIdentity;
 
 pub struct SharedState {
     pub metrics: Metrics,
@@ -26,6 +27,9 @@ pub struct SharedState {
     trackers: Mutex<HashMap<String, Tracker>>,
     targets: RwLock<Vec<Arc<TargetRecord>>>,
     auth: RwLock<Arc<HttpAuth>>,
+    /// The server each target last reached, to refuse a second target on
+    /// the same server that was down when lockjam started.
+    servers: Mutex<HashMap<String, ServerIdentity>>,
 }
 
 /// One target as HTTP sees it: its name, cadence and last sample.
@@ -137,6 +141,7 @@ impl SharedState {
             trackers: Mutex::new(HashMap::new()),
             targets: RwLock::new(Vec::new()),
             auth: RwLock::new(Arc::new(auth)),
+            servers: Mutex::new(HashMap::new()),
         };
         state.replace_targets(targets);
         state
@@ -173,7 +178,27 @@ impl SharedState {
         for target in &targets {
             self.metrics.register_target(&target.name);
         }
+        self.servers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|name, _| targets.iter().any(|t| &t.name == name));
         *current = targets.into_iter().map(Arc::new).collect();
+    }
+
+    /// Records that `target` reached the server `identity`; returns the
+    /// other target that reached it first, if one did.
+    pub(crate) fn claim_server(&self, target: &str, identity: &ServerIdentity) -> Option<String> {
+        let mut servers = self.servers.lock().unwrap_or_else(|p| p.into_inner());
+        let other = servers
+            .iter()
+            .find(|(name, known)| name.as_str() != target && *known == identity)
+            .map(|(name, _)| name.clone());
+        if other.is_none() {
+            servers.insert(target.to_string(), identity.clone());
+        } else {
+            servers.remove(target);
+        }
+        other
     }
 
     pub fn auth(&self) -> Arc<HttpAuth> {
@@ -182,5 +207,53 @@ impl SharedState {
 
     pub(crate) fn set_auth(&self, auth: HttpAuth) {
         *self.auth.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(auth);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server(started: &str) -> ServerIdentity {
+        ServerIdentity {
+            system_identifier: Some(7),
+            started: started.into(),
+            data_directory: Some("/data".into()),
+        }
+    }
+
+    #[test]
+    fn a_second_target_on_a_claimed_server_is_named_and_refused() {
+        let state = SharedState::new(
+            vec![
+                TargetRecord::new("a", Duration::from_secs(1), Arc::default(), None),
+                TargetRecord::new("b", Duration::from_secs(1), Arc::default(), None),
+            ],
+            HttpAuth::default(),
+            Store::open(
+                None,
+                crate::incidents::store::Retention {
+                    keep_days: 1,
+                    keep_count: 10,
+                },
+            ),
+        );
+        assert_eq!(state.claim_server("a", &server("t1")), None);
+        assert_eq!(
+            state.claim_server("a", &server("t1")),
+            None,
+            "claiming again is no conflict"
+        );
+        assert_eq!(state.claim_server("b", &server("t1")), Some("a".into()));
+        // A standby or a copy: same system identifier, another postmaster.
+        assert_eq!(state.claim_server("b", &server("t2")), None);
+        // Reloaded without `a`: its claim goes with it.
+        state.replace_targets(vec![TargetRecord::new(
+            "b",
+            Duration::from_secs(1),
+            Arc::default(),
+            None,
+        )]);
+        assert_eq!(state.claim_server("c", &server("t1")), None);
     }
 }

@@ -29,7 +29,10 @@ LEFT JOIN (
            -- Without pg_read_all_stats, other roles' sessions show a NULL
            -- backend_type and state: counted as client sessions in state
            -- unknown.
-           COALESCE(a.backend_type = 'client backend', true) AS client,
+           -- Another lockjam's sessions (application_name lockjam, as
+           -- connect.rs sets it) are no application's either.
+           COALESCE(a.backend_type = 'client backend', true)
+               AND a.application_name IS DISTINCT FROM 'lockjam' AS client,
            pg_catalog.count(*) AS sessions,
            pg_catalog.min(a.xact_start) AS oldest_xact_start,
            pg_catalog.array_agg(a.pid) FILTER (WHERE a.wait_event_type = 'Lock') AS lock_waiting_pids

@@ -35,6 +35,7 @@ const ENDED_SQL: &str = include_str!("ended.sql");
 /// Once per session: its pid, database, server version, role, and the
 /// size of the lock table (`lock_slots`).
 pub const SESSION_SQL: &str = include_str!("session.sql");
+const IDENTITY_SQL: &str = include_str!("identity.sql");
 /// WAL replay's blockers on a hot standby, for `waiters.sql` and the
 /// enforcer's `signal.sql`; `{in_recovery}` names their boolean parameter.
 pub(crate) const REPLAY_SQL: &str = include_str!("replay.sql");
@@ -58,12 +59,46 @@ pub enum SampleError {
     },
     #[error("target `{target}`: the sample took longer than {limit:?} and was abandoned")]
     Timeout { target: String, limit: Duration },
+    #[error(
+        "targets {} are one PostgreSQL server ({identity}): one target sees every database of its server \
+         and counts the others' sessions; keep one of them",
+        .targets.iter().map(|t| format!("`{t}`")).collect::<Vec<_>>().join(", ")
+    )]
+    SameServer {
+        targets: Vec<String>,
+        identity: ServerIdentity,
+    },
+}
+
+/// Which server a session reached: two targets with equal identities are
+/// one server.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ServerIdentity {
+    /// `pg_control_system()`'s, where the role may call it.
+    pub system_identifier: Option<i64>,
+    /// `pg_postmaster_start_time()`, RFC 3339.
+    pub started: String,
+    pub data_directory: Option<String>,
+}
+
+impl std::fmt::Display for ServerIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if let Some(id) = self.system_identifier {
+            write!(f, "system identifier {id}, ")?;
+        }
+        write!(f, "started {}", self.started)?;
+        if let Some(dir) = &self.data_directory {
+            write!(f, ", data directory {dir}")?;
+        }
+        Ok(())
+    }
 }
 
 /// The main session: prepared statements and what the server told us.
 struct MainSession {
     client: Client,
     pid: i32,
+    identity: ServerIdentity,
     dbname: String,
     /// The role lockjam is, as named in warnings.
     role: String,
@@ -266,6 +301,20 @@ impl Sampler {
             main.lock_slots,
             main.reads_all_stats,
         ))
+    }
+
+    /// Which server the target is, connecting if need be.
+    pub async fn identify(&mut self) -> Result<ServerIdentity, SampleError> {
+        if self.main.is_none() {
+            let main = self.open_main().await?;
+            self.main = Some(main);
+        }
+        Ok(self.main.as_ref().expect("connected").identity.clone())
+    }
+
+    /// The server the main session reached, while connected.
+    pub fn server_identity(&self) -> Option<&ServerIdentity> {
+        self.main.as_ref().map(|m| &m.identity)
     }
 
     /// Takes one sample. On error every session is dropped and the next
@@ -528,6 +577,9 @@ impl Sampler {
             .await
             .map_err(|e| self.query_error("reading the session's identity", &e))?;
         let server_version: i32 = row.get("server_version");
+        let identity = identify(&client)
+            .await
+            .map_err(|e| self.query_error("reading the server's identity", &e))?;
         let prepare = |sql: String, what: &'static str| {
             let client = &client;
             async move { client.prepare(&sql).await.map_err(|e| self.query_error(what, &e)) }
@@ -540,6 +592,7 @@ impl Sampler {
         let locks = prepare(locks, "preparing the pg_locks query").await?;
         let relations = prepare(RELATIONS_SQL.into(), "preparing the relation-name query").await?;
         let main = MainSession {
+            identity,
             role: row.get("role"),
             pid: row.get("pid"),
             dbname: row.get("dbname"),
@@ -707,6 +760,24 @@ impl Sampler {
         }
         self.first_seen.retain(|key, _| seen_now.contains(key));
     }
+}
+
+/// The server's identity (`identity.sql`, and the system identifier where
+/// the role may read it).
+async fn identify(client: &Client) -> Result<ServerIdentity, tokio_postgres::Error> {
+    let row = client.query_one(IDENTITY_SQL, &[]).await?;
+    // pg_control_system() is granted to pg_monitor by default, but a
+    // managed service may revoke it: then start time and directory alone.
+    let system_identifier = client
+        .query_one("SELECT system_identifier FROM pg_catalog.pg_control_system()", &[])
+        .await
+        .ok()
+        .map(|row| row.get::<_, i64>(0));
+    Ok(ServerIdentity {
+        system_identifier,
+        started: crate::view::rfc3339(row.get::<_, SystemTime>("started")),
+        data_directory: row.get("data_directory"),
+    })
 }
 
 pub(crate) fn session_from_row(row: &tokio_postgres::Row) -> Session {

@@ -2,6 +2,7 @@
 //! started by the fixture in `support`.
 
 mod endpoint;
+mod fleet;
 mod history;
 mod incidents;
 mod monitoring;
