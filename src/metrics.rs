@@ -14,6 +14,58 @@ use crate::policy::{Outcome, Policy, Signal};
 
 /// Label value that collects the relation series past `max_relations`.
 pub(crate) const OTHER_RELATIONS: &str = "_other";
+/// Label value that collects the databases past `max_databases`.
+pub(crate) const OTHER_DATABASES: &str = "_other";
+
+/// The `datname` label of each database of a sample: its name for the
+/// `max_databases` that matter most (those with lock waits, or a wait that
+/// just ended, then those with the most sessions, then by name, so that
+/// the choice is stable), [`OTHER_DATABASES`] for the rest.
+pub(crate) struct DatabaseLabels {
+    named: HashSet<String>,
+}
+
+impl DatabaseLabels {
+    pub(crate) fn of(graph: &LockGraph, ended: &[EndedWait], max_databases: usize) -> DatabaseLabels {
+        let mut sessions: HashMap<&str, u64> = HashMap::new();
+        for group in &graph.activity {
+            *sessions.entry(group.datname.as_str()).or_default() += group.sessions;
+        }
+        for datname in graph.databases.keys() {
+            sessions.entry(datname.as_str()).or_default();
+        }
+        for wait in ended {
+            sessions.entry(wait.datname.as_str()).or_default();
+        }
+        let mut ranked: Vec<(&str, u64)> = sessions.into_iter().collect();
+        ranked.sort_by(|a, b| {
+            let waits = |d: &str| graph.databases.get(d).is_some_and(waits_in) || ended.iter().any(|w| w.datname == d);
+            waits(b.0).cmp(&waits(a.0)).then(b.1.cmp(&a.1)).then(a.0.cmp(b.0))
+        });
+        DatabaseLabels {
+            named: ranked
+                .into_iter()
+                .take(max_databases)
+                .map(|(d, _)| d.to_string())
+                .collect(),
+        }
+    }
+
+    pub(crate) fn label<'a>(&self, datname: &'a str) -> &'a str {
+        if self.named.contains(datname) {
+            datname
+        } else {
+            OTHER_DATABASES
+        }
+    }
+}
+
+/// Whether anyone in the database waits for a lock, or blocks someone:
+/// only then does it have the lock gauges (a calm database costs its
+/// session series alone).
+fn waits_in(figures: &crate::analysis::DatabaseLocks) -> bool {
+    figures.blocked_sessions > 0 || figures.root_blockers > 0 || !figures.waiters.is_empty()
+}
 
 /// Buckets of `lockjam_sample_duration_seconds`: samples take milliseconds.
 const SAMPLE_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5];
@@ -300,28 +352,30 @@ fn register_database_families(registry: &Registry) -> [Family; 11] {
 
 impl Families {
     /// Observes the waits that ended. A database's wait histogram exists,
-    /// at 0, from the first sample that sees it, so that Prometheus'
-    /// `increase()` counts its first waits instead of taking them as the
-    /// series' starting value; a dropped database's histogram goes with it.
-    fn record_waits_ended(&mut self, target: &str, graph: &LockGraph, ended: &[EndedWait]) {
-        // Sessions still logging in show no database (an empty datname):
-        // no wait of theirs can end, so they declare nothing.
+    /// at 0, from the first sample that sees a lock wait in it, so that
+    /// Prometheus' `increase()` counts the wait when it ends instead of
+    /// taking it as the series' starting value (a wait is observed when a
+    /// later sample no longer sees it); a calm database has none, and a
+    /// dropped database's histogram goes with it.
+    fn record_waits_ended(&mut self, target: &str, graph: &LockGraph, ended: &[EndedWait], labels: &DatabaseLabels) {
         let databases = self.wait_databases.entry(target.to_string()).or_default();
-        for group in graph.activity.iter().filter(|g| !g.datname.is_empty()) {
-            if databases.insert(group.datname.clone()) {
-                self.lock_wait.with_label_values(&[target, &group.datname]);
+        for (datname, figures) in &graph.databases {
+            let label = labels.label(datname);
+            if waits_in(figures) && !datname.is_empty() && databases.insert(label.to_string()) {
+                self.lock_wait.with_label_values(&[target, label]);
             }
         }
         for wait in ended {
-            databases.insert(wait.datname.clone());
+            let label = labels.label(&wait.datname);
+            databases.insert(label.to_string());
             self.lock_wait
-                .with_label_values(&[target, &wait.datname])
+                .with_label_values(&[target, label])
                 .observe(seconds(wait.wait));
         }
         if let Some(existing) = &graph.existing_databases {
             let lock_wait = &self.lock_wait;
             databases.retain(|datname| {
-                let keep = existing.contains(datname);
+                let keep = datname == OTHER_DATABASES || existing.contains(datname);
                 if !keep {
                     let _ = lock_wait.remove_label_values(&[target, datname]);
                 }
@@ -331,63 +385,107 @@ impl Families {
     }
 
     /// Sessions and their oldest transactions, by database and state.
-    fn record_sessions(&mut self, target: &str, graph: &LockGraph) {
+    fn record_sessions(&mut self, target: &str, graph: &LockGraph, labels: &DatabaseLabels) {
         let taken_at = graph.taken_at;
+        let mut groups: BTreeMap<(String, String), (u64, Option<SystemTime>)> = BTreeMap::new();
+        for g in &graph.activity {
+            let entry = groups
+                .entry((labels.label(&g.datname).to_string(), g.state.clone()))
+                .or_default();
+            entry.0 += g.sessions;
+            entry.1 = match (entry.1, g.oldest_xact_start) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+        }
         self.sessions.replace(
             target,
-            graph
-                .activity
+            groups
                 .iter()
-                .map(|g| (vec![g.datname.clone(), g.state.clone()], g.sessions as f64)),
+                .map(|((datname, state), (sessions, _))| (vec![datname.clone(), state.clone()], *sessions as f64)),
         );
         self.transaction_max_age.replace(
             target,
-            graph.activity.iter().filter_map(|g| {
-                let oldest = g.oldest_xact_start?;
-                let age = taken_at.duration_since(oldest).unwrap_or_default();
-                Some((vec![g.datname.clone(), g.state.clone()], seconds(age)))
+            groups.iter().filter_map(|((datname, state), (_, oldest))| {
+                let age = taken_at.duration_since((*oldest)?).unwrap_or_default();
+                Some((vec![datname.clone(), state.clone()], seconds(age)))
             }),
         );
     }
 
-    /// The lock figures: per database, per queue and per relation.
-    fn record_locks(&mut self, target: &str, graph: &LockGraph, max_relations: usize) {
-        let per_db = |value: fn(&crate::analysis::DatabaseLocks) -> f64| {
-            graph
-                .databases
+    /// The lock figures: per database where someone waits, per queue and
+    /// per relation.
+    fn record_locks(&mut self, target: &str, graph: &LockGraph, caps: Caps, labels: &DatabaseLabels) {
+        // Counts add up, ages and depths take the largest, where several
+        // databases share the `_other` label.
+        let mut per_db: BTreeMap<String, crate::analysis::DatabaseLocks> = BTreeMap::new();
+        for (datname, figures) in graph.databases.iter().filter(|(_, f)| waits_in(f)) {
+            let into = per_db.entry(labels.label(datname).to_string()).or_default();
+            into.lock_wait_max = into.lock_wait_max.max(figures.lock_wait_max);
+            into.blocked_sessions += figures.blocked_sessions;
+            into.root_blockers += figures.root_blockers;
+            into.root_blocker_max_age = into.root_blocker_max_age.max(figures.root_blocker_max_age);
+            into.chain_max_depth = into.chain_max_depth.max(figures.chain_max_depth);
+            for (key, count) in &figures.waiters {
+                *into.waiters.entry(key.clone()).or_default() += count;
+            }
+        }
+        let values = |value: fn(&crate::analysis::DatabaseLocks) -> f64| {
+            per_db
                 .iter()
                 .map(move |(datname, figures)| (vec![datname.clone()], value(figures)))
                 .collect::<Vec<_>>()
         };
-        self.lock_wait_max.replace(target, per_db(|d| seconds(d.lock_wait_max)));
+        self.lock_wait_max.replace(target, values(|d| seconds(d.lock_wait_max)));
         self.blocked_sessions
-            .replace(target, per_db(|d| d.blocked_sessions as f64));
-        self.root_blockers.replace(target, per_db(|d| d.root_blockers as f64));
+            .replace(target, values(|d| d.blocked_sessions as f64));
+        self.root_blockers.replace(target, values(|d| d.root_blockers as f64));
         self.root_blocker_max_age
-            .replace(target, per_db(|d| seconds(d.root_blocker_max_age)));
+            .replace(target, values(|d| seconds(d.root_blocker_max_age)));
         self.chain_max_depth
-            .replace(target, per_db(|d| d.chain_max_depth as f64));
+            .replace(target, values(|d| d.chain_max_depth as f64));
         self.lock_waiters.replace(
             target,
-            graph.databases.iter().flat_map(|(datname, figures)| {
+            per_db.iter().flat_map(|(datname, figures)| {
                 figures.waiters.iter().map(move |((locktype, mode), count)| {
                     (vec![datname.clone(), locktype.clone(), mode.clone()], *count as f64)
                 })
             }),
         );
-        let queues = cap_queue_series(&graph.queues, max_relations);
-        let labels = |q: &QueueSeries| vec![q.datname.clone(), q.relation.clone(), q.mode.clone()];
+        let relabelled: Vec<Queue> = graph
+            .queues
+            .iter()
+            .map(|q| Queue {
+                datname: labels.label(&q.datname).to_string(),
+                ..q.clone()
+            })
+            .collect();
+        let queues = cap_queue_series(&relabelled, caps.relations);
+        let queue_labels = |q: &QueueSeries| vec![q.datname.clone(), q.relation.clone(), q.mode.clone()];
         self.queue_depth
-            .replace(target, queues.iter().map(|q| (labels(q), q.depth as f64)));
+            .replace(target, queues.iter().map(|q| (queue_labels(q), q.depth as f64)));
         self.queue_head_wait
-            .replace(target, queues.iter().map(|q| (labels(q), seconds(q.head_wait))));
+            .replace(target, queues.iter().map(|q| (queue_labels(q), seconds(q.head_wait))));
+        let mut relations: BTreeMap<(String, String), u64> = BTreeMap::new();
+        for r in cap_relation_waiters(graph, caps.relations) {
+            *relations
+                .entry((labels.label(&r.datname).to_string(), r.relation))
+                .or_default() += r.waiters;
+        }
         self.relation_waiters.replace(
             target,
-            cap_relation_waiters(graph, max_relations)
+            relations
                 .into_iter()
-                .map(|r| (vec![r.datname, r.relation], r.waiters as f64)),
+                .map(|((datname, relation), waiters)| (vec![datname, relation], waiters as f64)),
         );
     }
+}
+
+/// The caps on a target's series.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Caps {
+    pub relations: usize,
+    pub databases: usize,
 }
 
 impl Metrics {
@@ -491,8 +589,9 @@ impl Metrics {
         graph: &LockGraph,
         ended: &[EndedWait],
         took: Duration,
-        max_relations: usize,
+        caps: Caps,
     ) {
+        let labels = DatabaseLabels::of(graph, ended, caps.databases);
         let mut guard = self.families();
         let f = &mut *guard;
         f.up.with_label_values(&[target]).set(1.0);
@@ -500,9 +599,9 @@ impl Metrics {
             .with_label_values(&[target])
             .set(unix_seconds(graph.taken_at));
         f.sample_duration.with_label_values(&[target]).observe(seconds(took));
-        f.record_waits_ended(target, graph, ended);
-        f.record_sessions(target, graph);
-        f.record_locks(target, graph, max_relations);
+        f.record_waits_ended(target, graph, ended, &labels);
+        f.record_sessions(target, graph, &labels);
+        f.record_locks(target, graph, caps, &labels);
     }
 
     /// A failed sample: `lockjam_up` drops to 0 and the target's database
@@ -637,6 +736,13 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn caps(relations: usize) -> Caps {
+        Caps {
+            relations,
+            databases: 100,
+        }
+    }
     use crate::analysis::analyze;
     use crate::snapshot::{ActivityGroup, Snapshot};
 
@@ -698,7 +804,7 @@ mod tests {
         );
         assert_eq!(shown(5).len(), 5);
         let metrics = Metrics::new();
-        metrics.record_sample("db1", &graph, &[], Duration::from_millis(1), 2);
+        metrics.record_sample("db1", &graph, &[], Duration::from_millis(1), caps(2));
         let text = metrics.render();
         assert!(
             text.contains("lockjam_relation_lock_waiters{datname=\"shop\",relation=\"_other\",target=\"db1\"} 5"),
@@ -726,7 +832,7 @@ mod tests {
             oldest_xact_start: None,
         });
         let first = analyze(&Snapshot::calm(taken_at, groups));
-        metrics.record_sample("db1", &first, &[], Duration::from_millis(2), 20);
+        metrics.record_sample("db1", &first, &[], Duration::from_millis(2), caps(20));
         let text = metrics.render();
         assert!(
             text.contains("lockjam_sessions{datname=\"app\",state=\"active\",target=\"db1\"} 3"),
@@ -735,17 +841,16 @@ mod tests {
         assert!(
             text.contains("lockjam_transaction_max_age_seconds{datname=\"app\",state=\"active\",target=\"db1\"} 10")
         );
-        assert!(text.contains("lockjam_blocked_sessions{datname=\"app\",target=\"db1\"} 0"));
-        assert!(
-            text.contains("lockjam_lock_wait_seconds_count{datname=\"app\",target=\"db1\"} 0"),
-            "a database's wait histogram starts at 0: {text}"
-        );
+        // A calm database costs its session series alone: no lock gauge,
+        // no wait histogram.
+        assert!(!text.contains("lockjam_blocked_sessions{"), "{text}");
+        assert!(!text.contains("lockjam_lock_wait_seconds_count{"), "{text}");
         assert!(
             !text.contains("lockjam_lock_wait_seconds_count{datname=\"\""),
             "no histogram for sessions not yet in a database: {text}"
         );
         let second = analyze(&Snapshot::calm(taken_at, activity("idle")));
-        metrics.record_sample("db1", &second, &[], Duration::from_millis(2), 20);
+        metrics.record_sample("db1", &second, &[], Duration::from_millis(2), caps(20));
         let text = metrics.render();
         assert!(!text.contains("state=\"active\""), "stale series removed: {text}");
         assert!(text.contains("lockjam_up{target=\"db1\"} 1"));
@@ -774,12 +879,17 @@ mod tests {
                 .collect::<Vec<_>>()
         };
         let at = SystemTime::UNIX_EPOCH + Duration::from_secs(1000);
+        // A wait in tmp ended: its histogram exists from then on.
+        let ended = [EndedWait {
+            datname: "tmp".into(),
+            wait: Duration::from_secs(3),
+        }];
         metrics.record_sample(
             "db1",
             &analyze(&Snapshot::calm(at, groups(&["app", "tmp"]))),
-            &[],
+            &ended,
             Duration::ZERO,
-            20,
+            caps(20),
         );
         let histograms = |text: &str, datname: &str| {
             text.lines()
@@ -793,7 +903,7 @@ mod tests {
             &analyze(&Snapshot::calm(at, groups(&["app"]))),
             &[],
             Duration::ZERO,
-            20,
+            caps(20),
         );
         assert_eq!(histograms(&metrics.render(), "tmp"), 15);
         // The sample that read the server's databases finds it dropped.
@@ -801,10 +911,10 @@ mod tests {
             existing_databases: Some(vec!["app".into(), "postgres".into()]),
             ..Snapshot::calm(at, groups(&["app"]))
         };
-        metrics.record_sample("db1", &analyze(&dropped), &[], Duration::ZERO, 20);
+        metrics.record_sample("db1", &analyze(&dropped), &[], Duration::ZERO, caps(20));
         let text = metrics.render();
         assert_eq!(histograms(&text, "tmp"), 0, "{text}");
-        assert_eq!(histograms(&text, "app"), 15);
+        assert_eq!(histograms(&text, "app"), 0, "app never had a wait: {text}");
     }
 
     #[test]
@@ -849,7 +959,7 @@ mod tests {
         for target in ["gone", "kept"] {
             metrics.register_target(target);
             metrics.register_policy(target, &policy);
-            metrics.record_sample(target, &graph, &[], Duration::from_millis(2), 20);
+            metrics.record_sample(target, &graph, &[], Duration::from_millis(2), caps(20));
             metrics.set_policy_leader(target, true);
         }
         let series_of = |text: &str, target: &str| {
@@ -857,12 +967,12 @@ mod tests {
             text.lines().filter(|l| l.contains(&label)).count()
         };
         let before = metrics.render();
-        // up, last sample, leader; 14 sample-duration and 15 wait-histogram
-        // lines; 16 policy counters; 6 per-database gauges.
-        assert_eq!(series_of(&before, "gone"), 54, "{before}");
+        // up, last sample, leader; 14 sample-duration lines; 16 policy
+        // counters; 1 sessions gauge (a calm database).
+        assert_eq!(series_of(&before, "gone"), 34, "{before}");
         metrics.forget_target("gone");
         let after = metrics.render();
         assert_eq!(series_of(&after, "gone"), 0, "{after}");
-        assert_eq!(series_of(&after, "kept"), 54, "{after}");
+        assert_eq!(series_of(&after, "kept"), 34, "{after}");
     }
 }

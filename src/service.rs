@@ -519,9 +519,16 @@ impl Watch {
             .as_deref()
             .map(|p| ended_waits(p, &graph))
             .unwrap_or_default();
-        self.shared
-            .metrics
-            .record_sample(name, &graph, &ended, took, self.settings.max_relations);
+        self.shared.metrics.record_sample(
+            name,
+            &graph,
+            &ended,
+            took,
+            crate::metrics::Caps {
+                relations: self.settings.max_relations,
+                databases: self.settings.max_databases,
+            },
+        );
         self.record.record_success(
             graph.clone(),
             self.sampler.server_version(),

@@ -161,6 +161,9 @@ fn check_sampler(sampler: &SamplerConfig) -> Result<(), Fault> {
     if sampler.max_relations == 0 {
         return Err(fault("sampler.max_relations", "must be at least 1"));
     }
+    if sampler.max_databases == 0 {
+        return Err(fault("sampler.max_databases", "must be at least 1"));
+    }
     Ok(())
 }
 

@@ -249,6 +249,9 @@ pub struct SamplerConfig {
     pub activity_interval: Duration,
     /// Relation series per target, at most.
     pub max_relations: usize,
+    /// Databases named in `datname` labels per target, at most; the rest
+    /// are summed into `datname="_other"`.
+    pub max_databases: usize,
     /// A session to another database (opened to name its relations)
     /// closes after this long unused.
     #[serde(with = "crate::duration::positive")]
@@ -265,6 +268,7 @@ impl Default for SamplerConfig {
             connect_timeout: Duration::from_secs(5),
             activity_interval: Duration::from_secs(5),
             max_relations: 20,
+            max_databases: 100,
             database_session_idle: Duration::from_secs(60),
         }
     }

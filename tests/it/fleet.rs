@@ -3,6 +3,7 @@
 //! one target per database, multiplied every series), and other lockjam
 //! instances' sessions are no application's.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use lockjam::cluster::ClusterOptions;
@@ -137,4 +138,147 @@ async fn another_lockjams_sessions_are_not_the_applications() {
     assert_eq!(sessions_in_postgres(mine).await, before);
     assert_eq!(sessions_in_postgres(theirs).await, before);
     other.stop().await;
+}
+
+/// A multi-tenant server: 300 databases, one idle session each. With
+/// `max_databases` at its default (100), the target's database series are
+/// 100 named `lockjam_sessions{state="idle"}` and one `_other` holding the
+/// other 200: no lock gauge, no histogram for a calm database. A wait in a
+/// tenant names it (a database with waits ranks first) and brings its
+/// lock series; once calm, they go, and its wait histogram stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_hundred_tenant_databases_stay_within_the_budget() {
+    const TENANTS: usize = 300;
+    let cluster = start_cluster(ClusterOptions {
+        max_connections: TENANTS as u32 + 50,
+        ..ClusterOptions::default()
+    })
+    .await;
+    let postgres = connect(&cluster.dsn("postgres"), "fixture").await;
+    let version: i32 = postgres
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .await
+        .unwrap()
+        .get(0);
+    // Copying the template's files is the quicker way for many small
+    // databases from 15 on (the default there writes them through WAL).
+    let strategy = if version >= 150_000 { " STRATEGY FILE_COPY" } else { "" };
+    let mut sessions = Vec::new();
+    for i in 0..TENANTS {
+        postgres
+            .batch_execute(&format!("CREATE DATABASE tenant{i:03}{strategy}"))
+            .await
+            .unwrap();
+    }
+    for i in 0..TENANTS {
+        sessions.push(connect(&cluster.dsn(&format!("tenant{i:03}")), "web").await);
+    }
+    drop(postgres);
+    let service = Service::start(&config_for(vec![("multi", cluster.dsn("postgres"))]))
+        .await
+        .unwrap();
+    let addr = service.local_addr();
+    let by_datname = |scrape: &crate::support::Scrape| -> Vec<(String, BTreeMap<String, String>, f64)> {
+        scrape
+            .series
+            .iter()
+            .filter(|(_, labels, _)| labels.contains_key("datname"))
+            .cloned()
+            .collect()
+    };
+    let calm = wait_until_scrape(addr, "every tenant counted", |s| {
+        s.value("lockjam_sessions", &[("datname", "_other"), ("state", "idle")]) == Some(200.0)
+    })
+    .await;
+    let series = by_datname(&calm);
+    assert_eq!(series.len(), 101, "{series:#?}");
+    assert!(series
+        .iter()
+        .all(|(name, labels, _)| name == "lockjam_sessions" && labels["state"] == "idle"));
+    let named: f64 = series
+        .iter()
+        .filter(|(_, labels, _)| labels["datname"] != "_other")
+        .map(|(_, _, value)| value)
+        .sum();
+    assert_eq!(named, 100.0, "one idle session in each named tenant");
+    // The whole scrape of the target: the per-target series (up, last
+    // sample, 14 lines of the sample-duration histogram) and the 101.
+    let of_target = calm
+        .series
+        .iter()
+        .filter(|(_, labels, _)| labels.get("target").map(String::as_str) == Some("multi"))
+        .count();
+    assert_eq!(
+        of_target,
+        16 + 101,
+        "README's formula: 16 + states × databases named + _other"
+    );
+
+    // A queue in tenant299, which the ranking had left in _other: it is
+    // named, with its lock series, while it waits.
+    let tenant = &sessions[TENANTS - 1];
+    tenant.batch_execute("CREATE TABLE t (id int)").await.unwrap();
+    let holder = connect(&cluster.dsn("tenant299"), "holder").await;
+    holder.batch_execute("BEGIN; SELECT * FROM t").await.unwrap();
+    let alter = {
+        let dsn = cluster.dsn("tenant299");
+        tokio::spawn(async move {
+            let migrate = connect(&dsn, "migrate").await;
+            migrate.batch_execute("ALTER TABLE t ADD COLUMN x int").await
+        })
+    };
+    let waiting = wait_until_scrape(addr, "tenant299's wait", |s| {
+        s.value("lockjam_blocked_sessions", &[("datname", "tenant299")]) == Some(1.0)
+    })
+    .await;
+    assert_eq!(
+        waiting.value("lockjam_lock_wait_seconds_count", &[("datname", "tenant299")]),
+        Some(0.0),
+        "its histogram, declared at 0 while the wait lasts"
+    );
+    assert_eq!(
+        by_datname(&waiting)
+            .iter()
+            .filter(|(_, labels, _)| labels["datname"] != "tenant299")
+            .count(),
+        100,
+        "the others: 99 named, and _other"
+    );
+    holder.batch_execute("COMMIT").await.unwrap();
+    alter.await.unwrap().unwrap();
+    let after = wait_until_scrape(addr, "the wait observed", |s| {
+        s.value("lockjam_lock_wait_seconds_count", &[("datname", "tenant299")]) == Some(1.0)
+    })
+    .await;
+    assert!(
+        after.matching("lockjam_blocked_sessions", &[]).is_empty(),
+        "calm again: no lock gauge"
+    );
+    service.stop().await;
+}
+
+/// Scrapes `addr` until `check` holds; the scrape that passed.
+async fn wait_until_scrape(
+    addr: std::net::SocketAddr,
+    what: &str,
+    check: impl Fn(&crate::support::Scrape) -> bool,
+) -> crate::support::Scrape {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let scraped = scrape(addr).await;
+        if check(&scraped) {
+            return scraped;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: never seen in\n{}",
+            scraped
+                .text
+                .lines()
+                .filter(|l| l.contains("tenant299") || l.contains("_other"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }
