@@ -2,7 +2,8 @@
 # Offline checks of what users deploy, run by .ci/run (no Docker engine or
 # Kubernetes cluster is needed, and none is used):
 # - hadolint on the Dockerfile, no rule ignored;
-# - kubernetes-validate --strict on the Kubernetes manifests of core kinds;
+# - kubernetes-validate --strict on the Kubernetes manifests of core kinds
+#   (the Deployment and the sharded StatefulSet);
 # - ServiceMonitor, PodMonitor and PrometheusRule against prometheus-operator's
 #   CRD schemas (npm @kubernetes-models/prometheus-operator);
 # - the PrometheusRule's rules equal deploy/prometheus/lockjam-rules.yml;
@@ -72,7 +73,9 @@ echo "ok"
 echo "== kubernetes-validate --strict (core kinds)"
 "$venv/kubernetes-validate" --strict --quiet \
   deploy/kubernetes/configmap.yaml deploy/kubernetes/deployment.yaml \
-  deploy/kubernetes/service.yaml deploy/kubernetes/networkpolicy.yaml
+  deploy/kubernetes/service.yaml deploy/kubernetes/networkpolicy.yaml \
+  deploy/kubernetes/sharded/configmap.yaml deploy/kubernetes/sharded/statefulset.yaml \
+  deploy/kubernetes/sharded/service.yaml
 echo "ok"
 
 echo "== prometheus-operator kinds against their CRD schemas"
@@ -97,10 +100,12 @@ diff -u "$expected" "$prometheusrule" >&2 || { echo "$prometheusrule is not gene
 echo "== kustomization resources exist"
 "$venv/python" - <<'PY'
 import os, sys, yaml
+for root in ("deploy/kubernetes", "deploy/kubernetes/sharded"):
+    listed = yaml.safe_load(open(os.path.join(root, "kustomization.yaml")))["resources"]
+    missing = [r for r in listed if not os.path.isfile(os.path.join(root, r))]
+    if missing:
+        sys.exit(f"{root}/kustomization.yaml lists missing files: {missing}")
 kustomization = yaml.safe_load(open("deploy/kubernetes/kustomization.yaml"))
-missing = [r for r in kustomization["resources"] if not os.path.isfile(os.path.join("deploy/kubernetes", r))]
-if missing:
-    sys.exit(f"kustomization.yaml lists missing files: {missing}")
 if "podmonitor.yaml" in kustomization["resources"] and "servicemonitor.yaml" in kustomization["resources"]:
     sys.exit("kustomization.yaml lists both monitors: every replica would be scraped twice")
 print("ok")

@@ -33,6 +33,8 @@ pub mod preflight;
 pub mod sampler;
 /// Target tasks and the HTTP server, run together.
 pub mod service;
+/// Pure: which replicas of a sharded deployment watch a target.
+pub mod shard;
 /// Plain data of one sample.
 pub mod snapshot;
 /// Incident 000 staged alike for the demo, the tests and the benchmarks.

@@ -7,7 +7,9 @@ use std::net::SocketAddr;
 
 use tokio_postgres::{Client, NoTls};
 
-use crate::config::{Config, IncidentsConfig, LogConfig, LogFormat, SamplerConfig, ServerConfig, Target};
+use crate::config::{
+    Config, IncidentsConfig, LogConfig, LogFormat, SamplerConfig, ServerConfig, ShardingConfig, Target,
+};
 use crate::dsn::{Dsn, DsnError};
 use crate::policy::Policy;
 
@@ -75,6 +77,7 @@ pub fn config(targets: &[(&str, &str)], listen: SocketAddr, policy: Policy) -> R
             path: None,
             ..IncidentsConfig::default()
         },
+        sharding: ShardingConfig::default(),
         notes: Vec::new(),
     })
 }

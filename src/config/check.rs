@@ -9,7 +9,7 @@ use std::time::Duration;
 use super::files::{read_secret, read_small_file};
 use super::{
     listen_address, BasicAuth, Config, ConfigError, FileSecret, HttpAuth, IncidentsConfig, LogConfig, SamplerConfig,
-    Secret, ServerConfig, Settings, Sources, Target, TargetSettings,
+    Secret, ServerConfig, Settings, ShardingConfig, Sources, Target, TargetSettings,
 };
 use crate::analysis::{is_lock_mode, is_lock_type};
 use crate::dsn::{Dsn, DsnError};
@@ -54,7 +54,11 @@ pub(super) fn check(
         )));
     }
     check_incidents(&mut settings.incidents, sources).map_err(invalid)?;
-    let targets = check_targets(&settings.targets, sources).map_err(invalid)?;
+    let mut targets = check_targets(&settings.targets, sources).map_err(invalid)?;
+    let mut notes = notes;
+    if let Some(note) = shard_targets(&settings.sharding, &mut targets).map_err(invalid)? {
+        notes.push(note);
+    }
     Ok(Config {
         server: settings.server,
         sampler: settings.sampler,
@@ -62,8 +66,47 @@ pub(super) fn check(
         log: settings.log,
         policy: settings.policy,
         incidents: settings.incidents,
+        sharding: settings.sharding,
         notes,
     })
+}
+
+/// Keeps the targets this replica watches, when `[sharding]` spreads them
+/// over several; says which, in a note.
+fn shard_targets(sharding: &ShardingConfig, targets: &mut Vec<Target>) -> Result<Option<String>, Fault> {
+    if sharding.replicas == 0 {
+        return Err(fault("sharding.replicas", "must be at least 1"));
+    }
+    if sharding.copies == 0 {
+        return Err(fault(
+            "sharding.copies",
+            "must be at least 1 (2: a standby for each leader)",
+        ));
+    }
+    if sharding.replicas == 1 {
+        return Ok(None);
+    }
+    let ordinal = crate::shard::parse_ordinal(&sharding.ordinal).map_err(|m| fault("sharding.ordinal", m))?;
+    if ordinal >= sharding.replicas {
+        return Err(fault(
+            "sharding.ordinal",
+            format!("{ordinal} is not below sharding.replicas ({})", sharding.replicas),
+        ));
+    }
+    let all = targets.len();
+    targets.retain(|t| crate::shard::watches(&t.name, sharding.replicas, sharding.copies, ordinal));
+    let names: Vec<&str> = targets.iter().map(|t| t.name.as_str()).collect();
+    Ok(Some(format!(
+        "sharding: replica {ordinal} of {} watches {} of {all} targets (each target by {} replicas): {}",
+        sharding.replicas,
+        targets.len(),
+        sharding.copies.min(sharding.replicas),
+        if names.is_empty() {
+            "none".to_string()
+        } else {
+            names.join(", ")
+        }
+    )))
 }
 
 fn fault(key: &str, message: impl Into<String>) -> Fault {

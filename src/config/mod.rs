@@ -82,6 +82,7 @@ pub struct Config {
     pub log: LogConfig,
     pub policy: Policy,
     pub incidents: IncidentsConfig,
+    pub sharding: ShardingConfig,
     /// What the flags changed in the file's settings, in words, for
     /// `check-config` and the start-up log.
     pub notes: Vec<String>,
@@ -103,6 +104,31 @@ struct Settings {
     policy: Policy,
     #[serde(default)]
     incidents: IncidentsConfig,
+    #[serde(default)]
+    sharding: ShardingConfig,
+}
+
+/// The `[sharding]` section: a fleet spread over replicas (`shard`).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShardingConfig {
+    /// Replicas that share the targets; 1: each replica watches them all.
+    pub replicas: u32,
+    /// Replicas that watch each target: one leads, the others stand by.
+    pub copies: u32,
+    /// This replica's number, 0 to `replicas` - 1, or a name ending in it
+    /// (a StatefulSet pod's, `lockjam-3`).
+    pub ordinal: String,
+}
+
+impl Default for ShardingConfig {
+    fn default() -> Self {
+        ShardingConfig {
+            replicas: 1,
+            copies: 2,
+            ordinal: String::new(),
+        }
+    }
 }
 
 /// The `[server]` section.
@@ -512,6 +538,7 @@ pub fn render_effective(config: &Config) -> String {
         log: &'a LogConfig,
         policy: &'a Policy,
         incidents: &'a IncidentsConfig,
+        sharding: &'a ShardingConfig,
         targets: Vec<TargetView<'a>>,
     }
     #[derive(Serialize)]
@@ -525,6 +552,7 @@ pub fn render_effective(config: &Config) -> String {
         log: &config.log,
         policy: &config.policy,
         incidents: &config.incidents,
+        sharding: &config.sharding,
         targets: config
             .targets
             .iter()
@@ -565,6 +593,46 @@ mod tests {
 
     const ONE_TARGET: &str = "[[targets]]\nname = \"main\"\ndsn = \"host=db user=lockjam\"\n";
 
+    #[test]
+    fn a_sharded_replica_keeps_its_share_of_the_targets() {
+        let targets: String = (0..20)
+            .map(|i| format!("[[targets]]\nname = \"db{i}\"\ndsn = \"host=db{i} user=lockjam\"\n"))
+            .collect();
+        let mut watched = vec![0; 20];
+        for ordinal in 0..4 {
+            let pod = format!("lockjam-{ordinal}");
+            let config = load_text(
+                &format!("[sharding]\nreplicas = 4\n{targets}"),
+                &[("LOCKJAM__SHARDING__ORDINAL", pod.as_str())],
+            )
+            .unwrap();
+            for target in &config.targets {
+                watched[target.name[2..].parse::<usize>().unwrap()] += 1;
+            }
+            assert!(
+                config.notes[0].starts_with(&format!(
+                    "sharding: replica {ordinal} of 4 watches {} of 20 targets (each target by 2 replicas): ",
+                    config.targets.len()
+                )),
+                "{:?}",
+                config.notes
+            );
+        }
+        assert_eq!(watched, vec![2; 20], "every target by exactly two of the four");
+        for (text, key) in [
+            ("[sharding]\nreplicas = 4\n", "sharding.ordinal"),
+            (
+                "[sharding]\nreplicas = 4\nordinal = \"lockjam-4\"\n",
+                "sharding.ordinal",
+            ),
+            ("[sharding]\ncopies = 0\n", "sharding.copies"),
+            ("[sharding]\nreplicas = 0\n", "sharding.replicas"),
+        ] {
+            let error = load_text(&format!("{text}{ONE_TARGET}"), &[]).unwrap_err().to_string();
+            assert!(error.contains(key), "{text}: {error}");
+        }
+    }
+
     /// Every key of each section, as the defaults serialize.
     fn keys_of(value: &impl Serialize) -> Vec<String> {
         match toml::Value::try_from(value).unwrap() {
@@ -582,6 +650,7 @@ mod tests {
         assert_eq!(shipped.sampler, SamplerConfig::default());
         assert_eq!(shipped.log, LogConfig::default());
         assert_eq!(shipped.incidents, IncidentsConfig::default());
+        assert_eq!(shipped.sharding, ShardingConfig::default());
         assert_eq!(
             shipped.policy,
             Policy {

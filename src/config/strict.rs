@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use serde::Serialize;
 
-use super::{ConfigError, IncidentsConfig, LogConfig, SamplerConfig, ServerConfig, Settings};
+use super::{ConfigError, IncidentsConfig, LogConfig, SamplerConfig, ServerConfig, Settings, ShardingConfig};
 use crate::policy::Policy;
 
 /// Checks a configuration file's text before the config crate reads it:
@@ -63,6 +63,7 @@ pub(super) fn check_environment_types(env: &HashMap<String, String>, origin: &st
         log: LogConfig,
         policy: Policy,
         incidents: IncidentsConfig,
+        sharding: ShardingConfig,
     }
     let Ok(toml::Value::Table(defaults)) = toml::Value::try_from(Sections::default()) else {
         return Ok(());

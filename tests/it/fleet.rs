@@ -282,3 +282,83 @@ async fn wait_until_scrape(
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
+
+/// The shipped sharded deployment (`deploy/kubernetes/sharded`): its
+/// configuration, loaded by `lockjam check-config` as each of the four
+/// pods would (the ordinal from the pod's name), gives every target to
+/// exactly two replicas, and the StatefulSet runs as many replicas as the
+/// configuration says.
+#[test]
+fn the_sharded_manifests_give_every_target_to_two_replicas() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kubernetes/sharded");
+    let configmap = std::fs::read_to_string(root.join("configmap.yaml")).unwrap();
+    let statefulset = std::fs::read_to_string(root.join("statefulset.yaml")).unwrap();
+    let toml: String = configmap
+        .split("lockjam.toml: |\n")
+        .nth(1)
+        .expect("the ConfigMap holds lockjam.toml")
+        .lines()
+        .map(|line| format!("{}\n", line.strip_prefix("    ").unwrap_or(line)))
+        .collect();
+    let replicas: u32 = toml
+        .lines()
+        .find_map(|l| l.strip_prefix("replicas = "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        statefulset.contains(&format!("\n  replicas: {replicas}\n")),
+        "{statefulset}"
+    );
+    assert!(statefulset.contains("name: LOCKJAM__SHARDING__ORDINAL"));
+    // The Secret's files, where the pods mount them.
+    let dir = tempfile::tempdir().unwrap();
+    let names: Vec<String> = toml
+        .lines()
+        .filter_map(|l| l.strip_prefix("name = \""))
+        .map(|n| n.trim_end_matches('"').to_string())
+        .collect();
+    for name in &names {
+        std::fs::write(
+            dir.path().join(name),
+            format!("host={name}.db.internal user=lockjam dbname=postgres"),
+        )
+        .unwrap();
+    }
+    let file = dir.path().join("lockjam.toml");
+    std::fs::write(
+        &file,
+        toml.replace("/etc/lockjam/secret", &dir.path().display().to_string()),
+    )
+    .unwrap();
+    let mut watched: BTreeMap<String, Vec<u32>> = BTreeMap::new();
+    for ordinal in 0..replicas {
+        let output = lockjam()
+            .args(["check-config", "--config"])
+            .arg(&file)
+            .env("LOCKJAM__SHARDING__ORDINAL", format!("lockjam-{ordinal}"))
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success(),
+            "{stdout}{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let note = stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("# sharding: replica {ordinal} of {replicas} watches ")))
+            .unwrap_or_else(|| panic!("{stdout}"));
+        let listed = note.split("replicas): ").nth(1).unwrap();
+        for name in listed.split(", ").filter(|n| *n != "none") {
+            watched.entry(name.to_string()).or_default().push(ordinal);
+        }
+        // Only the watched targets are in the effective configuration.
+        assert_eq!(
+            stdout.matches("[[targets]]").count(),
+            listed.split(", ").filter(|n| *n != "none").count()
+        );
+    }
+    assert_eq!(watched.len(), names.len(), "{watched:?}");
+    assert!(watched.values().all(|replicas| replicas.len() == 2), "{watched:?}");
+}
