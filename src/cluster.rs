@@ -339,24 +339,7 @@ impl Cluster {
     /// down cluster needs no base backup). Returns once the standby
     /// accepts connections.
     pub fn start_standby(&self, settings: &[(&str, &str)]) -> Result<Cluster, ClusterError> {
-        self.stop("fast")?;
-        let dir = tempfile::Builder::new().prefix("lockjam-pg-standby-").tempdir()?;
-        let copied = Command::new("cp")
-            .args(["-a", path_str(&self.data_dir()), path_str(&dir.path().join("data"))])
-            .output()?;
-        let restarted = self.start_server();
-        check("cp -a", copied)?;
-        restarted?;
-        if let Some(user) = &self.run_as {
-            std::os::unix::fs::chown(dir.path(), Some(user.uid), Some(user.gid))?;
-        }
-        let mut standby = Cluster {
-            bindir: self.bindir.clone(),
-            dir,
-            port: 0,
-            run_as: self.run_as.clone(),
-            version: self.version.clone(),
-        };
+        let mut standby = self.copy_data("lockjam-pg-standby-")?;
         let data = standby.data_dir();
         let mut conf = std::fs::read_to_string(data.join("postgresql.conf"))?;
         conf.push_str("\n# lockjam throwaway standby\n");
@@ -386,6 +369,59 @@ impl Cluster {
             standby.write_port()?;
             match standby.start_server() {
                 Ok(()) => return Ok(standby),
+                Err(e) => last_error = Some(e),
+            }
+        }
+        Err(last_error.expect("tried at least once"))
+    }
+
+    /// A copy of this cluster's data directory, not started: the server is
+    /// stopped cleanly first (a copy of a cleanly shut down cluster needs
+    /// no base backup) and started again if it was running.
+    fn copy_data(&self, prefix: &str) -> Result<Cluster, ClusterError> {
+        let running = self.postmaster_pid().is_some();
+        if running {
+            self.stop("fast")?;
+        }
+        let dir = tempfile::Builder::new().prefix(prefix).tempdir()?;
+        let copied = Command::new("cp")
+            .args(["-a", path_str(&self.data_dir()), path_str(&dir.path().join("data"))])
+            .output()?;
+        if running {
+            self.start_server()?;
+        }
+        check("cp -a", copied)?;
+        if let Some(user) = &self.run_as {
+            std::os::unix::fs::chown(dir.path(), Some(user.uid), Some(user.gid))?;
+        }
+        Ok(Cluster {
+            bindir: self.bindir.clone(),
+            dir,
+            port: 0,
+            run_as: self.run_as.clone(),
+            version: self.version.clone(),
+        })
+    }
+
+    /// Another server made from a copy of this one's data directory, as a
+    /// fleet cloned from one image is (same system identifier, its own
+    /// postmaster and data directory), started on a free port. For the
+    /// fleet benchmark: far quicker than initdb.
+    pub fn start_copy(&self) -> Result<Cluster, ClusterError> {
+        let mut copy = self.copy_data("lockjam-pg-")?;
+        let data = copy.data_dir();
+        let mut conf = std::fs::read_to_string(data.join("postgresql.conf"))?;
+        conf.push_str(&format!(
+            "\n# lockjam throwaway copy\nunix_socket_directories = {}\n",
+            quote(path_str(copy.dir.path()))
+        ));
+        std::fs::write(data.join("postgresql.conf"), conf)?;
+        let mut last_error = None;
+        for _ in 0..5 {
+            copy.port = free_port()?;
+            copy.write_port()?;
+            match copy.start_server() {
+                Ok(()) => return Ok(copy),
                 Err(e) => last_error = Some(e),
             }
         }

@@ -39,6 +39,18 @@ impl Served {
 
     /// `lockjam run` from `binary` (another build, for a before-and-after).
     pub fn lockjam_binary(binary: &std::path::Path, dsn: &str, args: &[&str], settings: &[(&str, &str)]) -> Served {
+        let mut all = vec!["--dsn", dsn];
+        all.extend_from_slice(args);
+        Served::run(binary, &all, settings)
+    }
+
+    /// The release `lockjam run` binary with the configuration in `file`.
+    pub fn lockjam_config(file: &std::path::Path) -> Served {
+        let file = file.to_str().expect("a UTF-8 path");
+        Served::run(std::path::Path::new(env!("CARGO_BIN_EXE_lockjam")), &["--config", file], &[])
+    }
+
+    fn run(binary: &std::path::Path, args: &[&str], settings: &[(&str, &str)]) -> Served {
         let port = lockjam::cluster::free_port().unwrap();
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let state = tempfile::Builder::new()
@@ -46,7 +58,7 @@ impl Served {
             .tempdir()
             .unwrap();
         let child = Command::new(binary)
-            .args(["run", "--dsn", dsn, "--listen", &addr.to_string()])
+            .args(["run", "--listen", &addr.to_string()])
             .args(args)
             .env("LOCKJAM__LOG__LEVEL", "warn")
             // The incident store goes where systemd's StateDirectory=

@@ -11,6 +11,8 @@
 //!    cluster of their own: database time by role, memory, `/metrics`.
 //! 5. `history`: the incident store at 10,000 incidents, `lockjam
 //!    incidents` reading it, and what tracking adds to a sample.
+//! 6. `fleet`: one process watching 1 to 200 servers: memory, CPU and
+//!    `/metrics` per target.
 //!
 //! `cargo bench --bench lockjam -- reaction` runs only the reaction times
 //! of part 1 and prints them.
@@ -18,13 +20,14 @@
 //! `cargo bench --bench lockjam` runs all four at full scale (about 50
 //! minutes on 2 cores) and rewrites BENCHMARKS.md and
 //! docs/benchmarks/*.svg; `cargo bench --bench lockjam -- outage` (or
-//! `cost`, `exporter`, `versus`, `history`) runs one part and only prints it. Without `--bench`
+//! `cost`, `exporter`, `versus`, `history`, `fleet`) runs one part and only prints it. Without `--bench`
 //! (under `cargo test --benches`) it runs every part at smoke scale, in
 //! about a minute, and writes nothing into the tree.
 
 mod common;
 mod cost;
 mod exporter;
+mod fleet;
 mod history;
 mod outage;
 mod peers;
@@ -48,7 +51,7 @@ fn main() {
     let parts: Vec<&str> = args
         .iter()
         .map(String::as_str)
-        .filter(|a| ["outage", "reaction", "cost", "exporter", "versus", "history", "all"].contains(a))
+        .filter(|a| ["outage", "reaction", "cost", "exporter", "versus", "history", "fleet", "all"].contains(a))
         .collect();
     let all = parts.is_empty() || parts.contains(&"all");
     let wanted = |part: &str| all || parts.contains(&part);
@@ -239,6 +242,10 @@ async fn run(scale: Scale, wanted: &dyn Fn(&str) -> bool) -> Report {
     if wanted("history") {
         let text_of_part = tokio::task::spawn_blocking(move || history::all(scale)).await.unwrap();
         text.push_str(&format!("## 5. The incident history\n\n{text_of_part}\n"));
+    }
+    if wanted("fleet") {
+        let part = fleet::all(scale).await;
+        text.push_str(&format!("## 6. A fleet\n\n{part}\n"));
     }
     Report { text, plots }
 }
