@@ -503,36 +503,58 @@ fn reachable_behind(starts: impl Iterator<Item = i32>, blockees: &BTreeMap<i32, 
     seen
 }
 
-/// Longest chain of wait edges from each waiter; cycles count once.
+/// Longest chain of wait edges from each waiter; cycles count once. A
+/// depth-first walk with its own stack, not the call stack: a chain of
+/// thousands of waiters must not overflow a task's stack.
 fn chain_depths(waiters: &BTreeMap<i32, Waiter>) -> HashMap<i32, u32> {
-    fn depth(
+    /// One waiter being measured: its next edge, and its deepest blocker
+    /// so far.
+    struct Frame {
         pid: i32,
-        waiters: &BTreeMap<i32, Waiter>,
-        memo: &mut HashMap<i32, u32>,
-        on_path: &mut HashSet<i32>,
-    ) -> u32 {
-        if let Some(known) = memo.get(&pid) {
-            return *known;
-        }
-        let Some(waiter) = waiters.get(&pid) else {
-            return 0;
-        };
-        if !on_path.insert(pid) {
-            return 0;
-        }
-        let deepest_blocker = waiter
-            .blocked_by
-            .iter()
-            .map(|edge| depth(edge.pid, waiters, memo, on_path))
-            .max();
-        on_path.remove(&pid);
-        let result = deepest_blocker.map_or(0, |d| d + 1);
-        memo.insert(pid, result);
-        result
+        edge: usize,
+        deepest: Option<u32>,
     }
-    let mut memo = HashMap::new();
-    for pid in waiters.keys() {
-        depth(*pid, waiters, &mut memo, &mut HashSet::new());
+    let mut memo: HashMap<i32, u32> = HashMap::new();
+    for &start in waiters.keys() {
+        let mut on_path: HashSet<i32> = HashSet::new();
+        let mut stack: Vec<Frame> = Vec::new();
+        // The depth of `pid` if known without a walk, else a new frame.
+        let enter = |pid: i32, memo: &HashMap<i32, u32>, on_path: &mut HashSet<i32>, stack: &mut Vec<Frame>| {
+            if let Some(known) = memo.get(&pid) {
+                return Some(*known);
+            }
+            if !waiters.contains_key(&pid) || !on_path.insert(pid) {
+                return Some(0);
+            }
+            stack.push(Frame {
+                pid,
+                edge: 0,
+                deepest: None,
+            });
+            None
+        };
+        if enter(start, &memo, &mut on_path, &mut stack).is_some() {
+            continue;
+        }
+        while let Some(frame) = stack.last_mut() {
+            let edges = &waiters[&frame.pid].blocked_by;
+            if frame.edge < edges.len() {
+                let next = edges[frame.edge].pid;
+                frame.edge += 1;
+                if let Some(depth) = enter(next, &memo, &mut on_path, &mut stack) {
+                    let frame = stack.last_mut().expect("the frame that asked");
+                    frame.deepest = frame.deepest.max(Some(depth));
+                }
+                continue;
+            }
+            let done = stack.pop().expect("a frame");
+            on_path.remove(&done.pid);
+            let depth = done.deepest.map_or(0, |d| d + 1);
+            memo.insert(done.pid, depth);
+            if let Some(caller) = stack.last_mut() {
+                caller.deepest = caller.deepest.max(Some(depth));
+            }
+        }
     }
     memo
 }

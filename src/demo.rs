@@ -58,9 +58,21 @@ pub async fn run(options: DemoOptions) -> Result<(), DemoError> {
         "lockjam demo: incident 000 (a migration queued behind a long read) replayed twice with real sessions: \
          watched, then cured\n"
     );
-    let cluster = tokio::task::spawn_blocking(|| Cluster::start(&ClusterOptions::default()))
-        .await
-        .map_err(session_error)??;
+    // Ctrl-C is caught from the start: one that comes while the cluster
+    // starts waits for it to have started, then removes it.
+    let interrupted = tokio::signal::ctrl_c();
+    tokio::pin!(interrupted);
+    let mut starting = tokio::task::spawn_blocking(|| Cluster::start(&ClusterOptions::default()));
+    let cluster = tokio::select! {
+        started = &mut starting => started.map_err(session_error)??,
+        _ = &mut interrupted => {
+            println!("\n  interrupted: removing the cluster being started");
+            if let Ok(Ok(cluster)) = starting.await {
+                tokio::task::spawn_blocking(move || drop(cluster)).await.map_err(session_error)?;
+            }
+            return Err(DemoError::Interrupted);
+        }
+    };
     println!(
         "  started a throwaway cluster: {} on 127.0.0.1:{}",
         cluster.version(),
@@ -68,7 +80,7 @@ pub async fn run(options: DemoOptions) -> Result<(), DemoError> {
     );
     let outcome = tokio::select! {
         outcome = scenario(&cluster, &options) => outcome,
-        _ = tokio::signal::ctrl_c() => Err(DemoError::Interrupted),
+        _ = &mut interrupted => Err(DemoError::Interrupted),
     };
     if matches!(outcome, Err(DemoError::Interrupted)) {
         println!("\n  interrupted: cleaning up");

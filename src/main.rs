@@ -229,6 +229,7 @@ fn incidents(args: &IncidentsArgs) -> ExitCode {
                 listen: None,
                 cancel_blockers_after: None,
                 env: std::env::vars().collect::<HashMap<_, _>>(),
+                targets_only: false,
             };
             match config::load_incidents(&sources) {
                 Ok(incidents) => match incidents.path {
@@ -282,6 +283,7 @@ fn preflight(args: &PreflightArgs) -> ExitCode {
         listen: None,
         cancel_blockers_after: None,
         env: std::env::vars().collect::<HashMap<_, _>>(),
+        targets_only: true,
     };
     let config = match config::load(&sources) {
         Ok(config) => config,
@@ -357,6 +359,7 @@ fn tree(args: &TreeArgs) -> ExitCode {
         listen: None,
         cancel_blockers_after: None,
         env: std::env::vars().collect::<HashMap<_, _>>(),
+        targets_only: true,
     };
     let mut config = match config::load(&sources) {
         Ok(config) => config,
@@ -379,21 +382,35 @@ fn tree(args: &TreeArgs) -> ExitCode {
     let terminal = std::io::IsTerminal::is_terminal(&std::io::stdout());
     let style = lockjam::tree::Style { colour: terminal };
     runtime().block_on(async {
+        // Ctrl-C ends it whenever it comes, mid-sample too: the handler is
+        // made once, so that no signal falls between two waits for it.
+        let interrupted = tokio::signal::ctrl_c();
+        tokio::pin!(interrupted);
         loop {
-            let mut looks = Vec::new();
-            for (name, sampler) in samplers.iter_mut() {
-                let look = lockjam::service::sample_once(sampler)
-                    .await
-                    .map_err(|e| lockjam::state::LastSample {
-                        last_error: Some(lockjam::connect::error_chain(&e)),
-                        ..Default::default()
-                    });
-                looks.push((name.as_str(), look.unwrap_or_else(|down| down)));
-            }
+            let looking = async {
+                let mut looks = Vec::new();
+                for (name, sampler) in samplers.iter_mut() {
+                    let look = lockjam::service::sample_once(sampler)
+                        .await
+                        .map_err(|e| lockjam::state::LastSample {
+                            last_error: Some(lockjam::connect::error_chain(&e)),
+                            ..Default::default()
+                        });
+                    looks.push((name.clone(), look.unwrap_or_else(|down| down)));
+                }
+                looks
+            };
+            let looks = tokio::select! {
+                looks = looking => looks,
+                _ = &mut interrupted => return if args.watch { ExitCode::SUCCESS } else { ExitCode::from(130) },
+            };
             let failed = looks.iter().any(|(_, look)| look.last_error.is_some());
             if args.json {
-                let view =
-                    lockjam::http::snapshot_of(looks.into_iter().map(|(name, look)| (name, look, &config.policy)));
+                let view = lockjam::http::snapshot_of(
+                    looks
+                        .iter()
+                        .map(|(name, look)| (name.as_str(), look.clone(), &config.policy)),
+                );
                 println!("{view}");
             } else {
                 if args.watch && terminal {
@@ -409,7 +426,7 @@ fn tree(args: &TreeArgs) -> ExitCode {
             }
             tokio::select! {
                 _ = tokio::time::sleep(config.sampler.interval) => {}
-                _ = tokio::signal::ctrl_c() => return ExitCode::SUCCESS,
+                _ = &mut interrupted => return ExitCode::SUCCESS,
             }
         }
     })
@@ -444,6 +461,7 @@ fn sources(args: &ConfigArgs) -> Sources {
         listen: args.listen.clone(),
         cancel_blockers_after: args.cancel_blockers_after.clone(),
         env: std::env::vars().collect::<HashMap<_, _>>(),
+        targets_only: false,
     }
 }
 

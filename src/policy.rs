@@ -606,7 +606,7 @@ fn waiter_key(waiter: &Waiter) -> (i32, Option<SystemTime>) {
 }
 
 /// Why a session must never be signalled by `rule`, if it must not.
-fn protection(session: &Session, own_pids: &[i32], policy: &Policy, rule: &Rule) -> Option<String> {
+pub(crate) fn protection(session: &Session, own_pids: &[i32], policy: &Policy, rule: &Rule) -> Option<String> {
     if own_pids.contains(&session.pid) {
         return Some("one of this lockjam's own sessions".into());
     }

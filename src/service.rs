@@ -375,7 +375,17 @@ fn criteria(config: &IncidentsConfig) -> Criteria {
 /// One sample of a target outside the service (`lockjam tree`): what
 /// HTTP would show of it.
 pub async fn sample_once(sampler: &mut Sampler) -> Result<LastSample, SampleError> {
-    let snapshot = sampler.sample().await?;
+    let deadline = sampler.deadline();
+    let snapshot = match tokio::time::timeout(deadline, sampler.sample()).await {
+        Ok(sampled) => sampled?,
+        Err(_) => {
+            sampler.reset();
+            return Err(SampleError::Timeout {
+                target: sampler.target_name().to_string(),
+                limit: deadline,
+            });
+        }
+    };
     let mut graph = analyze(&snapshot);
     graph.own_pids = sampler.own_pids();
     Ok(LastSample {

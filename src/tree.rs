@@ -12,7 +12,7 @@ use std::time::SystemTime;
 
 use serde::Serialize;
 
-use crate::analysis::{LockGraph, Waiter};
+use crate::analysis::{BlockKind, LockGraph, Waiter};
 use crate::policy::Policy;
 use crate::state::LastSample;
 use crate::view::{seconds, SessionView};
@@ -24,6 +24,12 @@ const GROUP_FROM: usize = 3;
 const MAX_LISTED: usize = 20;
 /// Pids a group names, at most.
 const GROUP_PIDS: usize = 10;
+/// Groups behind one node, at most; the others join "more sessions".
+const MAX_GROUPS: usize = 20;
+/// Levels of nesting, at most: deeper sessions are counted in one group,
+/// so that no chain, however long, makes a deep document (or a deep
+/// recursion drawing it).
+const MAX_NESTING: usize = 32;
 
 /// One lock queue: who holds it up, who waits first, who waits behind.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -111,53 +117,83 @@ pub struct NextAction {
     /// Seconds from the sample until it is due; 0 once due.
     pub due_in_seconds: f64,
     pub dry_run: bool,
+    /// Why it will not signal, when every session it would signal is
+    /// protected (or no client's): it reports, and the queue stays.
+    pub withheld: Option<String>,
 }
 
 /// The graph's trees, the largest first. `policy` (when on) adds what it
 /// does next to each tree.
 pub fn build(graph: &LockGraph, policy: Option<&Policy>) -> Vec<Tree> {
     let waiters: HashMap<i32, &Waiter> = graph.waiters.iter().map(|w| (w.session.pid, w)).collect();
-    // Each waiter is listed under one of the waiters it waits on, the
-    // deepest (nearest to it in the queue), else it tops a tree.
+    // Each waiter is listed under a waiter it waits on, else it tops a
+    // tree: under the deepest one that holds what it wants (a victim it
+    // waits behind for a row or a table), else under the first in line of
+    // the queue it joined (a waiter that only queues behind others asks
+    // for the same object: its queue's sessions are siblings, not a
+    // staircase one level per session).
     let parent = |w: &Waiter| -> Option<i32> {
-        w.blocked_by
-            .iter()
-            .filter_map(|b| waiters.get(&b.pid).filter(|_| b.pid != w.session.pid))
+        let ahead = |kind: BlockKind| {
+            w.blocked_by
+                .iter()
+                .filter(move |b| b.kind == kind && b.pid != w.session.pid)
+                .filter_map(|b| waiters.get(&b.pid))
+        };
+        ahead(BlockKind::Hard)
             .max_by(|a, b| {
                 a.chain_depth
                     .cmp(&b.chain_depth)
                     .then(b.session.pid.cmp(&a.session.pid))
             })
+            .or_else(|| {
+                ahead(BlockKind::Soft).min_by(|a, b| {
+                    a.chain_depth
+                        .cmp(&b.chain_depth)
+                        .then(a.session.pid.cmp(&b.session.pid))
+                })
+            })
             .map(|p| p.session.pid)
     };
     let mut children: BTreeMap<i32, Vec<i32>> = BTreeMap::new();
+    let mut parents: HashMap<i32, i32> = HashMap::new();
     let mut tops = Vec::new();
     for waiter in &graph.waiters {
         match parent(waiter) {
-            Some(p) => children.entry(p).or_default().push(waiter.session.pid),
+            Some(p) => {
+                children.entry(p).or_default().push(waiter.session.pid);
+                parents.insert(waiter.session.pid, p);
+            }
             None => tops.push(waiter.session.pid),
         }
     }
     let mut placed = HashSet::new();
+    let forest = Forest {
+        graph,
+        waiters: &waiters,
+        children: &children,
+    };
     let mut trees: Vec<Tree> = tops
         .iter()
-        .map(|&pid| tree(graph, &waiters, &children, pid, false, &mut placed, policy))
+        .map(|&pid| tree(&forest, pid, false, &mut placed, policy))
         .collect();
-    // Waiters left over wait on each other in a cycle: each cycle is one
-    // tree from its lowest pid.
+    // Waiters left over wait on each other in a cycle, or behind one:
+    // each cycle is one tree, from its lowest pid, with those behind it.
     for waiter in &graph.waiters {
-        if !placed.contains(&waiter.session.pid) {
-            let t = tree(
-                graph,
-                &waiters,
-                &children,
-                waiter.session.pid,
-                true,
-                &mut placed,
-                policy,
-            );
-            trees.push(t);
+        if placed.contains(&waiter.session.pid) {
+            continue;
         }
+        let mut path = vec![waiter.session.pid];
+        let mut seen = HashSet::from([waiter.session.pid]);
+        while let Some(&up) = path.last().and_then(|pid| parents.get(pid)) {
+            if !seen.insert(up) {
+                let from = path.iter().position(|pid| *pid == up).unwrap_or(0);
+                path.drain(..from);
+                break;
+            }
+            path.push(up);
+        }
+        let start = path.iter().copied().min().unwrap_or(waiter.session.pid);
+        trees.push(tree(&forest, start, true, &mut placed, policy));
     }
     trees.sort_by(|a, b| {
         b.blocked
@@ -168,18 +204,19 @@ pub fn build(graph: &LockGraph, policy: Option<&Policy>) -> Vec<Tree> {
     trees
 }
 
-fn tree(
-    graph: &LockGraph,
-    waiters: &HashMap<i32, &Waiter>,
-    children: &BTreeMap<i32, Vec<i32>>,
-    top: i32,
-    cycle: bool,
-    placed: &mut HashSet<i32>,
-    policy: Option<&Policy>,
-) -> Tree {
+/// What every tree of a graph is cut from: the waiters, and who is listed
+/// under whom.
+struct Forest<'a> {
+    graph: &'a LockGraph,
+    waiters: &'a HashMap<i32, &'a Waiter>,
+    children: &'a BTreeMap<i32, Vec<i32>>,
+}
+
+fn tree(forest: &Forest, top: i32, cycle: bool, placed: &mut HashSet<i32>, policy: Option<&Policy>) -> Tree {
+    let (graph, waiters) = (forest.graph, forest.waiters);
     let first = waiters[&top];
     let mut members = Vec::new();
-    let node = node(graph, waiters, children, top, None, placed, &mut members);
+    let node = node(forest, top, None, 0, placed, &mut members);
     let wait_tree = graph.wait_tree(top);
     let roots: Vec<Root> = if cycle {
         Vec::new()
@@ -201,8 +238,9 @@ fn tree(
             })
             .collect()
     };
+    // PostgreSQL ends a deadlock itself; the policy leaves it alone.
     let next = policy
-        .filter(|p| p.enabled)
+        .filter(|p| p.enabled && !(cycle || wait_tree.deadlock))
         .and_then(|p| next_action(graph, p, members.iter().map(|pid| waiters[pid])));
     Tree {
         datname: first.datname().to_string(),
@@ -219,22 +257,27 @@ fn tree(
 }
 
 fn node(
-    graph: &LockGraph,
-    waiters: &HashMap<i32, &Waiter>,
-    children: &BTreeMap<i32, Vec<i32>>,
+    forest: &Forest,
     pid: i32,
     listed_under: Option<i32>,
+    nesting: usize,
     placed: &mut HashSet<i32>,
     members: &mut Vec<i32>,
 ) -> Node {
+    let (graph, waiters, children) = (forest.graph, forest.waiters, forest.children);
     placed.insert(pid);
     members.push(pid);
     let waiter = waiters[&pid];
     let mut behind = Vec::new();
-    for &child in children.get(&pid).into_iter().flatten() {
-        // In a cycle, a child may already be listed higher up.
-        if !placed.contains(&child) {
-            behind.push(node(graph, waiters, children, child, Some(pid), placed, members));
+    let mut deeper = None;
+    if nesting + 1 >= MAX_NESTING {
+        deeper = folded_below(pid, waiters, children, placed, members);
+    } else {
+        for &child in children.get(&pid).into_iter().flatten() {
+            // In a cycle, a child may already be listed higher up.
+            if !placed.contains(&child) {
+                behind.push(node(forest, child, Some(pid), nesting + 1, placed, members));
+            }
         }
     }
     behind.sort_by(|a, b| {
@@ -254,8 +297,60 @@ fn node(
             .map(|b| b.pid)
             .filter(|&p| Some(p) != listed_under)
             .collect(),
-        children: group(behind),
+        children: group(behind).into_iter().chain(deeper.map(Child::Group)).collect(),
     }
+}
+
+/// Everyone below `pid`, counted in one group, walked without recursion.
+fn folded_below(
+    pid: i32,
+    waiters: &HashMap<i32, &Waiter>,
+    children: &BTreeMap<i32, Vec<i32>>,
+    placed: &mut HashSet<i32>,
+    members: &mut Vec<i32>,
+) -> Option<Group> {
+    let mut stack: Vec<i32> = children.get(&pid).cloned().unwrap_or_default();
+    let mut found: Vec<(i32, f64)> = Vec::new();
+    while let Some(next) = stack.pop() {
+        if !placed.insert(next) {
+            continue;
+        }
+        members.push(next);
+        found.push((next, seconds(waiters[&next].wait)));
+        stack.extend(children.get(&next).into_iter().flatten().copied());
+    }
+    (!found.is_empty()).then(|| counted(found.len() as u64, found))
+}
+
+/// A group of `count` sessions with nothing in common named: the first
+/// pids of `seen` and the range of their waits.
+fn counted(count: u64, seen: Vec<(i32, f64)>) -> Group {
+    let mut pids: Vec<i32> = seen.iter().map(|(pid, _)| *pid).collect();
+    pids.sort_unstable();
+    pids.truncate(GROUP_PIDS);
+    Group {
+        count,
+        query: None,
+        application_name: None,
+        usename: None,
+        state: None,
+        mode: None,
+        wait_seconds_max: seen.iter().map(|(_, w)| *w).fold(0.0, f64::max),
+        wait_seconds_min: seen.iter().map(|(_, w)| *w).fold(f64::INFINITY, f64::min),
+        pids,
+    }
+}
+
+/// Sessions in a node and below it.
+fn sessions_in(node: &Node) -> u64 {
+    1 + node
+        .children
+        .iter()
+        .map(|child| match child {
+            Child::Session(n) => sessions_in(n),
+            Child::Group(g) => g.count,
+        })
+        .sum::<u64>()
 }
 
 /// Alike leaves grouped, the rest listed, oldest wait first; past
@@ -310,48 +405,61 @@ fn group(nodes: Vec<Node>) -> Vec<Child> {
     } else {
         Vec::new()
     };
+    let folded_groups = if groups.len() > MAX_GROUPS {
+        groups.split_off(MAX_GROUPS)
+    } else {
+        Vec::new()
+    };
     out.extend(listed.into_iter().map(|n| Child::Session(Box::new(n))));
     out.extend(groups.into_iter().map(Child::Group));
-    if !folded.is_empty() {
-        out.push(Child::Group(summary(&folded)));
+    if !folded.is_empty() || !folded_groups.is_empty() {
+        let mut more = summary(&folded);
+        for g in folded_groups {
+            more.count += g.count;
+            more.pids.extend(g.pids);
+            more.wait_seconds_max = more.wait_seconds_max.max(g.wait_seconds_max);
+            more.wait_seconds_min = more.wait_seconds_min.min(g.wait_seconds_min);
+        }
+        more.pids.sort_unstable();
+        more.pids.truncate(GROUP_PIDS);
+        out.push(Child::Group(more));
     }
     out
 }
 
-/// A group of `members` with nothing but their count, waits and pids.
+/// A group of `members` with nothing but their count (each with the
+/// sessions below it), waits and pids.
 fn summary(members: &[Node]) -> Group {
-    let mut pids: Vec<i32> = members.iter().map(|n| n.session.pid).collect();
-    pids.sort_unstable();
-    pids.truncate(GROUP_PIDS);
-    let waits = members.iter().map(|n| n.wait_seconds);
-    Group {
-        count: members.len() as u64 + members.iter().map(|n| n.behind).sum::<u64>(),
-        query: None,
-        application_name: None,
-        usename: None,
-        state: None,
-        mode: None,
-        wait_seconds_max: waits.clone().fold(0.0, f64::max),
-        wait_seconds_min: waits.fold(f64::INFINITY, f64::min),
-        pids,
-    }
+    counted(
+        members.iter().map(sessions_in).sum(),
+        members.iter().map(|n| (n.session.pid, n.wait_seconds)).collect(),
+    )
 }
 
-/// The earliest rule due for one of `waiters`.
+/// The earliest rule due for one of `waiters` that would signal someone,
+/// else the earliest that would not (every session it would signal
+/// protected), with why. The policy also holds to
+/// `max_actions_per_minute`, which this does not foresee.
 fn next_action<'a>(
     graph: &LockGraph,
     policy: &Policy,
     waiters: impl Iterator<Item = &'a Waiter>,
 ) -> Option<NextAction> {
-    let mut best: Option<(SystemTime, NextAction)> = None;
+    let mut best: Option<(bool, SystemTime, NextAction)> = None;
     for waiter in waiters {
         for rule in policy.rules.iter().filter(|r| r.on_standby || !graph.in_recovery) {
             if !rule.concerns(waiter) || waiter.behind < rule.min_queue {
                 continue;
             }
+            let withheld = withheld(graph, policy, rule, waiter);
             let due = graph.taken_at + rule.min_wait.saturating_sub(waiter.wait);
-            if best.as_ref().map_or(true, |(at, _)| due < *at) {
+            let better = match &best {
+                None => true,
+                Some((held, at, _)) => (withheld.is_some(), due) < (*held, *at),
+            };
+            if better {
                 best = Some((
+                    withheld.is_some(),
                     due,
                     NextAction {
                         rule: rule.name.clone(),
@@ -359,12 +467,39 @@ fn next_action<'a>(
                         waiter_pid: waiter.session.pid,
                         due_in_seconds: seconds(rule.min_wait.saturating_sub(waiter.wait)),
                         dry_run: policy.dry_run,
+                        withheld,
                     },
                 ));
             }
         }
     }
-    best.map(|(_, next)| next)
+    best.map(|(_, _, next)| next)
+}
+
+/// Why `rule` would signal no one for `waiter`: the reason of its first
+/// protected target, when every one is (its roots, or the waiter itself
+/// for `cancel_waiter`).
+fn withheld(graph: &LockGraph, policy: &Policy, rule: &crate::policy::Rule, waiter: &Waiter) -> Option<String> {
+    let targets: Vec<Option<&crate::snapshot::Session>> = match rule.action {
+        crate::policy::Action::CancelWaiter => vec![Some(&waiter.session)],
+        _ => graph
+            .wait_tree(waiter.session.pid)
+            .roots
+            .iter()
+            .map(|pid| graph.blocker(*pid).and_then(|b| b.session.as_ref()))
+            .collect(),
+    };
+    let reasons: Vec<Option<String>> = targets
+        .iter()
+        .map(|session| match session {
+            None => Some("a prepared transaction, which has no session to signal".into()),
+            Some(session) => crate::policy::protection(session, &graph.own_pids, policy, rule),
+        })
+        .collect();
+    if reasons.is_empty() || reasons.iter().any(Option::is_none) {
+        return None;
+    }
+    reasons.into_iter().flatten().next()
 }
 
 /// Terminal colours, or none.
@@ -393,7 +528,15 @@ const QUERY_WIDTH: usize = 100;
 pub fn printable(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
-        if c.is_control() || matches!(c, '\u{2028}' | '\u{2029}') {
+        // Line and paragraph separators, and the invisible format
+        // characters that reorder or hide text (bidirectional overrides and
+        // isolates, zero-width characters, the byte order mark).
+        let invisible = matches!(
+            c,
+            '\u{2028}' | '\u{2029}' | '\u{061c}' | '\u{180e}' | '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}'
+                | '\u{2060}'..='\u{2069}' | '\u{feff}'
+        );
+        if c.is_control() || invisible {
             if c == '\n' || c == '\t' || c == '\r' {
                 out.push(' ');
             } else {
@@ -477,12 +620,16 @@ pub fn render(trees: &[Tree], style: Style) -> String {
             };
             let _ = writeln!(
                 out,
-                "    {} rule `{}` {}{} (pid {}'s wait) {when}",
+                "    {} rule `{}` {}{} (pid {}'s wait) {when}{}",
                 style.paint("36", "POLICY"),
                 printable(&next.rule),
                 next.action,
                 if next.dry_run { " (dry run: logs only)" } else { "" },
-                next.waiter_pid
+                next.waiter_pid,
+                match &next.withheld {
+                    Some(why) => format!(": withheld, {}; it reports and the queue stays", printable(why)),
+                    None => String::new(),
+                }
             );
         }
         out.push('\n');
@@ -742,11 +889,197 @@ mod tests {
     #[test]
     fn nothing_a_session_sends_reaches_the_terminal_raw() {
         assert_eq!(printable("a\u{1b}[2Jb\u{7}\u{9b}c\nd"), "a\\u{1b}[2Jb\\u{7}\\u{9b}c d");
+        assert_eq!(
+            printable("root\u{202e}gnp.exe\u{200b}"),
+            "root\\u{202e}gnp.exe\\u{200b}"
+        );
         let trees = build(&incident_000(&["SELECT '\u{1b}]0;owned\u{7}'"]), None);
         let text = render(&trees, Style { colour: false });
         assert!(!text.chars().any(|c| c.is_control() && c != '\n'), "{text:?}");
         let coloured = render(&trees, Style { colour: true });
         assert!(coloured.contains("\u{1b}[1;31mROOT\u{1b}[0m"), "{coloured}");
         assert_eq!(cut("ééé", 2), "éé…");
+    }
+
+    /// 30 sessions asking for one advisory lock that a holder has: each
+    /// waits behind everyone ahead (PostgreSQL reports them all). They are
+    /// one queue, siblings under its first, grouped, not a staircase.
+    fn advisory_queue(waiting: i32) -> LockGraph {
+        let mut sessions = vec![session(1, "holder", "SELECT pg_advisory_lock(42)", None)];
+        let mut locks = vec![LockRow {
+            locktype: "advisory".into(),
+            tag: "advisory:42".into(),
+            relation: None,
+            mode: "ExclusiveLock".into(),
+            ..lock(1, true, "ExclusiveLock", "x", 0.0)
+        }];
+        for pid in 2..2 + waiting {
+            sessions.push(session(
+                pid,
+                "worker",
+                "SELECT pg_advisory_lock(42)",
+                Some((1..pid).collect()),
+            ));
+            locks.push(LockRow {
+                locktype: "advisory".into(),
+                tag: "advisory:42".into(),
+                relation: None,
+                mode: "ExclusiveLock".into(),
+                ..lock(pid, false, "ExclusiveLock", "x", 10.0 + pid as f64 / 100.0)
+            });
+        }
+        analyze(&Snapshot {
+            taken_at: at(60.0),
+            activity: Vec::new(),
+            sessions,
+            locks,
+            existing_databases: None,
+            in_recovery: false,
+        })
+    }
+
+    #[test]
+    fn one_queue_for_one_lock_is_siblings_not_a_staircase() {
+        let trees = build(&advisory_queue(30), None);
+        assert_eq!(trees.len(), 1, "{trees:#?}");
+        let head = &trees[0].waiter;
+        assert_eq!(head.session.pid, 2);
+        let [Child::Group(rest)] = head.children.as_slice() else {
+            panic!("{:#?}", head.children)
+        };
+        assert_eq!(
+            (rest.count, rest.query.as_deref()),
+            (29, Some("SELECT pg_advisory_lock(42)"))
+        );
+        assert_eq!(trees[0].blocked, 30);
+    }
+
+    #[test]
+    fn a_chain_thousands_deep_is_cut_at_the_nesting_limit() {
+        // Each session waits for the row the one before it updated: a hard
+        // chain 1,500 long, its pids descending along it (the order that
+        // walks deepest), analyzed, drawn and serialized on a small stack.
+        let n = 1500;
+        let mut sessions = vec![session(n, "root", "UPDATE t SET x = 1 WHERE id = 0", None)];
+        let mut locks = vec![LockRow {
+            locktype: "transactionid".into(),
+            tag: format!("transactionid:{n}"),
+            relation: None,
+            ..lock(n, true, "ExclusiveLock", "x", 0.0)
+        }];
+        for pid in 1..n {
+            sessions.push(session(pid, "app", "UPDATE t SET x = 1", Some(vec![pid + 1])));
+            locks.push(LockRow {
+                locktype: "transactionid".into(),
+                tag: format!("transactionid:{}", pid + 1),
+                relation: None,
+                ..lock(pid, false, "ShareLock", "x", 10.0)
+            });
+            locks.push(LockRow {
+                locktype: "transactionid".into(),
+                tag: format!("transactionid:{pid}"),
+                relation: None,
+                ..lock(pid, true, "ExclusiveLock", "x", 0.0)
+            });
+        }
+        let snapshot = Snapshot {
+            taken_at: at(60.0),
+            activity: Vec::new(),
+            sessions,
+            locks,
+            existing_databases: None,
+            in_recovery: false,
+        };
+        let built = std::thread::Builder::new()
+            .stack_size(256 * 1024)
+            .spawn(move || {
+                let graph = analyze(&snapshot);
+                let trees = build(&graph, None);
+                let text = render(&trees, Style { colour: false });
+                let json = serde_json::to_string(&trees).unwrap();
+                (trees, text.len(), json.len())
+            })
+            .unwrap()
+            .join()
+            .expect("no stack overflow");
+        let (trees, text, json) = built;
+        assert_eq!(trees.len(), 1);
+        assert_eq!(trees[0].blocked, n as u64 - 1);
+        let mut node = &trees[0].waiter;
+        let mut levels = 1;
+        while let Some(Child::Session(next)) = node.children.first() {
+            node = next;
+            levels += 1;
+        }
+        assert_eq!(levels, MAX_NESTING);
+        let [Child::Group(rest)] = node.children.as_slice() else {
+            panic!("{:#?}", node.children)
+        };
+        assert_eq!(rest.count, n as u64 - 1 - MAX_NESTING as u64);
+        assert!(text < 20_000 && json < 100_000, "{text} bytes of text, {json} of JSON");
+    }
+
+    #[test]
+    fn a_waiter_behind_a_deadlock_is_in_the_deadlock_s_tree() {
+        // 2 and 3 wait on each other; 1 waits on 2.
+        let graph = analyze(&Snapshot {
+            taken_at: at(60.0),
+            activity: Vec::new(),
+            sessions: vec![
+                session(1, "a", "UPDATE a", Some(vec![2])),
+                session(2, "b", "UPDATE b", Some(vec![3])),
+                session(3, "c", "UPDATE c", Some(vec![2])),
+            ],
+            locks: vec![
+                lock(2, true, AX, "public.b", 0.0),
+                lock(3, true, AX, "public.c", 0.0),
+                lock(1, false, AX, "public.b", 58.0),
+                lock(2, false, AX, "public.c", 59.0),
+                lock(3, false, AX, "public.b", 59.5),
+            ],
+            existing_databases: None,
+            in_recovery: false,
+        });
+        let policy = Policy::acting(vec![Rule::unblock_migrations(Duration::from_secs(1))]);
+        let trees = build(&graph, Some(&policy));
+        assert_eq!(trees.len(), 1, "{trees:#?}");
+        assert!(trees[0].deadlock);
+        assert_eq!(trees[0].blocked, 3);
+        assert_eq!(trees[0].waiter.session.pid, 2);
+        assert_eq!(
+            trees[0].next, None,
+            "PostgreSQL ends a deadlock; the policy does not act"
+        );
+    }
+
+    #[test]
+    fn more_sessions_counts_each_hidden_session_once() {
+        // 25 different writers behind an ALTER; a second ALTER behind them.
+        let mut queries: Vec<String> = (0..25).map(|i| format!("UPDATE orders SET x = {i}")).collect();
+        queries.push("ALTER TABLE orders ADD y int".into());
+        let refs: Vec<&str> = queries.iter().map(String::as_str).collect();
+        let trees = build(&incident_000(&refs), None);
+        let children = &trees[0].waiter.children;
+        let Some(Child::Group(more)) = children.last() else {
+            panic!("{children:#?}")
+        };
+        let listed = children.iter().filter(|c| matches!(c, Child::Session(_))).count() as u64;
+        assert_eq!(listed + more.count, 26, "each of the 26 counted once");
+    }
+
+    #[test]
+    fn a_protected_root_withholds_the_policy_and_says_why() {
+        let graph = incident_000(&["SELECT 1"]);
+        let policy = Policy {
+            protect_applications: vec![crate::policy::Glob("psql".into())],
+            ..Policy::acting(vec![Rule::unblock_migrations(Duration::from_secs(15))])
+        };
+        let next = build(&graph, Some(&policy))[0].next.clone().unwrap();
+        assert_eq!(next.withheld.as_deref(), Some("application `psql` is protected"));
+        let text = render(&build(&graph, Some(&policy)), Style { colour: false });
+        assert!(
+            text.contains("in 5.0s: withheld, application `psql` is protected"),
+            "{text}"
+        );
     }
 }

@@ -47,7 +47,11 @@ impl Served {
     /// The release `lockjam run` binary with the configuration in `file`.
     pub fn lockjam_config(file: &std::path::Path) -> Served {
         let file = file.to_str().expect("a UTF-8 path");
-        Served::run(std::path::Path::new(env!("CARGO_BIN_EXE_lockjam")), &["--config", file], &[])
+        Served::run(
+            std::path::Path::new(env!("CARGO_BIN_EXE_lockjam")),
+            &["--config", file],
+            &[],
+        )
     }
 
     fn run(binary: &std::path::Path, args: &[&str], settings: &[(&str, &str)]) -> Served {

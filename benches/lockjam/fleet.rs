@@ -100,7 +100,10 @@ async fn measure(clusters: &[Cluster], targets: usize, settle: Duration, window:
                 break;
             }
         }
-        assert!(started.elapsed() < Duration::from_secs(120), "{targets} targets never all up");
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "{targets} targets never all up"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     tokio::time::sleep(settle).await;

@@ -51,7 +51,12 @@ fn main() {
     let parts: Vec<&str> = args
         .iter()
         .map(String::as_str)
-        .filter(|a| ["outage", "reaction", "cost", "exporter", "versus", "history", "fleet", "all"].contains(a))
+        .filter(|a| {
+            [
+                "outage", "reaction", "cost", "exporter", "versus", "history", "fleet", "all",
+            ]
+            .contains(a)
+        })
         .collect();
     let all = parts.is_empty() || parts.contains(&"all");
     let wanted = |part: &str| all || parts.contains(&part);

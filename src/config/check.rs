@@ -39,7 +39,9 @@ pub(super) fn check(
     if let Some(text) = &sources.listen {
         settings.server.listen = listen_address::parse(text).map_err(|m| invalid(fault("server.listen", m)))?;
     }
-    check_server(&mut settings.server).map_err(invalid)?;
+    if !sources.targets_only {
+        check_server(&mut settings.server).map_err(invalid)?;
+    }
     check_sampler(&settings.sampler).map_err(invalid)?;
     check_log(&settings.log).map_err(invalid)?;
     check_policy(&settings.policy, settings.sampler.interval).map_err(invalid)?;
@@ -444,6 +446,15 @@ fn file_targets(
         }
         if raw.name.chars().any(char::is_control) || raw.name.len() > 64 {
             return Err((key("name"), "at most 64 characters, no control characters".into()));
+        }
+        if raw.name == "." || raw.name == ".." {
+            return Err((
+                key("name"),
+                format!(
+                    "`{}` cannot name a target: a browser reads its page, /targets/{}, as another path",
+                    raw.name, raw.name
+                ),
+            ));
         }
         if !names.insert(raw.name.clone()) {
             return Err((key("name"), format!("duplicate target name `{}`", raw.name)));

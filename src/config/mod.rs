@@ -70,6 +70,10 @@ pub struct Sources {
     pub cancel_blockers_after: Option<String>,
     /// The process environment (passed in so that tests control it).
     pub env: HashMap<String, String>,
+    /// For a command that only reads the targets (`tree`, `preflight`):
+    /// `[server]`'s files (certificate, key, passwords) are not read, so
+    /// that an operator who may not read them can still run it.
+    pub targets_only: bool,
 }
 
 /// The configuration, checked: the sections as written, the targets with

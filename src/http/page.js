@@ -111,7 +111,8 @@
     if (t.next) {
       box.appendChild(el("p", { cls: "next" }, "Policy: rule " + t.next.rule + " " + t.next.action +
         (t.next.dry_run ? " (dry run: logs only)" : "") + " on pid " + t.next.waiter_pid + "'s wait ",
-        t.next.due_in_seconds > 0 ? el("span", {}, "in ", tick(t.next.due_in_seconds, -1)) : "now"));
+        t.next.due_in_seconds > 0 ? el("span", {}, "in ", tick(t.next.due_in_seconds, -1)) : "now",
+        t.next.withheld ? ": withheld, " + t.next.withheld + "; it reports and the queue stays" : ""));
     }
     return box;
   }
@@ -158,15 +159,16 @@
       });
       sec.appendChild(el("div", { cls: "scroll" }, el("table", {}, tb)));
     }
-    var theirs = incidents.filter(function (i) { return i.target === t.target; }).slice(0, 10);
-    sec.appendChild(el("h4", { text: "Last incidents" }));
-    if (!theirs.length) sec.appendChild(el("p", { cls: "meta", text: "None recorded." }));
-    else sec.appendChild(incidentTable(theirs));
+    if (only) {
+      sec.appendChild(el("h4", { text: "Last incidents" }));
+      if (!incidents.length) sec.appendChild(el("p", { cls: "meta", text: "None recorded." }));
+      else sec.appendChild(incidentTable(incidents));
+    }
     return sec;
   }
   function incidentTable(list) {
     var head = el("tr", {});
-    ["closed", "database · relation", "mode", "lasted", "outcome", "roots", "peak behind", ""].forEach(function (h) { head.appendChild(el("th", { text: h })); });
+    ["closed", "target · database · relation", "mode", "lasted", "outcome", "roots", "peak behind", ""].forEach(function (h) { head.appendChild(el("th", { text: h })); });
     var tb = el("tbody", {}, head);
     list.forEach(function (i) {
       var key = "incident/" + i.id;
@@ -181,7 +183,7 @@
       });
       i.decisions.forEach(function (x) { d.appendChild(el("p", { text: x.time + " " + x.rule + ": " + x.action + " pid " + x.signalled_pid + " → " + x.outcome })); });
       tb.appendChild(el("tr", { cls: "incident" },
-        el("td", { text: i.closed_at }), el("td", { text: i.datname + " · " + i.relation }), el("td", { text: i.mode }),
+        el("td", { text: i.closed_at }), el("td", { text: i.target + " · " + i.datname + " · " + i.relation }), el("td", { text: i.mode }),
         el("td", { cls: "num", text: secs(i.duration_seconds) }), el("td", { text: i.outcome }),
         el("td", { text: i.roots.map(function (r) { return r.pid + " " + txt(r.application_name, ""); }).join(", ") }),
         el("td", { cls: "num", text: String(i.peak_behind) }), el("td", {}, d)));
@@ -202,10 +204,22 @@
       var frag = document.createDocumentFragment();
       if (!targets.length) frag.appendChild(el("p", { cls: "down", text: only ? "lockjam has no target named " + only + "." : "lockjam has no targets." }));
       targets.forEach(function (t) { frag.appendChild(targetView(t, answers[1].events, answers[2].incidents)); });
+      if (!only) {
+        // Every target's, newest first: one list, so that a busy target's
+        // incidents do not hide a quiet one's.
+        var all = el("section", { cls: "target incidents" }, el("h4", { text: "Last incidents, all targets" }));
+        if (!answers[2].incidents.length) all.appendChild(el("p", { cls: "meta", text: "None recorded." }));
+        else all.appendChild(incidentTable(answers[2].incidents));
+        frag.appendChild(all);
+      }
       main.replaceChildren(frag);
       fetchedAt = Date.now();
       var waiting = targets.reduce(function (n, t) { return n + t.waiters.length; }, 0);
-      status.textContent = targets.length + " target(s) · " + (waiting ? waiting + " session(s) waiting for a lock" : "calm") + " · updated " + new Date().toLocaleTimeString();
+      var down = targets.filter(function (t) { return !t.up; }).length;
+      var parts = [targets.length + " target(s)"];
+      if (down) parts.push(down + " down");
+      parts.push(waiting ? waiting + " session(s) waiting for a lock" : (down ? "no lock waits seen" : "calm"));
+      status.textContent = parts.join(" · ") + " · updated " + new Date().toLocaleTimeString();
     }).catch(function (e) {
       status.textContent = "cannot reach lockjam (" + e.message + "); showing the last answer";
     }).then(function () { setTimeout(refresh, 1000); });

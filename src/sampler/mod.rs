@@ -303,6 +303,11 @@ impl Sampler {
         ))
     }
 
+    /// The target's name.
+    pub fn target_name(&self) -> &str {
+        &self.target.name
+    }
+
     /// Which server the target is, connecting if need be.
     pub async fn identify(&mut self) -> Result<ServerIdentity, SampleError> {
         if self.main.is_none() {

@@ -216,6 +216,22 @@ async fn tree_on_a_calm_server_says_so_and_a_dead_one_fails() {
     assert!(out.matches("target default · ").count() >= 3, "{out}");
     assert!(!out.contains('\u{1b}'), "no screen clearing off a TTY:\n{out}");
 
+    // With the service's configuration, whose [server] files the operator
+    // may not read: tree reads only the targets.
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("lockjam.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\ntls_cert_file = \"/nonexistent/cert.pem\"\ntls_key_file = \"/nonexistent/key.pem\"\n\n\
+             [[targets]]\nname = \"main\"\ndsn = \"{dsn}\"\n"
+        ),
+    )
+    .unwrap();
+    let (code, out, err) = tree(&["--config", config.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("target main · PostgreSQL "), "{out}");
+
     // A server that is gone: exit 1, saying why, in the output.
     env.stop().await;
     let (code, out, _) = tree(&["--dsn", &dsn]);
@@ -233,4 +249,41 @@ fn nix_interrupt(pid: u32) {
         .status()
         .unwrap();
     assert!(status.success());
+}
+
+/// Ten sessions queue for one advisory lock: PostgreSQL reports each as
+/// blocked by everyone ahead of it. `lockjam tree` shows one queue, the
+/// first in line with the other nine grouped under it, not a staircase.
+#[tokio::test(flavor = "multi_thread")]
+async fn one_queue_for_one_lock_is_grouped_not_a_staircase() {
+    let env = TestEnv::start().await;
+    let holder = env.session("holder").await;
+    let holder_pid = crate::support::backend_pid(&holder).await;
+    holder.batch_execute("SELECT pg_advisory_lock(42)").await.unwrap();
+    let mut waiting = Vec::new();
+    for _ in 0..10 {
+        waiting.push(env.spawn_statement("worker", "SELECT pg_advisory_lock(42)").await);
+        // In line one after the other, as PostgreSQL orders the queue.
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    env.wait_until_waiting_count("worker", 10).await;
+    let (code, out, err) = tree(&["--dsn", &env.cluster.dsn("postgres")]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.matches("ROOT pid").count(), 1, "{out}");
+    assert!(
+        out.contains(&format!("ROOT pid {holder_pid} postgres@app holder")),
+        "{out}"
+    );
+    let first = waiting[0].0;
+    let head = line_of(
+        &out,
+        &format!("└─ pid {first} postgres@app worker from 127.0.0.1 · waits "),
+    );
+    let group = line_of(
+        &out,
+        "   └─ 9 × SELECT pg_advisory_lock(42) from worker (postgres) · ExclusiveLock · waits ",
+    );
+    assert!(head < group, "{out}");
+    assert!(out.contains("· 10 blocked, chain depth "), "{out}");
+    assert!(out.lines().all(|l| l.len() < 220), "no staircase:\n{out}");
 }
