@@ -38,17 +38,49 @@ enum Command {
     Demo(DemoArgs),
 }
 
+/// Where a command that only reads targets finds them: `run`'s
+/// configuration (its `[server]` files unread) or one DSN.
 #[derive(Args)]
-struct PreflightArgs {
-    /// TOML configuration file, for its target and sampler settings.
+struct TargetArgs {
+    /// TOML configuration file, for its targets, sampler and policy.
     #[arg(long, env = "LOCKJAM_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
     /// Connection string of the server (replaces [[targets]]).
     #[arg(long, env = "LOCKJAM_DSN", value_name = "DSN", hide_env_values = true)]
     dsn: Option<String>,
-    /// The target to ask, when the configuration has several.
+    /// Only this target of the configuration.
     #[arg(long, value_name = "NAME")]
     target: Option<String>,
+}
+
+impl TargetArgs {
+    /// The configuration, with only `--target` when it is given; exit 2
+    /// for a bad one.
+    fn load(&self) -> Result<Config, ExitCode> {
+        let sources = Sources {
+            file: self.config.clone(),
+            dsn: self.dsn.clone(),
+            listen: None,
+            cancel_blockers_after: None,
+            env: std::env::vars().collect::<HashMap<_, _>>(),
+            targets_only: true,
+        };
+        let mut config = config::load(&sources).map_err(|e| fail(&e, EXIT_CONFIG))?;
+        if let Some(name) = &self.target {
+            config.targets.retain(|t| &t.name == name);
+            if config.targets.is_empty() {
+                eprintln!("lockjam: error: --target {name}: no target of that name in the configuration");
+                return Err(ExitCode::from(EXIT_CONFIG));
+            }
+        }
+        Ok(config)
+    }
+}
+
+#[derive(Args)]
+struct PreflightArgs {
+    #[command(flatten)]
+    targets: TargetArgs,
     /// A relation the migration locks: table, schema.table or
     /// database.schema.table; repeat for several.
     #[arg(long = "relation", value_name = "NAME", required = true)]
@@ -72,15 +104,8 @@ struct PreflightArgs {
 
 #[derive(Args)]
 struct TreeArgs {
-    /// TOML configuration file, for its targets, sampler and policy.
-    #[arg(long, env = "LOCKJAM_CONFIG", value_name = "FILE")]
-    config: Option<PathBuf>,
-    /// Connection string of the one database to look at (replaces [[targets]]).
-    #[arg(long, env = "LOCKJAM_DSN", value_name = "DSN", hide_env_values = true)]
-    dsn: Option<String>,
-    /// Only this target.
-    #[arg(long, value_name = "NAME")]
-    target: Option<String>,
+    #[command(flatten)]
+    targets: TargetArgs,
     /// Sample again every [sampler] interval and redraw, until Ctrl-C.
     #[arg(long)]
     watch: bool,
@@ -277,31 +302,13 @@ fn incidents(args: &IncidentsArgs) -> ExitCode {
 /// when `--wait` ran out), 2 for a bad argument, an unknown relation or a
 /// database that cannot be asked.
 fn preflight(args: &PreflightArgs) -> ExitCode {
-    let sources = Sources {
-        file: args.config.clone(),
-        dsn: args.dsn.clone(),
-        listen: None,
-        cancel_blockers_after: None,
-        env: std::env::vars().collect::<HashMap<_, _>>(),
-        targets_only: true,
-    };
-    let config = match config::load(&sources) {
+    let config = match args.targets.load() {
         Ok(config) => config,
-        Err(e) => return fail(&e, EXIT_CONFIG),
+        Err(code) => return code,
     };
-    let target = match (&args.target, config.targets.as_slice()) {
-        (Some(name), targets) => match targets.iter().find(|t| &t.name == name) {
-            Some(target) => target,
-            None => {
-                eprintln!("lockjam: error: --target {name}: no target of that name in the configuration");
-                return ExitCode::from(EXIT_CONFIG);
-            }
-        },
-        (None, [one]) => one,
-        (None, _) => {
-            eprintln!("lockjam: error: the configuration has several targets: name one with --target");
-            return ExitCode::from(EXIT_CONFIG);
-        }
+    let [target] = config.targets.as_slice() else {
+        eprintln!("lockjam: error: the configuration has several targets: name one with --target");
+        return ExitCode::from(EXIT_CONFIG);
     };
     let question = lockjam::preflight::Question {
         relations: args.relations.clone(),
@@ -353,25 +360,10 @@ fn preflight(args: &PreflightArgs) -> ExitCode {
 /// `lockjam tree`: exit 0 with every target sampled, 1 when one could not
 /// be, 2 for a bad argument or configuration.
 fn tree(args: &TreeArgs) -> ExitCode {
-    let sources = Sources {
-        file: args.config.clone(),
-        dsn: args.dsn.clone(),
-        listen: None,
-        cancel_blockers_after: None,
-        env: std::env::vars().collect::<HashMap<_, _>>(),
-        targets_only: true,
-    };
-    let mut config = match config::load(&sources) {
+    let config = match args.targets.load() {
         Ok(config) => config,
-        Err(e) => return fail(&e, EXIT_CONFIG),
+        Err(code) => return code,
     };
-    if let Some(name) = &args.target {
-        config.targets.retain(|t| &t.name == name);
-        if config.targets.is_empty() {
-            eprintln!("lockjam: error: --target {name}: no target of that name in the configuration");
-            return ExitCode::from(EXIT_CONFIG);
-        }
-    }
     let mut samplers = Vec::new();
     for target in &config.targets {
         match lockjam::sampler::Sampler::new(target, &config.sampler) {
