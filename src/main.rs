@@ -306,9 +306,16 @@ fn preflight(args: &PreflightArgs) -> ExitCode {
         Ok(config) => config,
         Err(code) => return code,
     };
-    let [target] = config.targets.as_slice() else {
-        eprintln!("lockjam: error: the configuration has several targets: name one with --target");
-        return ExitCode::from(EXIT_CONFIG);
+    let target = match config.targets.as_slice() {
+        [target] => target,
+        [] => {
+            eprintln!("lockjam: error: the configuration has no target");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+        _ => {
+            eprintln!("lockjam: error: the configuration has several targets: name one with --target");
+            return ExitCode::from(EXIT_CONFIG);
+        }
     };
     let question = lockjam::preflight::Question {
         relations: args.relations.clone(),
@@ -325,34 +332,44 @@ fn preflight(args: &PreflightArgs) -> ExitCode {
     };
     let deadline = args.wait.map(|wait| std::time::Instant::now() + wait);
     runtime().block_on(async {
+        // Ctrl-C ends it whenever it comes, mid-question too: exit 1, not
+        // known to be clear.
+        let interrupted = tokio::signal::ctrl_c();
+        tokio::pin!(interrupted);
         let mut said = String::new();
         loop {
-            let answer = match asker.ask(&question).await {
-                Ok(answer) => answer,
-                Err(e) => return fail(&e, EXIT_CONFIG),
+            let asked = tokio::select! {
+                asked = asker.ask(&question) => asked,
+                _ = &mut interrupted => return ExitCode::from(1),
             };
-            let waiting = !answer.clear && deadline.is_some_and(|d| std::time::Instant::now() < d);
-            if waiting {
-                let reasons = lockjam::preflight::waiting_for(&answer);
-                if reasons != said {
-                    eprintln!("waiting: {reasons}");
-                    said = reasons;
+            let time_left = deadline.is_some_and(|d| std::time::Instant::now() < d);
+            let reasons = match &asked {
+                // A name or a mode will not get better by waiting.
+                Err(e) if e.is_usage() => return fail(e, EXIT_CONFIG),
+                Err(e) if time_left => format!("cannot ask: {}", lockjam::connect::error_chain(e)),
+                Err(e) => return fail(e, EXIT_CONFIG),
+                Ok(answer) if !answer.clear && time_left => lockjam::preflight::waiting_for(answer),
+                Ok(answer) => {
+                    if args.json {
+                        println!("{}", serde_json::to_string(answer).unwrap_or_default());
+                    } else {
+                        print!("{}", lockjam::preflight::render(answer));
+                    }
+                    return if answer.clear {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::from(1)
+                    };
                 }
-                tokio::select! {
-                    _ = tokio::time::sleep(config.sampler.interval) => continue,
-                    _ = tokio::signal::ctrl_c() => return ExitCode::from(1),
-                }
-            }
-            if args.json {
-                println!("{}", serde_json::to_string(&answer).unwrap_or_default());
-            } else {
-                print!("{}", lockjam::preflight::render(&answer));
-            }
-            return if answer.clear {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(1)
             };
+            if reasons != said {
+                eprintln!("waiting: {reasons}");
+                said = reasons;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(config.sampler.interval) => {}
+                _ = &mut interrupted => return ExitCode::from(1),
+            }
         }
     })
 }

@@ -19,14 +19,20 @@ pub(crate) const OTHER_DATABASES: &str = "_other";
 
 /// The `datname` label of each database of a sample: its name for the
 /// `max_databases` that matter most (those with lock waits, or a wait that
-/// just ended, then those with the most sessions, then by name, so that
-/// the choice is stable), [`OTHER_DATABASES`] for the rest.
+/// just ended; then those named in the previous sample, so that a name
+/// does not come and go with a session; then those with the most
+/// sessions; then by name), [`OTHER_DATABASES`] for the rest.
 pub(crate) struct DatabaseLabels {
     named: HashSet<String>,
 }
 
 impl DatabaseLabels {
-    pub(crate) fn of(graph: &LockGraph, ended: &[EndedWait], max_databases: usize) -> DatabaseLabels {
+    pub(crate) fn of(
+        graph: &LockGraph,
+        ended: &[EndedWait],
+        max_databases: usize,
+        before: Option<&HashSet<String>>,
+    ) -> DatabaseLabels {
         let mut sessions: HashMap<&str, u64> = HashMap::new();
         for group in &graph.activity {
             *sessions.entry(group.datname.as_str()).or_default() += group.sessions;
@@ -40,7 +46,12 @@ impl DatabaseLabels {
         let mut ranked: Vec<(&str, u64)> = sessions.into_iter().collect();
         ranked.sort_by(|a, b| {
             let waits = |d: &str| graph.databases.get(d).is_some_and(waits_in) || ended.iter().any(|w| w.datname == d);
-            waits(b.0).cmp(&waits(a.0)).then(b.1.cmp(&a.1)).then(a.0.cmp(b.0))
+            let named = |d: &str| before.is_some_and(|named| named.contains(d));
+            waits(b.0)
+                .cmp(&waits(a.0))
+                .then(named(b.0).cmp(&named(a.0)))
+                .then(b.1.cmp(&a.1))
+                .then(a.0.cmp(b.0))
         });
         DatabaseLabels {
             named: ranked
@@ -137,6 +148,8 @@ struct Families {
     /// Per target, the databases of its wait histograms and the rules of
     /// its policy counters: what [`Metrics::forget_target`] removes.
     wait_databases: HashMap<String, HashSet<String>>,
+    /// Per target, the databases the last sample named in `datname`.
+    named_databases: HashMap<String, HashSet<String>>,
     policy_rules: HashMap<String, HashSet<String>>,
 }
 
@@ -568,6 +581,7 @@ impl Metrics {
             ),
             incident_databases: HashMap::new(),
             wait_databases: HashMap::new(),
+            named_databases: HashMap::new(),
             policy_rules: HashMap::new(),
         };
         Metrics {
@@ -591,9 +605,10 @@ impl Metrics {
         took: Duration,
         caps: Caps,
     ) {
-        let labels = DatabaseLabels::of(graph, ended, caps.databases);
         let mut guard = self.families();
         let f = &mut *guard;
+        let labels = DatabaseLabels::of(graph, ended, caps.databases, f.named_databases.get(target));
+        f.named_databases.insert(target.to_string(), labels.named.clone());
         f.up.with_label_values(&[target]).set(1.0);
         f.last_sample
             .with_label_values(&[target])
@@ -673,6 +688,7 @@ impl Metrics {
             let _ = gauge.remove_label_values(&[target]);
         }
         let _ = f.sample_duration.remove_label_values(&[target]);
+        f.named_databases.remove(target);
         for datname in f.wait_databases.remove(target).unwrap_or_default() {
             let _ = f.lock_wait.remove_label_values(&[target, &datname]);
         }
@@ -974,5 +990,56 @@ mod tests {
         let after = metrics.render();
         assert_eq!(series_of(&after, "gone"), 0, "{after}");
         assert_eq!(series_of(&after, "kept"), 34, "{after}");
+    }
+
+    #[test]
+    fn a_named_database_keeps_its_name_while_another_grows() {
+        let metrics = Metrics::new();
+        let at = SystemTime::UNIX_EPOCH + Duration::from_secs(1000);
+        let sample = |a: u64, b: u64| {
+            analyze(&Snapshot::calm(
+                at,
+                vec![
+                    ActivityGroup {
+                        datname: "a".into(),
+                        state: "idle".into(),
+                        sessions: a,
+                        oldest_xact_start: None,
+                    },
+                    ActivityGroup {
+                        datname: "b".into(),
+                        state: "idle".into(),
+                        sessions: b,
+                        oldest_xact_start: None,
+                    },
+                ],
+            ))
+        };
+        let one = Caps {
+            relations: 20,
+            databases: 1,
+        };
+        metrics.record_sample("db1", &sample(5, 1), &[], Duration::ZERO, one);
+        let text = metrics.render();
+        assert!(
+            text.contains("lockjam_sessions{datname=\"a\",state=\"idle\",target=\"db1\"} 5"),
+            "{text}"
+        );
+        assert!(
+            text.contains("lockjam_sessions{datname=\"_other\",state=\"idle\",target=\"db1\"} 1"),
+            "{text}"
+        );
+        // b outgrows a: a keeps its name, so that no series comes and goes
+        // with a session.
+        metrics.record_sample("db1", &sample(5, 6), &[], Duration::ZERO, one);
+        let text = metrics.render();
+        assert!(
+            text.contains("lockjam_sessions{datname=\"a\",state=\"idle\",target=\"db1\"} 5"),
+            "{text}"
+        );
+        assert!(
+            text.contains("lockjam_sessions{datname=\"_other\",state=\"idle\",target=\"db1\"} 6"),
+            "{text}"
+        );
     }
 }

@@ -108,7 +108,7 @@ impl Prepared {
         let mut servers: Vec<(ServerIdentity, Vec<String>)> = Vec::new();
         for (target, identity) in config.targets.iter().zip(identities) {
             let Some(identity) = identity else { continue };
-            match servers.iter_mut().find(|(known, _)| *known == identity) {
+            match servers.iter_mut().find(|(known, _)| known.same_server(&identity)) {
                 Some((_, names)) => names.push(target.name.clone()),
                 None => servers.push((identity, vec![target.name.clone()])),
             }

@@ -191,7 +191,7 @@ impl SharedState {
         let mut servers = self.servers.lock().unwrap_or_else(|p| p.into_inner());
         let other = servers
             .iter()
-            .find(|(name, known)| name.as_str() != target && *known == identity)
+            .find(|(name, known)| name.as_str() != target && known.same_server(identity))
             .map(|(name, _)| name.clone());
         if other.is_none() {
             servers.insert(target.to_string(), identity.clone());
@@ -247,6 +247,12 @@ mod tests {
         assert_eq!(state.claim_server("b", &server("t1")), Some("a".into()));
         // A standby or a copy: same system identifier, another postmaster.
         assert_eq!(state.claim_server("b", &server("t2")), None);
+        // A role that may not read the data directory still matches.
+        let partial = ServerIdentity {
+            data_directory: None,
+            ..server("t2")
+        };
+        assert_eq!(state.claim_server("c", &partial), Some("b".into()));
         // Reloaded without `a`: its claim goes with it.
         state.replace_targets(vec![TargetRecord::new(
             "b",

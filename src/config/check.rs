@@ -58,8 +58,12 @@ pub(super) fn check(
     check_incidents(&mut settings.incidents, sources).map_err(invalid)?;
     let mut targets = check_targets(&settings.targets, sources).map_err(invalid)?;
     let mut notes = notes;
-    if let Some(note) = shard_targets(&settings.sharding, &mut targets).map_err(invalid)? {
-        notes.push(note);
+    // A command that reads targets (tree, preflight) and a single --dsn
+    // look at what they are told, whichever replica runs them.
+    if !sources.targets_only && sources.dsn.is_none() {
+        if let Some(note) = shard_targets(&settings.sharding, &mut targets).map_err(invalid)? {
+            notes.push(note);
+        }
     }
     Ok(Config {
         server: settings.server,

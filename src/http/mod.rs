@@ -237,6 +237,7 @@ async fn preflight(State(state): State<Arc<SharedState>>, RawQuery(query): RawQu
             None => return (StatusCode::NOT_FOUND, format!("no target named {name:?}\n")).into_response(),
         },
         (None, [one]) => one.clone(),
+        (None, []) => return (StatusCode::NOT_FOUND, "this lockjam watches no target\n").into_response(),
         (None, _) => return bad_request("lockjam watches several targets: name one with target=NAME".into()),
     };
     let Some(asker) = record.preflight.clone() else {

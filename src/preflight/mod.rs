@@ -7,6 +7,7 @@
 //! (when asked) transactions open longer than a limit, which may take such
 //! a lock at any moment. Only `pg_monitor` is needed.
 
+use std::collections::HashMap;
 use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
@@ -20,6 +21,7 @@ use crate::view::{seconds, SessionView};
 const RESOLVE_SQL: &str = include_str!("resolve.sql");
 const LOCKS_SQL: &str = include_str!("locks.sql");
 const OLD_SQL: &str = include_str!("old.sql");
+const DESCENDANTS_SQL: &str = include_str!("descendants.sql");
 
 /// What a migration will ask for, and where.
 #[derive(Debug, Clone, PartialEq)]
@@ -73,8 +75,8 @@ pub struct RelationAnswer {
     /// Sessions holding a lock that conflicts with `mode`: the migration
     /// would wait for each.
     pub conflicting: Vec<Holder>,
-    /// Sessions already waiting for a lock on it: the migration would
-    /// queue behind those whose request conflicts with it.
+    /// Sessions already waiting for a lock on it that conflicts with
+    /// `mode`: the migration would queue behind them.
     pub waiting: Vec<Holder>,
     /// Sessions holding any lock on it now: about how many queries would
     /// queue behind the migration while it waits.
@@ -89,17 +91,19 @@ pub struct Holder {
     pub mode: String,
     /// How long it has waited, for a waiting session (PostgreSQL 14+).
     pub wait_seconds: Option<f64>,
+    /// The partition (or inheritance child) its lock is on, when not the
+    /// named relation itself: the migration must lock it too.
+    pub via: Option<String>,
 }
 
-/// A relation named by the user, split into its database and the rest.
+/// A relation named by the user: its database, schema and name, each as
+/// stored (quotes removed, unquoted parts folded to lower case).
 #[derive(Debug, Clone, PartialEq)]
 struct Named {
     written: String,
     database: Option<String>,
-    /// Qualified (`schema.name`, as SQL reads it), or `None` when bare.
-    qualified: Option<String>,
-    /// The bare name, unquoted.
-    bare: Option<String>,
+    schema: Option<String>,
+    name: String,
 }
 
 /// Splits `name` on the dots outside double quotes: `orders`,
@@ -130,30 +134,37 @@ fn parse_name(name: &str) -> Result<Named, PreflightError> {
     if quoted || parts.iter().any(|p| p.is_empty() || p == "\"\"") || parts.len() > 3 {
         return Err(bad());
     }
+    // PostgreSQL folds only A-Z in an unquoted name (in a UTF-8
+    // database), and truncates names at 63 bytes.
     let unquote = |part: &str| -> String {
-        match part.strip_prefix('"').and_then(|p| p.strip_suffix('"')) {
+        let mut stored = match part.strip_prefix('"').and_then(|p| p.strip_suffix('"')) {
             Some(inner) => inner.replace("\"\"", "\""),
-            None => part.to_lowercase(),
+            None => part.to_ascii_lowercase(),
+        };
+        while stored.len() > 63 {
+            stored.pop();
         }
+        stored
     };
+    let written = name.to_string();
     Ok(match parts.as_slice() {
-        [bare] => Named {
-            written: name.to_string(),
+        [table] => Named {
+            written,
             database: None,
-            qualified: None,
-            bare: Some(unquote(bare)),
+            schema: None,
+            name: unquote(table),
         },
         [schema, table] => Named {
-            written: name.to_string(),
+            written,
             database: None,
-            qualified: Some(format!("{schema}.{table}")),
-            bare: None,
+            schema: Some(unquote(schema)),
+            name: unquote(table),
         },
         [database, schema, table] => Named {
-            written: name.to_string(),
+            written,
             database: Some(unquote(database)),
-            qualified: Some(format!("{schema}.{table}")),
-            bare: None,
+            schema: Some(unquote(schema)),
+            name: unquote(table),
         },
         _ => return Err(bad()),
     })
@@ -204,8 +215,13 @@ impl Preflight {
 
     pub async fn ask(&self, question: &Question) -> Result<Answer, PreflightError> {
         check(question)?;
-        let _turn = self.busy.lock().await;
-        match tokio::time::timeout(self.deadline, self.look(question)).await {
+        // Waiting for the turn counts against the deadline too, so that
+        // callers piling up behind a stalled server are answered in time.
+        let asked = async {
+            let _turn = self.busy.lock().await;
+            self.look(question).await
+        };
+        match tokio::time::timeout(self.deadline, asked).await {
             Ok(answer) => answer,
             Err(_) => Err(PreflightError::Query(format!(
                 "target `{}`: no answer within {:.1}s",
@@ -271,7 +287,7 @@ impl Preflight {
         let mut oids = Vec::new();
         for named in names {
             let rows = client
-                .query(RESOLVE_SQL, &[&named.qualified, &named.bare])
+                .query(RESOLVE_SQL, &[&named.schema, &named.name])
                 .await
                 .map_err(|e| failed("resolving a relation", e))?;
             match rows.as_slice() {
@@ -304,7 +320,21 @@ impl Preflight {
         } else {
             "NULL::pg_catalog.timestamptz"
         };
-        let ids: Vec<i64> = oids.iter().map(|(oid, _)| *oid).collect();
+        let named_ids: Vec<i64> = oids.iter().map(|(oid, _)| *oid).collect();
+        // Each named relation and its partitions: relation -> (named, label).
+        let below: HashMap<i64, (i64, String)> = client
+            .query(DESCENDANTS_SQL, &[&named_ids])
+            .await
+            .map_err(|e| failed("reading partitions", e))?
+            .iter()
+            .map(|row| {
+                (
+                    row.get::<_, i64>("relation"),
+                    (row.get::<_, i64>("named"), row.get("label")),
+                )
+            })
+            .collect();
+        let ids: Vec<i64> = below.keys().copied().collect();
         let rows = client
             .query(&LOCKS_SQL.replace("WAITSTART", wait_start), &[&ids])
             .await
@@ -327,21 +357,35 @@ impl Preflight {
                 sessions_using: 0,
             };
             let mut using = std::collections::BTreeSet::new();
-            for row in rows.iter().filter(|row| row.get::<_, i64>("relation") == oid) {
+            let of_this = |row: &&tokio_postgres::Row| {
+                below
+                    .get(&row.get::<_, i64>("relation"))
+                    .is_some_and(|(named, _)| *named == oid)
+            };
+            for row in rows.iter().filter(of_this) {
                 let pid: i32 = row.get("pid");
                 let mode: String = row.get("mode");
                 let session = crate::sampler::session_from_row(row);
                 let wait_start: Option<SystemTime> = row.get("wait_start");
+                let on: i64 = row.get("relation");
                 let holder = Holder {
                     session: SessionView::of(pid, (pid != 0).then_some(&session), now),
                     wait_seconds: wait_start.map(|w| seconds(now.duration_since(w).unwrap_or_default())),
                     mode: mode.clone(),
+                    via: (on != oid).then(|| below[&on].1.clone()),
                 };
+                if !modes_conflict(&mode, &question.mode) {
+                    // Neither a holder nor a waiter of a lock that does not
+                    // conflict stands in the way: PostgreSQL grants the
+                    // request at once.
+                    if row.get::<_, bool>("granted") {
+                        using.insert(pid);
+                    }
+                    continue;
+                }
                 if row.get::<_, bool>("granted") {
                     using.insert(pid);
-                    if modes_conflict(&mode, &question.mode) {
-                        relation.conflicting.push(holder);
-                    }
+                    relation.conflicting.push(holder);
                 } else if !relation.waiting.iter().any(|w| w.session.pid == pid) {
                     relation.waiting.push(holder);
                 }
@@ -411,8 +455,9 @@ pub fn render(answer: &Answer) -> String {
         for h in &r.conflicting {
             let _ = writeln!(
                 out,
-                "  holds {}: {} · transaction {}",
+                "  holds {}{}: {} · transaction {}",
                 p(&h.mode),
+                via(h),
                 who(&h.session),
                 age(h.session.transaction_age_seconds)
             );
@@ -421,8 +466,9 @@ pub fn render(answer: &Answer) -> String {
         for h in &r.waiting {
             let _ = writeln!(
                 out,
-                "  already waits for {}: {}{}",
+                "  already waits for {}{}: {}{}",
                 p(&h.mode),
+                via(h),
                 who(&h.session),
                 h.wait_seconds.map(|w| format!(" · waited {w:.1}s")).unwrap_or_default()
             );
@@ -445,6 +491,14 @@ pub fn render(answer: &Answer) -> String {
     }
     let _ = writeln!(out, "{}", if answer.clear { "clear" } else { "not clear" });
     out
+}
+
+fn via(holder: &Holder) -> String {
+    holder
+        .via
+        .as_deref()
+        .map(|partition| format!(" on partition {}", crate::tree::printable(partition)))
+        .unwrap_or_default()
 }
 
 fn age(seconds: Option<f64>) -> String {
@@ -478,15 +532,24 @@ mod tests {
 
     #[test]
     fn names_split_on_dots_outside_quotes() {
-        let n = parse_name("orders").unwrap();
-        assert_eq!((n.database, n.qualified, n.bare), (None, None, Some("orders".into())));
-        let n = parse_name("Public.Orders").unwrap();
-        assert_eq!(n.qualified.as_deref(), Some("Public.Orders"));
-        let n = parse_name(r#"shop."Sales"."Order.Lines""#).unwrap();
-        assert_eq!(n.database.as_deref(), Some("shop"));
-        assert_eq!(n.qualified.as_deref(), Some(r#""Sales"."Order.Lines""#));
-        let n = parse_name(r#""My ""Quoted"" Table""#).unwrap();
-        assert_eq!(n.bare.as_deref(), Some(r#"My "Quoted" Table"#));
+        let parts = |n: Named| (n.database, n.schema, n.name);
+        assert_eq!(parts(parse_name("orders").unwrap()), (None, None, "orders".into()));
+        assert_eq!(
+            parts(parse_name("Public.Orders").unwrap()),
+            (None, Some("public".into()), "orders".into())
+        );
+        assert_eq!(
+            parts(parse_name(r#"Shop."Sales"."Order.Lines""#).unwrap()),
+            (Some("shop".into()), Some("Sales".into()), "Order.Lines".into())
+        );
+        assert_eq!(
+            parse_name(r#""My ""Quoted"" Table""#).unwrap().name,
+            r#"My "Quoted" Table"#
+        );
+        // Only A-Z fold, as in PostgreSQL; names are cut at 63 bytes.
+        assert_eq!(parse_name("Ümlaut").unwrap().name, "Ümlaut");
+        assert_eq!(parse_name("ABCÜ").unwrap().name, "abcÜ");
+        assert_eq!(parse_name(&"x".repeat(70)).unwrap().name.len(), 63);
         for bad in ["", "a..b", "a.b.c.d", "\"open", "a.", ".a"] {
             assert!(matches!(parse_name(bad), Err(PreflightError::Usage(_))), "{bad:?}");
         }

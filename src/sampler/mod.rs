@@ -70,15 +70,33 @@ pub enum SampleError {
     },
 }
 
-/// Which server a session reached: two targets with equal identities are
-/// one server.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+/// Which server a session reached: see [`ServerIdentity::same_server`].
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerIdentity {
     /// `pg_control_system()`'s, where the role may call it.
     pub system_identifier: Option<i64>,
     /// `pg_postmaster_start_time()`, RFC 3339.
     pub started: String,
     pub data_directory: Option<String>,
+}
+
+impl ServerIdentity {
+    /// Whether two sessions reached one server: the same postmaster (its
+    /// start time) and, where both could read them, the same system
+    /// identifier and data directory. Two roles may see different parts
+    /// (one without pg_read_all_settings has no data directory): what only
+    /// one side has is not compared.
+    pub fn same_server(&self, other: &ServerIdentity) -> bool {
+        fn agree<T: PartialEq>(a: &Option<T>, b: &Option<T>) -> bool {
+            match (a, b) {
+                (Some(a), Some(b)) => a == b,
+                _ => true,
+            }
+        }
+        self.started == other.started
+            && agree(&self.system_identifier, &other.system_identifier)
+            && agree(&self.data_directory, &other.data_directory)
+    }
 }
 
 impl std::fmt::Display for ServerIdentity {

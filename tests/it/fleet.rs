@@ -55,6 +55,30 @@ async fn twenty_targets_on_one_server_are_refused_naming_them() {
         "{stderr}"
     );
 
+    // Two roles on one server, one that may not read the data directory:
+    // still one server.
+    crate::support::apply_lockjam_role_sql(&cluster, false);
+    postgres.batch_execute("CREATE ROLE plain LOGIN").await.unwrap();
+    let as_role = |role: &str| {
+        format!(
+            "host=127.0.0.1 port={} user={role} dbname=postgres sslmode=disable",
+            cluster.port()
+        )
+    };
+    let refused = Service::start(&config_for(vec![
+        ("watcher", as_role("lockjam")),
+        ("plain", as_role("plain")),
+    ]))
+    .await
+    .err()
+    .expect("refused");
+    assert!(
+        refused
+            .to_string()
+            .starts_with("targets `watcher`, `plain` are one PostgreSQL server"),
+        "{refused}"
+    );
+
     // A reload that would add a second target on the server is refused, and
     // the target in force keeps sampling.
     let mut service = Service::start(&config_for(vec![("main", cluster.dsn("postgres"))]))

@@ -115,7 +115,79 @@ async fn preflight_says_clear_or_names_what_blocks() {
         seen["relations"][0]["conflicting"][0]["query"],
         "BEGIN; SELECT count(*) FROM orders"
     );
+    // A table in a schema the role has no USAGE on (a new schema grants
+    // none): found all the same, through the catalogs pg_monitor reads.
+    env.admin
+        .batch_execute("CREATE SCHEMA sales; CREATE TABLE sales.items (id int)")
+        .await
+        .unwrap();
+    let (code, out, err) = preflight(&["--dsn", &least, "--relation", "sales.items"]);
+    assert_eq!(
+        (code, out.as_str()),
+        (
+            0,
+            "AccessExclusiveLock sales.items in database app: clear (0 session(s) use it now)\nclear\n"
+        ),
+        "{err}"
+    );
     holder.batch_execute("COMMIT").await.unwrap();
+
+    // A lock on a partition blocks an ALTER of its parent, which locks
+    // every partition: named, with the partition it is on.
+    env.admin
+        .batch_execute(
+            "CREATE TABLE events (id int, at date) PARTITION BY RANGE (at);
+             CREATE TABLE events_2026 PARTITION OF events FOR VALUES FROM ('2026-01-01') TO ('2027-01-01');",
+        )
+        .await
+        .unwrap();
+    let partition_reader = env.session("report").await;
+    let partition_pid = backend_pid(&partition_reader).await;
+    partition_reader
+        .batch_execute("BEGIN; SELECT count(*) FROM events_2026")
+        .await
+        .unwrap();
+    let (code, out, _) = ask(&["--relation", "public.events"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains(&format!(
+            "  holds AccessShareLock on partition public.events_2026: pid {partition_pid} postgres@app report"
+        )),
+        "{out}"
+    );
+    partition_reader.batch_execute("COMMIT").await.unwrap();
+
+    // A waiter whose request does not conflict stands in no one's way: a
+    // writer holds the table, CREATE INDEX waits for SHARE; a ROW SHARE
+    // lock (SELECT ... FOR UPDATE) is granted at once.
+    let writer = env.session("writer").await;
+    writer
+        .batch_execute("BEGIN; UPDATE orders SET total = total WHERE id = 1")
+        .await
+        .unwrap();
+    let (index_pid, _index) = env.spawn_statement("migrate", "CREATE INDEX ON orders (total)").await;
+    env.wait_until_waiting(index_pid).await;
+    let (code, out, _) = ask(&["--relation", "public.orders", "--mode", "RowShareLock"]);
+    assert_eq!(code, 0, "{out}");
+    let (code, out, _) = ask(&["--relation", "public.orders", "--mode", "RowExclusiveLock"]);
+    assert_eq!(
+        code, 1,
+        "a ROW EXCLUSIVE request queues behind the waiting SHARE:\n{out}"
+    );
+    assert!(
+        out.contains(&format!("  already waits for ShareLock: pid {index_pid} ")),
+        "{out}"
+    );
+    writer.batch_execute("COMMIT").await.unwrap();
+
+    // A name with a capital outside A-Z is stored as written.
+    env.admin.batch_execute("CREATE TABLE Ümlaut (id int)").await.unwrap();
+    let (code, out, err) = ask(&["--relation", "Ümlaut"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.starts_with("AccessExclusiveLock public.Ümlaut in database app: clear"),
+        "{out}"
+    );
 
     // An old transaction that has not touched the table: clear, unless
     // --max-transaction-age says it is too old.
