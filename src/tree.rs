@@ -572,6 +572,12 @@ fn who(s: &SessionView) -> String {
     who
 }
 
+/// What a root of pid 0 is, and what to do: PostgreSQL names every
+/// prepared transaction that blocks pid 0, and it has no session to
+/// cancel.
+pub const PREPARED_ROOT: &str = "pid 0: a prepared transaction, with no session to cancel; \
+`lockjam preflight --relation` or pg_prepared_xacts names it, and COMMIT PREPARED or ROLLBACK PREPARED ends it";
+
 /// The trees as `lockjam tree` prints them.
 pub fn render(trees: &[Tree], style: Style) -> String {
     let mut out = String::new();
@@ -594,6 +600,10 @@ pub fn render(trees: &[Tree], style: Style) -> String {
         }
         for root in &t.roots {
             let s = &root.session;
+            if s.pid == 0 {
+                let _ = writeln!(out, "    {} {PREPARED_ROOT}", style.paint("1;31", "ROOT"));
+                continue;
+            }
             let _ = writeln!(
                 out,
                 "    {} pid {} {} · {} · holds {} · transaction {}",
@@ -823,6 +833,29 @@ mod tests {
         assert_eq!(group.query.as_deref(), Some("SELECT 1"));
         assert_eq!(group.pids, [100, 101, 102, 103, 104]);
         assert_eq!((group.wait_seconds_min, group.wait_seconds_max), (9.0, 9.0));
+    }
+
+    #[test]
+    fn a_prepared_transaction_at_the_root_is_named_with_its_cure() {
+        // pg_blocking_pids names a prepared transaction pid 0; it has no
+        // row in pg_stat_activity and holds no lock a pid can show.
+        let graph = analyze(&Snapshot {
+            taken_at: at(60.0),
+            activity: Vec::new(),
+            sessions: vec![session(20, "migrate", "ALTER TABLE orders ...", Some(vec![0]))],
+            locks: vec![lock(20, false, AX, "public.orders", 50.0)],
+            existing_databases: None,
+            in_recovery: false,
+        });
+        let trees = build(&graph, None);
+        assert_eq!(trees[0].roots[0].session.pid, 0);
+        let text = render(&trees, Style { colour: false });
+        assert_eq!(
+            text.lines().nth(1),
+            Some(format!("    ROOT {PREPARED_ROOT}").as_str()),
+            "{text}"
+        );
+        assert!(!text.contains("?@?"), "{text}");
     }
 
     #[test]

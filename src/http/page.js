@@ -59,6 +59,11 @@
   }
 
   function rootItem(r, t) {
+    if (r.pid === 0) {
+      return el("li", { cls: "s root", "data-pid": "0" },
+        el("div", { cls: "line" }, el("span", { cls: "role", text: "ROOT" }),
+          " pid 0: a prepared transaction, with no session to cancel; `lockjam preflight --relation` or pg_prepared_xacts names it, and COMMIT PREPARED or ROLLBACK PREPARED ends it"));
+    }
     return el("li", { cls: "s root", "data-pid": String(r.pid) },
       el("div", { cls: "line" },
         el("span", { cls: "role", text: "ROOT" }), " pid ",

@@ -94,6 +94,11 @@ pub struct Holder {
     /// The partition (or inheritance child) its lock is on, when not the
     /// named relation itself: the migration must lock it too.
     pub via: Option<String>,
+    /// For a prepared transaction (pid 0, no session to signal): its
+    /// global identifier, for `COMMIT PREPARED` or `ROLLBACK PREPARED`.
+    /// Its owner, database and prepare time stand in `usename`, `datname`
+    /// and `xact_start`.
+    pub prepared_gid: Option<String>,
 }
 
 /// A relation named by the user: its database, schema and name, each as
@@ -368,8 +373,11 @@ impl Preflight {
                 let session = crate::sampler::session_from_row(row);
                 let wait_start: Option<SystemTime> = row.get("wait_start");
                 let on: i64 = row.get("relation");
+                let prepared_gid: Option<String> = row.get("prepared_gid");
+                let known = pid != 0 || prepared_gid.is_some();
                 let holder = Holder {
-                    session: SessionView::of(pid, (pid != 0).then_some(&session), now),
+                    session: SessionView::of(pid, known.then_some(&session), now),
+                    prepared_gid,
                     wait_seconds: wait_start.map(|w| seconds(now.duration_since(w).unwrap_or_default())),
                     mode: mode.clone(),
                     via: (on != oid).then(|| below[&on].1.clone()),
@@ -433,6 +441,18 @@ pub fn render(answer: &Answer) -> String {
             }
         )
     };
+    let holder = |h: &Holder| {
+        match &h.prepared_gid {
+        Some(gid) => format!(
+            "prepared transaction {} by {}@{} · prepared {} ago, no session to cancel: end it with COMMIT PREPARED or ROLLBACK PREPARED",
+            p(&sql_literal(gid)),
+            p(h.session.usename.as_deref().unwrap_or("?")),
+            p(h.session.datname.as_deref().unwrap_or("?")),
+            age(h.session.transaction_age_seconds),
+        ),
+        None => format!("{} · transaction {}", who(&h.session), age(h.session.transaction_age_seconds)),
+    }
+    };
     let query = |s: &SessionView, out: &mut String| {
         if let Some(q) = &s.query {
             let q = p(q.trim());
@@ -453,14 +473,7 @@ pub fn render(answer: &Answer) -> String {
             r.sessions_using
         );
         for h in &r.conflicting {
-            let _ = writeln!(
-                out,
-                "  holds {}{}: {} · transaction {}",
-                p(&h.mode),
-                via(h),
-                who(&h.session),
-                age(h.session.transaction_age_seconds)
-            );
+            let _ = writeln!(out, "  holds {}{}: {}", p(&h.mode), via(h), holder(h));
             query(&h.session, &mut out);
         }
         for h in &r.waiting {
@@ -501,6 +514,11 @@ fn via(holder: &Holder) -> String {
         .unwrap_or_default()
 }
 
+/// `text` as an SQL string literal, to paste after `ROLLBACK PREPARED`.
+fn sql_literal(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
+}
+
 fn age(seconds: Option<f64>) -> String {
     seconds.map_or("?".into(), |s| format!("{s:.1}s"))
 }
@@ -510,7 +528,15 @@ pub fn waiting_for(answer: &Answer) -> String {
     let mut reasons = Vec::new();
     for r in &answer.relations {
         for h in &r.conflicting {
-            reasons.push(format!("pid {} holds {} on {}", h.session.pid, h.mode, r.relation));
+            match &h.prepared_gid {
+                Some(gid) => reasons.push(format!(
+                    "prepared transaction {} holds {} on {}",
+                    sql_literal(gid),
+                    h.mode,
+                    r.relation
+                )),
+                None => reasons.push(format!("pid {} holds {} on {}", h.session.pid, h.mode, r.relation)),
+            }
         }
         for h in &r.waiting {
             reasons.push(format!("pid {} waits for {} on {}", h.session.pid, h.mode, r.relation));
@@ -553,6 +579,55 @@ mod tests {
         for bad in ["", "a..b", "a.b.c.d", "\"open", "a.", ".a"] {
             assert!(matches!(parse_name(bad), Err(PreflightError::Usage(_))), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn a_prepared_holder_is_named_by_its_gid_as_a_literal() {
+        let session = SessionView {
+            pid: 0,
+            datname: Some("app".into()),
+            usename: Some("payments".into()),
+            application_name: None,
+            client_addr: None,
+            backend_type: Some("prepared transaction".into()),
+            state: Some("prepared".into()),
+            wait_event_type: None,
+            wait_event: None,
+            backend_start: None,
+            xact_start: None,
+            transaction_age_seconds: Some(7200.0),
+            query: None,
+        };
+        let answer = Answer {
+            clear: false,
+            checked_at: "2026-12-07T00:00:00.000Z".into(),
+            mode: "AccessExclusiveLock".into(),
+            relations: vec![RelationAnswer {
+                database: "app".into(),
+                relation: "public.orders".into(),
+                conflicting: vec![Holder {
+                    session,
+                    mode: "RowExclusiveLock".into(),
+                    wait_seconds: None,
+                    via: None,
+                    prepared_gid: Some("pay'42\u{1b}[2J".into()),
+                }],
+                waiting: Vec::new(),
+                sessions_using: 1,
+            }],
+            old_transactions: Vec::new(),
+            max_transaction_age_seconds: None,
+        };
+        assert_eq!(
+            render(&answer),
+            "AccessExclusiveLock public.orders in database app: NOT CLEAR (1 session(s) use it now)\n  \
+             holds RowExclusiveLock: prepared transaction 'pay''42\\u{1b}[2J' by payments@app · prepared \
+             7200.0s ago, no session to cancel: end it with COMMIT PREPARED or ROLLBACK PREPARED\nnot clear\n"
+        );
+        assert_eq!(
+            waiting_for(&answer),
+            "prepared transaction 'pay''42\\u{1b}[2J' holds RowExclusiveLock on public.orders"
+        );
     }
 
     #[test]

@@ -462,3 +462,91 @@ async fn a_django_migration_gated_by_preflight_runs_only_once_clear() {
     assert!(out.ends_with("clear\nmigrated\n"), "{out}");
     assert!(migrated().await);
 }
+
+/// A prepared transaction (two-phase commit, as a transaction manager
+/// leaves one it lost track of) holds its locks with no session, so
+/// PostgreSQL names it pid 0: preflight names it by its gid, written as
+/// the literal `ROLLBACK PREPARED` takes, with its owner and age; `lockjam
+/// tree` shows it as the root of the migration's queue and what ends it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_prepared_transaction_is_named_by_its_gid_and_its_cure() {
+    let env = TestEnv::start().await;
+    env.admin.batch_execute(&orders()).await.unwrap();
+    let payments = env.session("payments").await;
+    payments
+        .batch_execute("BEGIN; UPDATE orders SET total = total WHERE id = 1")
+        .await
+        .unwrap();
+    payments.batch_execute("PREPARE TRANSACTION 'pay''42'").await.unwrap();
+    apply_lockjam_role_sql(&env.cluster, false);
+    let least = format!(
+        "host=127.0.0.1 port={} user=lockjam dbname=app sslmode=disable",
+        env.cluster.port()
+    );
+
+    let (code, out, err) = preflight(&["--dsn", &least, "--relation", "public.orders"]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        out.contains("  holds RowExclusiveLock: prepared transaction 'pay''42' by postgres@app · prepared "),
+        "{out}"
+    );
+    assert!(
+        out.contains(" ago, no session to cancel: end it with COMMIT PREPARED or ROLLBACK PREPARED\n"),
+        "{out}"
+    );
+    let (code, out, _) = preflight(&["--dsn", &least, "--relation", "public.orders", "--json"]);
+    assert_eq!(code, 1, "{out}");
+    let answer: Value = serde_json::from_str(&out).unwrap();
+    let holder = &answer["relations"][0]["conflicting"][0];
+    assert_eq!(
+        answer["relations"][0]["conflicting"].as_array().unwrap().len(),
+        1,
+        "{answer:#}"
+    );
+    assert_eq!(
+        (
+            &holder["pid"],
+            &holder["prepared_gid"],
+            &holder["usename"],
+            &holder["state"],
+            &holder["mode"]
+        ),
+        (
+            &Value::from(0),
+            &Value::from("pay'42"),
+            &Value::from("postgres"),
+            &Value::from("prepared"),
+            &Value::from("RowExclusiveLock")
+        )
+    );
+    assert!(holder["transaction_age_seconds"].as_f64().unwrap() >= 0.0, "{holder}");
+
+    // The migration queues behind it: the tree's root is pid 0, said as
+    // what it is.
+    let (alter_pid, alter) = env
+        .spawn_statement("migrate", "ALTER TABLE orders ADD COLUMN note text")
+        .await;
+    env.wait_until_waiting(alter_pid).await;
+    let output = lockjam()
+        .args(["tree", "--dsn", &least])
+        .output()
+        .expect("lockjam runs");
+    let tree = String::from_utf8(output.stdout).unwrap();
+    assert_eq!(output.status.code(), Some(0), "{tree}");
+    assert!(
+        tree.contains(&format!("    ROOT {}\n", lockjam::tree::PREPARED_ROOT)),
+        "{tree}"
+    );
+    assert!(
+        tree.contains(&format!(
+            "    └─ pid {alter_pid} postgres@app migrate from 127.0.0.1 · waits "
+        )),
+        "{tree}"
+    );
+
+    // Ended as the line says: the migration runs, and the way is clear.
+    env.admin.batch_execute("ROLLBACK PREPARED 'pay''42'").await.unwrap();
+    within("the ALTER", alter).await.unwrap().unwrap();
+    let (code, out, _) = preflight(&["--dsn", &least, "--relation", "public.orders"]);
+    assert_eq!(code, 0, "{out}");
+}
