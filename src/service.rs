@@ -39,9 +39,10 @@ pub enum ServiceError {
     Target(#[from] ConnectError),
     #[error(transparent)]
     Http(#[from] HttpError),
-    /// Two targets reach one server.
-    #[error(transparent)]
-    SameServer(SampleError),
+    /// Targets that reach one server: every such group, each a
+    /// [`SampleError::SameServer`].
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    SameServer(Vec<SampleError>),
 }
 
 /// A running lockjam: target tasks and the HTTP server.
@@ -113,9 +114,15 @@ impl Prepared {
                 None => servers.push((identity, vec![target.name.clone()])),
             }
         }
-        match servers.into_iter().find(|(_, names)| names.len() > 1) {
-            Some((identity, targets)) => Err(ServiceError::SameServer(SampleError::SameServer { targets, identity })),
-            None => Ok(()),
+        let shared: Vec<SampleError> = servers
+            .into_iter()
+            .filter(|(_, names)| names.len() > 1)
+            .map(|(identity, targets)| SampleError::SameServer { targets, identity })
+            .collect();
+        if shared.is_empty() {
+            Ok(())
+        } else {
+            Err(ServiceError::SameServer(shared))
         }
     }
 

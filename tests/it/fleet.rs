@@ -79,6 +79,27 @@ async fn twenty_targets_on_one_server_are_refused_naming_them() {
         "{refused}"
     );
 
+    // Two servers, each listed twice: both pairs named in one refusal.
+    let other = start_cluster(ClusterOptions::default()).await;
+    let refused = Service::start(&config_for(vec![
+        ("a1", cluster.dsn("postgres")),
+        ("b1", other.dsn("postgres")),
+        ("a2", cluster.dsn("tenant00")),
+        ("b2", other.dsn("template1")),
+    ]))
+    .await
+    .err()
+    .expect("refused");
+    let text = refused.to_string();
+    let (first, second) = text.split_once("; targets `b1`").unwrap_or_else(|| panic!("{text}"));
+    assert!(
+        first.starts_with("targets `a1`, `a2` are one PostgreSQL server"),
+        "{text}"
+    );
+    assert!(first.ends_with("keep one of them"), "{text}");
+    assert!(second.starts_with(", `b2` are one PostgreSQL server"), "{text}");
+    tokio::task::spawn_blocking(move || drop(other)).await.unwrap();
+
     // A reload that would add a second target on the server is refused, and
     // the target in force keeps sampling.
     let mut service = Service::start(&config_for(vec![("main", cluster.dsn("postgres"))]))
