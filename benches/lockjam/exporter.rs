@@ -149,15 +149,20 @@ impl Drop for Served {
     }
 }
 
+/// The body of one `/metrics` answer (asked in HTTP/1.0, so that no
+/// server sends it in chunks), without the response's header: its lines
+/// are series and comments only.
 pub(crate) async fn metrics(addr: SocketAddr) -> Option<String> {
     let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
     stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: bench\r\n\r\n")
         .await
         .ok()?;
-    let mut body = String::new();
-    stream.read_to_string(&mut body).await.ok()?;
-    Some(body)
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.ok()?;
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    let ok = head.starts_with("HTTP/1.0 200 ") || head.starts_with("HTTP/1.1 200 ");
+    ok.then(|| body.to_string())
 }
 
 pub(crate) fn value(text: &str, prefix: &str) -> Option<f64> {
