@@ -1,4 +1,5 @@
-//! The `lockjam` command: `run`, `check-config`, `incidents`, `demo`.
+//! The `lockjam` command: `run`, `check-config`, `incidents`, `tree`,
+//! `preflight`, `demo`.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

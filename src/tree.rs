@@ -663,7 +663,7 @@ fn render_node(out: &mut String, n: &Node, indent: &str, style: Style) {
     let s = &n.session;
     let _ = writeln!(
         out,
-        "{indent}└─ pid {} {} · waits {:.1}s for {} on {}{}",
+        "{indent}└─ pid {} {} · waits {:.1}s for {} on {}{} · transaction {}",
         s.pid,
         who(s),
         n.wait_seconds,
@@ -673,7 +673,8 @@ fn render_node(out: &mut String, n: &Node, indent: &str, style: Style) {
             format!(" · {} behind", n.behind)
         } else {
             String::new()
-        }
+        },
+        age(s.transaction_age_seconds),
     );
     let inner = format!("{indent}   ");
     if let Some(query) = &s.query {

@@ -1,6 +1,7 @@
-//! HTTP: the routes in [`ROUTES`], served from shared state only; no
-//! handler ever runs SQL on a target (the incident routes read lockjam's
-//! own SQLite store, off the async threads). Optional HTTPS ([`tls`]) and credentials
+//! HTTP: the routes in [`ROUTES`], served from shared state; only
+//! `/api/v1/preflight` runs SQL on a target (on a session of its own, one
+//! question at a time), and the incident routes read lockjam's own SQLite
+//! store, off the async threads. Optional HTTPS ([`tls`]) and credentials
 //! ([`auth`]); every client is bounded ([`serve`]); the JSON of
 //! `/api/v1/snapshot` is in [`views`]. The only module that knows axum and
 //! hyper.

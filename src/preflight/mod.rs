@@ -23,6 +23,10 @@ const LOCKS_SQL: &str = include_str!("locks.sql");
 const OLD_SQL: &str = include_str!("old.sql");
 const DESCENDANTS_SQL: &str = include_str!("descendants.sql");
 
+/// Relations one question may name: each may need a session of its own
+/// database, and HTTP callers wait for their turn behind it.
+pub const MAX_RELATIONS: usize = 100;
+
 /// What a migration will ask for, and where.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Question {
@@ -182,6 +186,12 @@ pub fn check(question: &Question) -> Result<(), PreflightError> {
             "name at least one relation the migration locks (--relation public.orders)".into(),
         ));
     }
+    if question.relations.len() > MAX_RELATIONS {
+        return Err(PreflightError::Usage(format!(
+            "{} relations named; ask about at most {MAX_RELATIONS} at once (a migration's own tables)",
+            question.relations.len()
+        )));
+    }
     if !is_lock_mode(&question.mode) {
         return Err(PreflightError::Usage(format!(
             "--mode {:?} is not a lock mode: one of AccessShareLock, RowShareLock, RowExclusiveLock, \
@@ -199,8 +209,8 @@ pub fn check(question: &Question) -> Result<(), PreflightError> {
 pub struct Preflight {
     connector: Connector,
     target: String,
-    /// Bounds one answer on lockjam's side.
-    deadline: Duration,
+    connect_timeout: Duration,
+    statement_timeout: Duration,
     /// One question at a time per target: HTTP callers queue here rather
     /// than open sessions side by side.
     busy: tokio::sync::Mutex<()>,
@@ -211,27 +221,39 @@ impl Preflight {
         Ok(Preflight {
             connector: Connector::new(target, settings)?,
             target: target.name.clone(),
-            // Connecting, then three statements, each bounded by the
-            // server's statement_timeout; this bounds them on our side.
-            deadline: settings.connect_timeout + settings.statement_timeout * 4,
+            connect_timeout: settings.connect_timeout,
+            statement_timeout: settings.statement_timeout,
             busy: tokio::sync::Mutex::new(()),
         })
     }
 
+    /// Bounds one answer on lockjam's side: per database asked, a connect
+    /// and six statements (version, database, partitions, locks, clock,
+    /// old transactions), and one statement per relation, each bounded by
+    /// the server's `statement_timeout`.
+    fn deadline(&self, question: &Question) -> Duration {
+        let relations = u32::try_from(question.relations.len()).unwrap_or(u32::MAX);
+        let databases = relations.max(1);
+        (self.connect_timeout + self.statement_timeout * 6)
+            .saturating_mul(databases)
+            .saturating_add(self.statement_timeout.saturating_mul(relations))
+    }
+
     pub async fn ask(&self, question: &Question) -> Result<Answer, PreflightError> {
         check(question)?;
+        let deadline = self.deadline(question);
         // Waiting for the turn counts against the deadline too, so that
         // callers piling up behind a stalled server are answered in time.
         let asked = async {
             let _turn = self.busy.lock().await;
             self.look(question).await
         };
-        match tokio::time::timeout(self.deadline, asked).await {
+        match tokio::time::timeout(deadline, asked).await {
             Ok(answer) => answer,
             Err(_) => Err(PreflightError::Query(format!(
                 "target `{}`: no answer within {:.1}s",
                 self.target,
-                self.deadline.as_secs_f64()
+                deadline.as_secs_f64()
             ))),
         }
     }
@@ -640,6 +662,13 @@ mod tests {
         };
         assert!(check(&question(&["public.orders"], "AccessExclusiveLock")).is_ok());
         assert!(check(&question(&[], "AccessExclusiveLock")).is_err());
+        let many = vec!["public.orders"; MAX_RELATIONS + 1];
+        let bad = check(&question(&many, "AccessExclusiveLock")).unwrap_err();
+        assert_eq!(
+            bad.to_string(),
+            "101 relations named; ask about at most 100 at once (a migration's own tables)"
+        );
+        assert!(check(&question(&many[1..], "AccessExclusiveLock")).is_ok());
         let bad = check(&question(&["public.orders"], "access exclusive")).unwrap_err();
         assert!(bad.to_string().contains("is not a lock mode"), "{bad}");
     }

@@ -4,7 +4,9 @@
 -- name matches every relation of that name outside the system schemas
 -- (more than one: ambiguous). Matched in the catalogs, not through
 -- to_regclass, which needs USAGE on the schema: pg_monitor may read every
--- schema's catalog rows without it. $3 lists the kinds a migration locks.
+-- schema's catalog rows without it. Only the kinds a migration locks:
+-- tables (plain, partitioned, foreign), views, materialized views,
+-- indexes and sequences.
 SELECT c.oid::pg_catalog.int8 AS oid,
        n.nspname::pg_catalog.text AS schema,
        c.relname::pg_catalog.text AS name

@@ -71,7 +71,10 @@ async fn tree_shows_incident_000_root_first_and_groups_the_queue() {
         out.contains(" · holds AccessShareLock on public.orders · transaction "),
         "{out}"
     );
-    assert!(out.contains(" · 5 behind\n"), "{out}");
+    // The head: how many wait behind it, and its transaction's age.
+    let head_line = out.lines().nth(head).unwrap();
+    assert!(head_line.contains(" · 5 behind · transaction "), "{head_line}");
+    assert!(head_line.ends_with('s'), "{head_line}");
     assert!(out.contains("SELECT /* \\u{1b}[2J */ count(*) FROM orders"), "{out}");
     assert!(
         !out.contains('\u{1b}'),
