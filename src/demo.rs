@@ -15,6 +15,7 @@ use tokio_postgres::Client;
 
 use crate::analysis::LockGraph;
 use crate::cluster::{Cluster, ClusterError, ClusterOptions};
+use crate::config::Config;
 use crate::policy::{Policy, Rule};
 use crate::service::{Service, ServiceError};
 use crate::staging::{self, APP_QUERY, DROP_CONSTRAINT, LONG_READ};
@@ -117,13 +118,14 @@ async fn scenario(cluster: &Cluster, options: &DemoOptions) -> Result<(), DemoEr
     let store = state.path().join("incidents.sqlite");
 
     println!("\nAct 1: the queue forms, and lockjam shows it (policy off)\n");
-    let service = start_service(&dsn, options.listen, Policy::default(), &store).await?;
+    let (mut service, mut config) = start_service(&dsn, options.listen, Policy::default(), &store).await?;
     let addr = service.local_addr();
     println!("  lockjam is watching; open its page now: http://{addr}/ (served until the demo ends)\n");
     let shared = service.shared().clone();
-    let act = act_one(cluster, &dsn, options, &shared, &owner).await;
-    service.stop().await;
-    act?;
+    if let Err(error) = act_one(cluster, &dsn, options, &shared, &owner).await {
+        service.stop().await;
+        return Err(error);
+    }
 
     owner.batch_execute(RESTORE_CONSTRAINT).await.map_err(session_error)?;
     println!("\n  put orders_customer_id_fkey back, for the same migration in act 2");
@@ -134,8 +136,12 @@ async fn scenario(cluster: &Cluster, options: &DemoOptions) -> Result<(), DemoEr
         crate::duration::show(CURE_AFTER),
         crate::duration::show(CURE_AFTER)
     );
-    let service = start_service(&dsn, addr, policy, &store).await?;
-    let addr = service.local_addr();
+    // As `kill -HUP` would: the page stays served on the same address.
+    config.policy = policy;
+    if let Err(error) = service.reload(&config).await {
+        service.stop().await;
+        return Err(error.into());
+    }
     let shared = service.shared().clone();
     let act = act_two(cluster, &dsn, options, &shared).await;
     if act.is_ok() {
@@ -163,16 +169,24 @@ const CURE_AFTER: Duration = Duration::from_secs(3);
 const RESTORE_CONSTRAINT: &str =
     "ALTER TABLE orders ADD CONSTRAINT orders_customer_id_fkey FOREIGN KEY (customer_id) REFERENCES customers";
 
-async fn start_service(dsn: &str, listen: SocketAddr, policy: Policy, store: &Path) -> Result<Service, DemoError> {
+/// lockjam on `listen` (a free port if that is taken), and the
+/// configuration it runs, for act 2's reload.
+async fn start_service(
+    dsn: &str,
+    listen: SocketAddr,
+    policy: Policy,
+    store: &Path,
+) -> Result<(Service, Config), DemoError> {
     let mut config = staging::config(&[("demo", dsn)], listen, policy).map_err(session_error)?;
     config.incidents.path = Some(store.to_path_buf());
     match Service::start(&config).await {
         Err(ServiceError::Bind { addr, .. }) => {
             println!("  {addr} is taken; lockjam listens on a free port instead");
             config.server.listen = SocketAddr::from(([127, 0, 0, 1], 0));
-            Ok(Service::start(&config).await?)
+            let service = Service::start(&config).await?;
+            Ok((service, config))
         }
-        other => Ok(other?),
+        other => Ok((other?, config)),
     }
 }
 

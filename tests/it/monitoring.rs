@@ -572,14 +572,74 @@ async fn prometheus_sees_incident_000_page_and_clear() {
     env.stop().await;
 }
 
-/// `/metrics` answers gzip when asked. Prometheus asks on every scrape (its
-/// scraper sets `Accept-Encoding: gzip`, 2.42 as Debian ships it included),
-/// and its scrape of the compressed answer reads the same values; a client
-/// that does not ask gets plain text.
+/// A TCP relay to `upstream` that keeps what went each way (the first
+/// MiB): what a client really asked and was answered.
+struct Tap {
+    addr: SocketAddr,
+    asked: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    answered: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+}
+
+impl Tap {
+    async fn start(upstream: SocketAddr) -> Tap {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let tap = Tap {
+            addr: listener.local_addr().unwrap(),
+            asked: Default::default(),
+            answered: Default::default(),
+        };
+        let (asked, answered) = (tap.asked.clone(), tap.answered.clone());
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(upstream).await else {
+                    continue;
+                };
+                let (client_read, client_write) = client.into_split();
+                let (server_read, server_write) = server.into_split();
+                tokio::spawn(Tap::relay(client_read, server_write, asked.clone()));
+                tokio::spawn(Tap::relay(server_read, client_write, answered.clone()));
+            }
+        });
+        tap
+    }
+
+    async fn relay(
+        mut from: tokio::net::tcp::OwnedReadHalf,
+        mut to: tokio::net::tcp::OwnedWriteHalf,
+        seen: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    ) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut buffer = vec![0u8; 16 * 1024];
+        while let Ok(n @ 1..) = from.read(&mut buffer).await {
+            {
+                let mut seen = seen.lock().unwrap();
+                if seen.len() < 1 << 20 {
+                    seen.extend_from_slice(&buffer[..n]);
+                }
+            }
+            if to.write_all(&buffer[..n]).await.is_err() {
+                break;
+            }
+        }
+        let _ = to.shutdown().await;
+    }
+
+    /// What went one way, as lower-case text (a gzip body as replacement
+    /// characters).
+    fn text(seen: &std::sync::Mutex<Vec<u8>>) -> String {
+        String::from_utf8_lossy(&seen.lock().unwrap()).to_ascii_lowercase()
+    }
+}
+
+/// `/metrics` answers gzip when asked. Prometheus asks on every scrape:
+/// a relay between it and lockjam sees its scraper's `Accept-Encoding:
+/// gzip` and lockjam's gzip answer, and Prometheus reads the same values
+/// from it. A client that does not ask gets plain text.
 #[tokio::test(flavor = "multi_thread")]
 async fn metrics_are_gzipped_for_prometheus() {
     let env = TestEnv::start().await;
-    let prometheus = Prometheus::start(env.addr(), "groups: []\n").await;
+    let tap = Tap::start(env.addr()).await;
+    let prometheus = Prometheus::start(tap.addr, "groups: []\n").await;
     prometheus
         .wait_for_value("lockjam to be scraped", "up{job=\"lockjam\"}", |up| up == 1.0)
         .await;
@@ -590,6 +650,16 @@ async fn metrics_are_gzipped_for_prometheus() {
             |up| up == 1.0,
         )
         .await;
+    let asked = Tap::text(&tap.asked);
+    let answered = Tap::text(&tap.answered);
+    assert!(asked.starts_with("get /metrics http/1.1\r\n"), "{asked}");
+    assert!(asked.contains("\r\naccept-encoding: gzip\r\n"), "{asked}");
+    assert!(answered.starts_with("http/1.1 200 ok\r\n"), "{answered}");
+    assert!(answered.contains("\r\ncontent-encoding: gzip\r\n"), "{answered}");
+    assert!(
+        !answered.contains("lockjam_up{"),
+        "no series travels as plain text to Prometheus"
+    );
     let url = format!("http://{}/metrics", env.addr());
     let curl = |args: &[&str]| {
         let output = Command::new("curl")
