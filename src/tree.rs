@@ -528,15 +528,7 @@ const QUERY_WIDTH: usize = 100;
 pub fn printable(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
-        // Line and paragraph separators, and the invisible format
-        // characters that reorder or hide text (bidirectional overrides and
-        // isolates, zero-width characters, the byte order mark).
-        let invisible = matches!(
-            c,
-            '\u{2028}' | '\u{2029}' | '\u{061c}' | '\u{180e}' | '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}'
-                | '\u{2060}'..='\u{2069}' | '\u{feff}'
-        );
-        if c.is_control() || invisible {
+        if unprintable(c) {
             if c == '\n' || c == '\t' || c == '\r' {
                 out.push(' ');
             } else {
@@ -577,6 +569,19 @@ fn who(s: &SessionView) -> String {
 /// cancel.
 pub const PREPARED_ROOT: &str = "pid 0: a prepared transaction, with no session to cancel; \
 `lockjam preflight --relation` or pg_prepared_xacts names it, and COMMIT PREPARED or ROLLBACK PREPARED ends it";
+
+/// Whether `printable` rewrites `c`: control characters, line and
+/// paragraph separators, and the invisible format characters that reorder
+/// or hide text (bidirectional overrides and isolates, zero-width
+/// characters, the byte order mark).
+pub fn unprintable(c: char) -> bool {
+    let invisible = matches!(
+        c,
+        '\u{2028}' | '\u{2029}' | '\u{061c}' | '\u{180e}' | '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}'
+            | '\u{2060}'..='\u{2069}' | '\u{feff}'
+    );
+    c.is_control() || invisible
+}
 
 /// The trees as `lockjam tree` prints them.
 pub fn render(trees: &[Tree], style: Style) -> String {

@@ -4,11 +4,14 @@
 -- virtual transaction with its own transactionid lock, whose xid names it
 -- in pg_prepared_xacts, and its owner, database and prepare time stand in
 -- for the session's. The preflight's own session is left out. WAITSTART is
--- the wait's start on PostgreSQL 14+, else NULL.
-WITH prepared AS (
+-- the wait's start on PostgreSQL 14+, else NULL. pg_locks is read once,
+-- so that both uses see one lock table.
+WITH locks AS MATERIALIZED (
+    SELECT * FROM pg_catalog.pg_locks
+), prepared AS (
     SELECT t.virtualtransaction, x.gid, x.owner::pg_catalog.text AS owner,
            x.database::pg_catalog.text AS database, x.prepared
-    FROM pg_catalog.pg_locks AS t
+    FROM locks AS t
     JOIN pg_catalog.pg_prepared_xacts AS x ON x.transaction = t.transactionid
     WHERE t.locktype = 'transactionid' AND t.pid IS NULL
 )
@@ -32,7 +35,7 @@ SELECT l.relation::pg_catalog.int8 AS relation,
        NULL::pg_catalog.int4[] AS blocked_by,
        x.gid AS prepared_gid,
        pg_catalog.statement_timestamp() AS now
-FROM pg_catalog.pg_locks AS l
+FROM locks AS l
 LEFT JOIN pg_catalog.pg_stat_activity AS a ON a.pid = l.pid
 LEFT JOIN prepared AS x ON l.pid IS NULL AND x.virtualtransaction = l.virtualtransaction
 WHERE l.locktype = 'relation'

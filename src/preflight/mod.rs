@@ -228,15 +228,24 @@ impl Preflight {
     }
 
     /// Bounds one answer on lockjam's side: per database asked, a connect
-    /// and six statements (version, database, partitions, locks, clock,
-    /// old transactions), and one statement per relation, each bounded by
-    /// the server's `statement_timeout`.
+    /// and seven statements (the session's setup, version, database,
+    /// partitions, locks, clock, old transactions), and one statement per
+    /// relation, each bounded by the server's `statement_timeout`.
     fn deadline(&self, question: &Question) -> Duration {
-        let relations = u32::try_from(question.relations.len()).unwrap_or(u32::MAX);
-        let databases = relations.max(1);
-        (self.connect_timeout + self.statement_timeout * 6)
-            .saturating_mul(databases)
-            .saturating_add(self.statement_timeout.saturating_mul(relations))
+        let mut databases: Vec<Option<String>> = Vec::new();
+        for relation in &question.relations {
+            let database = parse_name(relation)
+                .ok()
+                .and_then(|named| named.database)
+                .or_else(|| question.database.clone());
+            if !databases.contains(&database) {
+                databases.push(database);
+            }
+        }
+        let count = |n: usize| u32::try_from(n.max(1)).unwrap_or(u32::MAX);
+        (self.connect_timeout + self.statement_timeout * 7)
+            .saturating_mul(count(databases.len()))
+            .saturating_add(self.statement_timeout.saturating_mul(count(question.relations.len())))
     }
 
     pub async fn ask(&self, question: &Question) -> Result<Answer, PreflightError> {
@@ -383,6 +392,8 @@ impl Preflight {
                 waiting: Vec::new(),
                 sessions_using: 0,
             };
+            // A session by its pid; a prepared transaction (pid 0 all) by
+            // its gid.
             let mut using = std::collections::BTreeSet::new();
             let of_this = |row: &&tokio_postgres::Row| {
                 below
@@ -409,12 +420,12 @@ impl Preflight {
                     // conflict stands in the way: PostgreSQL grants the
                     // request at once.
                     if row.get::<_, bool>("granted") {
-                        using.insert(pid);
+                        using.insert((pid, holder.prepared_gid.clone()));
                     }
                     continue;
                 }
                 if row.get::<_, bool>("granted") {
-                    using.insert(pid);
+                    using.insert((pid, holder.prepared_gid.clone()));
                     relation.conflicting.push(holder);
                 } else if !relation.waiting.iter().any(|w| w.session.pid == pid) {
                     relation.waiting.push(holder);
@@ -467,7 +478,7 @@ pub fn render(answer: &Answer) -> String {
         match &h.prepared_gid {
         Some(gid) => format!(
             "prepared transaction {} by {}@{} · prepared {} ago, no session to cancel: end it with COMMIT PREPARED or ROLLBACK PREPARED",
-            p(&sql_literal(gid)),
+            sql_literal(gid),
             p(h.session.usename.as_deref().unwrap_or("?")),
             p(h.session.datname.as_deref().unwrap_or("?")),
             age(h.session.transaction_age_seconds),
@@ -536,9 +547,31 @@ fn via(holder: &Holder) -> String {
         .unwrap_or_default()
 }
 
-/// `text` as an SQL string literal, to paste after `ROLLBACK PREPARED`.
+/// `text` as an SQL string literal that names it exactly, to paste after
+/// `ROLLBACK PREPARED`, and safe on a terminal: `'...'`, or an escape
+/// string (`E'...'`, with `\uXXXX` for each character a terminal must not
+/// get raw) when it holds one.
 fn sql_literal(text: &str) -> String {
-    format!("'{}'", text.replace('\'', "''"))
+    use std::fmt::Write as _;
+    if !text.chars().any(crate::tree::unprintable) {
+        return format!("'{}'", text.replace('\'', "''"));
+    }
+    let mut out = String::from("E'");
+    for c in text.chars() {
+        match c {
+            '\'' => out.push_str("''"),
+            '\\' => out.push_str("\\\\"),
+            c if crate::tree::unprintable(c) && (c as u32) <= 0xFFFF => {
+                let _ = write!(out, "\\u{:04X}", c as u32);
+            }
+            c if crate::tree::unprintable(c) => {
+                let _ = write!(out, "\\U{:08X}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('\'');
+    out
 }
 
 fn age(seconds: Option<f64>) -> String {
@@ -643,13 +676,20 @@ mod tests {
         assert_eq!(
             render(&answer),
             "AccessExclusiveLock public.orders in database app: NOT CLEAR (1 session(s) use it now)\n  \
-             holds RowExclusiveLock: prepared transaction 'pay''42\\u{1b}[2J' by payments@app · prepared \
+             holds RowExclusiveLock: prepared transaction E'pay''42\\u001B[2J' by payments@app · prepared \
              7200.0s ago, no session to cancel: end it with COMMIT PREPARED or ROLLBACK PREPARED\nnot clear\n"
         );
         assert_eq!(
             waiting_for(&answer),
-            "prepared transaction 'pay''42\\u{1b}[2J' holds RowExclusiveLock on public.orders"
+            "prepared transaction E'pay''42\\u001B[2J' holds RowExclusiveLock on public.orders"
         );
+    }
+
+    #[test]
+    fn a_gid_is_written_as_the_literal_that_names_it() {
+        assert_eq!(sql_literal("pay-42"), "'pay-42'");
+        assert_eq!(sql_literal(r"it's C:\x"), r"'it''s C:\x'");
+        assert_eq!(sql_literal("a\nb\\c'\u{202e}"), r"E'a\u000Ab\\c''\u202E'");
     }
 
     #[test]

@@ -466,8 +466,9 @@ async fn a_django_migration_gated_by_preflight_runs_only_once_clear() {
 /// A prepared transaction (two-phase commit, as a transaction manager
 /// leaves one it lost track of) holds its locks with no session, so
 /// PostgreSQL names it pid 0: preflight names it by its gid, written as
-/// the literal `ROLLBACK PREPARED` takes, with its owner and age; `lockjam
-/// tree` shows it as the root of the migration's queue and what ends it.
+/// the literal `ROLLBACK PREPARED` takes (here with a quote and a line
+/// break in it), with its owner and age; `lockjam tree` shows it as the
+/// root of the migration's queue and what ends it.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_prepared_transaction_is_named_by_its_gid_and_its_cure() {
     let env = TestEnv::start().await;
@@ -477,22 +478,27 @@ async fn a_prepared_transaction_is_named_by_its_gid_and_its_cure() {
         .batch_execute("BEGIN; UPDATE orders SET total = total WHERE id = 1")
         .await
         .unwrap();
-    payments.batch_execute("PREPARE TRANSACTION 'pay''42'").await.unwrap();
+    payments
+        .batch_execute("PREPARE TRANSACTION E'pay''42\\nretry'")
+        .await
+        .unwrap();
     apply_lockjam_role_sql(&env.cluster, false);
     let least = format!(
         "host=127.0.0.1 port={} user=lockjam dbname=app sslmode=disable",
         env.cluster.port()
     );
 
-    let (code, out, err) = preflight(&["--dsn", &least, "--relation", "public.orders"]);
-    assert_eq!(code, 1, "{out}{err}");
+    let (code, text, err) = preflight(&["--dsn", &least, "--relation", "public.orders"]);
+    assert_eq!(code, 1, "{text}{err}");
     assert!(
-        out.contains("  holds RowExclusiveLock: prepared transaction 'pay''42' by postgres@app · prepared "),
-        "{out}"
+        text.contains(
+            "  holds RowExclusiveLock: prepared transaction E'pay''42\\u000Aretry' by postgres@app · prepared "
+        ),
+        "{text}"
     );
     assert!(
-        out.contains(" ago, no session to cancel: end it with COMMIT PREPARED or ROLLBACK PREPARED\n"),
-        "{out}"
+        text.contains(" ago, no session to cancel: end it with COMMIT PREPARED or ROLLBACK PREPARED\n"),
+        "{text}"
     );
     let (code, out, _) = preflight(&["--dsn", &least, "--relation", "public.orders", "--json"]);
     assert_eq!(code, 1, "{out}");
@@ -513,7 +519,7 @@ async fn a_prepared_transaction_is_named_by_its_gid_and_its_cure() {
         ),
         (
             &Value::from(0),
-            &Value::from("pay'42"),
+            &Value::from("pay'42\nretry"),
             &Value::from("postgres"),
             &Value::from("prepared"),
             &Value::from("RowExclusiveLock")
@@ -544,8 +550,17 @@ async fn a_prepared_transaction_is_named_by_its_gid_and_its_cure() {
         "{tree}"
     );
 
-    // Ended as the line says: the migration runs, and the way is clear.
-    env.admin.batch_execute("ROLLBACK PREPARED 'pay''42'").await.unwrap();
+    // Ended as the line says, with the literal as printed: the migration
+    // runs, and the way is clear.
+    let literal = text
+        .split("prepared transaction ")
+        .nth(1)
+        .and_then(|rest| rest.split(" by ").next())
+        .unwrap();
+    env.admin
+        .batch_execute(&format!("ROLLBACK PREPARED {literal}"))
+        .await
+        .unwrap();
     within("the ALTER", alter).await.unwrap().unwrap();
     let (code, out, _) = preflight(&["--dsn", &least, "--relation", "public.orders"]);
     assert_eq!(code, 0, "{out}");
