@@ -127,7 +127,10 @@ async fn scenario(cluster: &Cluster, options: &DemoOptions) -> Result<(), DemoEr
         return Err(error);
     }
 
-    owner.batch_execute(RESTORE_CONSTRAINT).await.map_err(session_error)?;
+    if let Err(error) = owner.batch_execute(RESTORE_CONSTRAINT).await {
+        service.stop().await;
+        return Err(session_error(error));
+    }
     println!("\n  put orders_customer_id_fkey back, for the same migration in act 2");
     let policy = Policy::acting(vec![Rule::unblock_migrations(CURE_AFTER)]);
     println!(
