@@ -701,7 +701,10 @@ fn demo_replays_incident_000_twice_as_readme_shows() {
         missing.is_empty() && stale.is_empty(),
         "README's demo output is not what the demo prints:\nprinted, not in README: {missing:#?}\nin README, not printed: {stale:#?}"
     );
-    assert_eq!(printed, shown, "README's demo output is in another order than the demo's");
+    assert_eq!(
+        printed, shown,
+        "README's demo output is in another order than the demo's"
+    );
 }
 
 /// A line of the demo's output with its numbers as `#`, its runs of
