@@ -389,8 +389,12 @@ fn tree(args: &TreeArgs) -> ExitCode {
             Err(e) => return fail(&e, EXIT_CONFIG),
         }
     }
+    // Colours on a terminal only, and not when NO_COLOR is set (no-color.org).
     let terminal = std::io::IsTerminal::is_terminal(&std::io::stdout());
-    let style = lockjam::tree::Style { colour: terminal };
+    let no_colour = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
+    let style = lockjam::tree::Style {
+        colour: terminal && !no_colour,
+    };
     runtime().block_on(async {
         // Ctrl-C ends it whenever it comes, mid-sample too: the handler is
         // made once, so that no signal falls between two waits for it.

@@ -80,6 +80,27 @@ async fn tree_shows_incident_000_root_first_and_groups_the_queue() {
         !out.contains('\u{1b}'),
         "no escape reaches the terminal, nor colours off a TTY:\n{out}"
     );
+    // On a terminal (a pty from util-linux's `script`): colours, and still
+    // nothing raw of what sessions send; NO_COLOR turns them off.
+    let on_a_tty = |env: &str| {
+        let program = lockjam().get_program().to_string_lossy().into_owned();
+        let output = std::process::Command::new("script")
+            .args(["-qec", &format!("{env} '{program}' tree --dsn '{dsn}'"), "/dev/null"])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("script (util-linux) runs");
+        assert!(output.status.success(), "{output:?}");
+        String::from_utf8(output.stdout).unwrap()
+    };
+    let coloured = on_a_tty("env -u NO_COLOR");
+    assert!(coloured.contains("\u{1b}[1;31mROOT\u{1b}[0m pid "), "{coloured:?}");
+    assert!(
+        coloured.contains("SELECT /* \\u{1b}[2J */ count(*) FROM orders"),
+        "{coloured:?}"
+    );
+    assert!(!coloured.contains("\u{1b}[2J"), "{coloured:?}");
+    let plain = on_a_tty("env NO_COLOR=1");
+    assert!(plain.contains("ROOT pid ") && !plain.contains('\u{1b}'), "{plain:?}");
 
     let (code, out, err) = tree(&["--dsn", &dsn, "--json"]);
     assert_eq!(code, 0, "{err}");
