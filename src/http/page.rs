@@ -92,6 +92,12 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_prepared_root_reads_as_in_the_terminal() {
+        // The script cannot share the Rust text; this keeps them equal.
+        assert!(SCRIPT.contains(&format!("\" {}\"", crate::tree::PREPARED_ROOT)));
+    }
+
+    #[test]
     fn the_policy_allows_the_inline_script_and_style_by_hash_only() {
         let page = built();
         assert!(page.html.contains("\"use strict\";"));

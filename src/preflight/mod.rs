@@ -179,6 +179,23 @@ fn parse_name(name: &str) -> Result<Named, PreflightError> {
     })
 }
 
+/// The question's relations by the database they are resolved in (their
+/// own, else `--database`, else the target's: `None`), in order.
+type ByDatabase = Vec<(Option<String>, Vec<Named>)>;
+
+fn by_database(question: &Question) -> Result<ByDatabase, PreflightError> {
+    let mut by_database: ByDatabase = Vec::new();
+    for relation in &question.relations {
+        let named = parse_name(relation)?;
+        let database = named.database.clone().or_else(|| question.database.clone());
+        match by_database.iter_mut().find(|(d, _)| *d == database) {
+            Some((_, names)) => names.push(named),
+            None => by_database.push((database, vec![named])),
+        }
+    }
+    Ok(by_database)
+}
+
 /// Checks a question's arguments before any session opens.
 pub fn check(question: &Question) -> Result<(), PreflightError> {
     if question.relations.is_empty() {
@@ -231,31 +248,22 @@ impl Preflight {
     /// and seven statements (the session's setup, version, database,
     /// partitions, locks, clock, old transactions), and one statement per
     /// relation, each bounded by the server's `statement_timeout`.
-    fn deadline(&self, question: &Question) -> Duration {
-        let mut databases: Vec<Option<String>> = Vec::new();
-        for relation in &question.relations {
-            let database = parse_name(relation)
-                .ok()
-                .and_then(|named| named.database)
-                .or_else(|| question.database.clone());
-            if !databases.contains(&database) {
-                databases.push(database);
-            }
-        }
+    fn deadline(&self, databases: usize, relations: usize) -> Duration {
         let count = |n: usize| u32::try_from(n.max(1)).unwrap_or(u32::MAX);
         (self.connect_timeout + self.statement_timeout * 7)
-            .saturating_mul(count(databases.len()))
-            .saturating_add(self.statement_timeout.saturating_mul(count(question.relations.len())))
+            .saturating_mul(count(databases))
+            .saturating_add(self.statement_timeout.saturating_mul(count(relations)))
     }
 
     pub async fn ask(&self, question: &Question) -> Result<Answer, PreflightError> {
         check(question)?;
-        let deadline = self.deadline(question);
+        let by_database = by_database(question)?;
+        let deadline = self.deadline(by_database.len(), question.relations.len());
         // Waiting for the turn counts against the deadline too, so that
         // callers piling up behind a stalled server are answered in time.
         let asked = async {
             let _turn = self.busy.lock().await;
-            self.look(question).await
+            self.look(question, by_database).await
         };
         match tokio::time::timeout(deadline, asked).await {
             Ok(answer) => answer,
@@ -267,16 +275,7 @@ impl Preflight {
         }
     }
 
-    async fn look(&self, question: &Question) -> Result<Answer, PreflightError> {
-        let mut by_database: Vec<(Option<String>, Vec<Named>)> = Vec::new();
-        for relation in &question.relations {
-            let named = parse_name(relation)?;
-            let database = named.database.clone().or_else(|| question.database.clone());
-            match by_database.iter_mut().find(|(d, _)| *d == database) {
-                Some((_, names)) => names.push(named),
-                None => by_database.push((database, vec![named])),
-            }
-        }
+    async fn look(&self, question: &Question, by_database: ByDatabase) -> Result<Answer, PreflightError> {
         let mut answer = Answer {
             clear: true,
             checked_at: String::new(),
@@ -456,6 +455,9 @@ impl PreflightError {
     }
 }
 
+/// What ends a prepared transaction that holds a lock.
+const PREPARED_CURE: &str = "no session to cancel: end it with COMMIT PREPARED or ROLLBACK PREPARED";
+
 /// The answer as `lockjam preflight` prints it.
 pub fn render(answer: &Answer) -> String {
     use std::fmt::Write as _;
@@ -474,17 +476,19 @@ pub fn render(answer: &Answer) -> String {
             }
         )
     };
-    let holder = |h: &Holder| {
-        match &h.prepared_gid {
+    let holder = |h: &Holder| match &h.prepared_gid {
         Some(gid) => format!(
-            "prepared transaction {} by {}@{} · prepared {} ago, no session to cancel: end it with COMMIT PREPARED or ROLLBACK PREPARED",
+            "prepared transaction {} by {}@{} · prepared {} ago, {PREPARED_CURE}",
             sql_literal(gid),
             p(h.session.usename.as_deref().unwrap_or("?")),
             p(h.session.datname.as_deref().unwrap_or("?")),
             age(h.session.transaction_age_seconds),
         ),
-        None => format!("{} · transaction {}", who(&h.session), age(h.session.transaction_age_seconds)),
-    }
+        None => format!(
+            "{} · transaction {}",
+            who(&h.session),
+            age(h.session.transaction_age_seconds)
+        ),
     };
     let query = |s: &SessionView, out: &mut String| {
         if let Some(q) = &s.query {
@@ -550,7 +554,7 @@ fn via(holder: &Holder) -> String {
 /// `text` as an SQL string literal that names it exactly, to paste after
 /// `ROLLBACK PREPARED`, and safe on a terminal: `'...'`, or an escape
 /// string (`E'...'`, with `\uXXXX` for each character a terminal must not
-/// get raw) when it holds one.
+/// get raw, all of which are below U+10000) when it holds one.
 fn sql_literal(text: &str) -> String {
     use std::fmt::Write as _;
     if !text.chars().any(crate::tree::unprintable) {
@@ -561,11 +565,8 @@ fn sql_literal(text: &str) -> String {
         match c {
             '\'' => out.push_str("''"),
             '\\' => out.push_str("\\\\"),
-            c if crate::tree::unprintable(c) && (c as u32) <= 0xFFFF => {
-                let _ = write!(out, "\\u{:04X}", c as u32);
-            }
             c if crate::tree::unprintable(c) => {
-                let _ = write!(out, "\\U{:08X}", c as u32);
+                let _ = write!(out, "\\u{:04X}", c as u32);
             }
             c => out.push(c),
         }
@@ -583,15 +584,11 @@ pub fn waiting_for(answer: &Answer) -> String {
     let mut reasons = Vec::new();
     for r in &answer.relations {
         for h in &r.conflicting {
-            match &h.prepared_gid {
-                Some(gid) => reasons.push(format!(
-                    "prepared transaction {} holds {} on {}",
-                    sql_literal(gid),
-                    h.mode,
-                    r.relation
-                )),
-                None => reasons.push(format!("pid {} holds {} on {}", h.session.pid, h.mode, r.relation)),
-            }
+            let who = match &h.prepared_gid {
+                Some(gid) => format!("prepared transaction {}", sql_literal(gid)),
+                None => format!("pid {}", h.session.pid),
+            };
+            reasons.push(format!("{who} holds {} on {}", h.mode, r.relation));
         }
         for h in &r.waiting {
             reasons.push(format!("pid {} waits for {} on {}", h.session.pid, h.mode, r.relation));
