@@ -58,8 +58,13 @@ const SLOW_ROLLBACK: Duration = Duration::from_millis(300);
 /// signal, is a miss.
 const MISS_AFTER: f64 = 1.0;
 /// A signal is judged against the checker's last read before it; a read
-/// older than this leaves it unjudged, which fails the run too.
-const MAX_READ_GAP: f64 = 0.25;
+/// older than this leaves it unjudged, which fails the run too. The
+/// checker reads about every 30 ms; on the 2-core CI machine, with the
+/// suite's other tests beside it, one read in a run of PostgreSQL 17 came
+/// more than 0.25 s late (0 wrong signals, 0 misses, 1 unjudged), so the
+/// bound is 0.5 s, an eighth of a round. What the signal relies on at its
+/// instant, signal.sql re-checks in the same statement.
+const MAX_READ_GAP: f64 = 0.5;
 /// Clock slack when comparing a wait with min_wait, and identities.
 const SLACK: f64 = 0.02;
 
